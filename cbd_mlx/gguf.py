@@ -1,0 +1,169 @@
+"""GGUF (llama family) -> an mlx-lm model directory.
+
+Weights are dequantized with ``mx.dequantize``; Q/K rows are un-permuted from
+llama.cpp's RoPE layout back to the Hugging Face layout mlx-lm uses; the
+tokenizer inside the GGUF becomes a Hugging Face ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import CBDError
+
+GGUF_GROUP_SIZE = 32
+NAME_MAP = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+# llama.cpp pre-tokenizer names whose regex is GPT-2's with single digits split
+DIGIT_SPLIT_PRE = {"smollm", "llama-bpe", "llama3", "smaug-bpe", "qwen2", "dbrx"}
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+
+def _scalar(meta: dict, key: str, default=None):
+    v = meta.get(key, default)
+    if isinstance(v, mx.array):
+        v = v.item()
+    return v
+
+
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K permutation (its convert script's ``permute``)."""
+    out_dim = w.shape[0]
+    half = out_dim // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _dequantize(weights: dict, base: str) -> mx.array:
+    w = weights[base + ".weight"]
+    if base + ".scales" not in weights:
+        return w.astype(mx.float32)
+    scales, biases = weights[base + ".scales"], weights[base + ".biases"]
+    in_features = scales.shape[-1] * GGUF_GROUP_SIZE
+    bits = w.shape[-1] * 32 // in_features
+    return mx.dequantize(w, scales, biases, group_size=GGUF_GROUP_SIZE, bits=bits).astype(
+        mx.float32
+    )
+
+
+def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
+    """(config, fp32 weights in mlx-lm names, raw metadata) of a llama GGUF."""
+    try:
+        raw, meta = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # mlx raises RuntimeError/ValueError on bad files
+        raise CBDError(f"cannot read GGUF {path}: {e}; the file is corrupt or truncated, fetch it again") from None
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise CBDError(
+            f"GGUF {path} holds a '{arch}' model; only llama-family GGUF anchors are supported"
+        )
+    g = lambda k, d=None: _scalar(meta, f"llama.{k}", d)  # noqa: E731
+    n_head = int(g("attention.head_count"))
+    n_kv = int(g("attention.head_count_kv", n_head))
+    hidden = int(g("embedding_length"))
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": int(g("feed_forward_length")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "num_hidden_layers": int(g("block_count")),
+        "head_dim": int(g("rope.dimension_count", hidden // n_head)),
+        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(g("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(g("context_length", 2048)),
+        "vocab_size": int(g("vocab_size", len(tokens))),
+        "tie_word_embeddings": "output.weight" not in raw,
+        "bos_token_id": _scalar(meta, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _scalar(meta, "tokenizer.ggml.eos_token_id"),
+    }
+    weights = {}
+    bases = sorted({k.rsplit(".", 1)[0] for k in raw})
+    for base in bases:
+        parts = base.split(".")
+        if parts[0] == "blk":
+            hf = f"model.layers.{parts[1]}.{NAME_MAP[parts[2]]}"
+        elif parts[0] in NAME_MAP:
+            hf = NAME_MAP[parts[0]]
+        else:
+            raise CBDError(f"GGUF {path}: unexpected tensor '{base}'")
+        w = np.array(_dequantize(raw, base))
+        if hf.endswith("q_proj"):
+            w = unpermute_rope(w, n_head)
+        elif hf.endswith("k_proj"):
+            w = unpermute_rope(w, n_kv)
+        weights[hf + ".weight"] = w
+    return config, weights, meta
+
+
+def tokenizer_from_gguf(meta: dict, out_dir: Path) -> None:
+    """Write tokenizer.json / tokenizer_config.json built from GGUF metadata."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise CBDError(
+            f"GGUF tokenizer model '{meta.get('tokenizer.ggml.model')}' is not supported (only BPE 'gpt2')"
+        )
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    types = np.array(meta.get("tokenizer.ggml.token_type", mx.ones(len(tokens)))).tolist()
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if meta.get("tokenizer.ggml.pre", "") in DIGIT_SPLIT_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    special = [t for t, ty in zip(tokens, types) if ty in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
+
+    def tok_at(key):
+        idx = _scalar(meta, key)
+        return tokens[int(idx)] if idx is not None and int(idx) < len(tokens) else None
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=tok_at("tokenizer.ggml.bos_token_id"),
+        eos_token=tok_at("tokenizer.ggml.eos_token_id"),
+        unk_token=tok_at("tokenizer.ggml.unknown_token_id"),
+        pad_token=tok_at("tokenizer.ggml.padding_token_id"),
+        additional_special_tokens=special,
+        clean_up_tokenization_spaces=False,
+    )
+    if "tokenizer.chat_template" in meta:
+        fast.chat_template = meta["tokenizer.chat_template"]
+    fast.save_pretrained(str(out_dir))
+
+
+def gguf_to_model_dir(path: Path, out_dir: Path) -> None:
+    """Convert a llama GGUF into an mlx-lm model directory (fp32 safetensors)."""
+    config, weights, meta = read_gguf(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(
+        str(out_dir / "model.safetensors"),
+        {k: mx.array(v) for k, v in weights.items()},
+        metadata={"format": "mlx"},
+    )
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer_from_gguf(meta, out_dir)

@@ -1,0 +1,218 @@
+"""Model shapes, exact parameter counts and the shape solver."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import asdict, dataclass, replace
+
+from .errors import CBDError
+from .families import Family, layer_local_name
+
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBgG])\s*$")
+SIZE_UNITS = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
+SIZE_TOLERANCE = 0.01  # the solver's exact count is within 1% of the request
+HIDDEN_STEP = 64  # hidden sizes the solver tries (besides the anchors' own)
+FFN_STEP = 32
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    def __str__(self) -> str:
+        return (
+            f"layers={self.layers} hidden={self.hidden} ffn={self.ffn} "
+            f"heads={self.heads} kv_heads={self.kv_heads} head_dim={self.head_dim}"
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_size(text: str) -> int:
+    """'138M' -> 138_000_000. A unit (K, M, B) is required."""
+    m = SIZE_RE.match(str(text))
+    if not m:
+        raise CBDError(
+            f"cannot read size '{text}': give a positive number with a unit, e.g. 138M, 1.2B, 600K"
+        )
+    value = float(m.group(1)) * SIZE_UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise CBDError(f"size '{text}' must be positive")
+    return int(round(value))
+
+
+def format_size(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e3:.1f}K"
+
+
+def shape_of(family: Family, config: dict) -> Shape:
+    """Read a Shape from a config.json dict."""
+    k = family.config_keys
+    try:
+        layers = int(config[k["layers"]])
+        hidden = int(config[k["hidden"]])
+        heads = int(config[k["heads"]])
+        vocab = int(config[k["vocab"]])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CBDError(f"config.json lacks or mangles {e} for a {family.name} model") from None
+    kv = int(config.get(k.get("kv_heads", ""), None) or heads)
+    head_dim = int(config.get(k.get("head_dim", ""), None) or hidden // heads)
+    if family.ffn_multiple:
+        ffn = family.ffn_multiple * hidden
+    else:
+        ffn = int(config[k["ffn"]])
+    return Shape(layers, hidden, ffn, heads, kv, head_dim, vocab)
+
+
+def config_for(family: Family, base_config: dict, shape: Shape) -> dict:
+    """A copy of ``base_config`` with the shape's dimensions written in."""
+    cfg = dict(base_config)
+    k = family.config_keys
+    cfg[k["layers"]] = shape.layers
+    cfg[k["hidden"]] = shape.hidden
+    cfg[k["heads"]] = shape.heads
+    if "kv_heads" in k:
+        cfg[k["kv_heads"]] = shape.kv_heads
+    if "head_dim" in k:
+        cfg[k["head_dim"]] = shape.head_dim
+    if "ffn" in k:
+        cfg[k["ffn"]] = shape.ffn
+    if family.name == "gpt2":
+        cfg["n_inner"] = None
+    return cfg
+
+
+def axis_size(label, shape: Shape, ref_dim: int) -> int:
+    """Size of one labelled axis at ``shape``; unlabelled axes keep ``ref_dim``."""
+    return {
+        "hidden": shape.hidden,
+        "ffn": shape.ffn,
+        "q": shape.heads * shape.head_dim,
+        "kv": shape.kv_heads * shape.head_dim,
+        "qkv": 3 * shape.heads * shape.head_dim,
+        "hqkv": 3 * shape.heads * shape.head_dim,
+        "vocab": shape.vocab,
+    }.get(label, ref_dim)
+
+
+def param_shapes(family: Family, template: dict[str, tuple], shape: Shape) -> dict[str, tuple]:
+    """Every parameter's tensor shape at ``shape``, from one model's names and shapes.
+
+    ``template`` maps parameter names to tensor shapes of any model of the
+    family (layer 0 stands for all layers).
+    """
+    out = {}
+    for name, dims in template.items():
+        layer, local = layer_local_name(family, name)
+        if layer not in (None, 0):
+            continue
+        new = tuple(axis_size(a, shape, d) for a, d in zip(family.axes_of(name), dims))
+        if layer is None:
+            out[name] = new
+        else:
+            for i in range(shape.layers):
+                out[f"{family.layers_prefix}.{i}.{local}"] = new
+    return out
+
+
+def count_params(family: Family, template: dict[str, tuple], shape: Shape) -> int:
+    """Exact parameter count (embeddings included, tied weights counted once)."""
+    return sum(math.prod(d) for d in param_shapes(family, template, shape).values())
+
+
+def _rel(x: float, lo: float, hi: float) -> float:
+    if hi == lo:
+        return 0.0
+    return (math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo))
+
+
+def _range(lo: int, hi: int, step: int) -> list[int]:
+    vals = {lo, hi}
+    vals.update(range(math.ceil(lo / step) * step, hi + 1, step))
+    return sorted(v for v in vals if lo <= v <= hi)
+
+
+def solve_shape(
+    family: Family,
+    template: dict[str, tuple],
+    small: Shape,
+    big: Shape,
+    target: int,
+    fixed: dict | None = None,
+    tolerance: float = SIZE_TOLERANCE,
+) -> Shape:
+    """A shape between ``small`` and ``big`` whose exact count is within
+    ``tolerance`` of ``target``, as proportional to both anchors as possible.
+
+    ``fixed`` pins any of layers/hidden/ffn/heads/kv_heads.
+    """
+    fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    group = big.heads // big.kv_heads
+    lo = lambda f: min(getattr(small, f), getattr(big, f))  # noqa: E731
+    hi = lambda f: max(getattr(small, f), getattr(big, f))  # noqa: E731
+
+    def options(f, step=None):
+        if f in fixed:
+            return [fixed[f]]
+        if step is None:
+            return list(range(lo(f), hi(f) + 1))
+        return _range(lo(f), hi(f), step)
+
+    best = None
+    for layers, kv in itertools.product(options("layers"), options("kv_heads")):
+        heads_opts = [fixed["heads"]] if "heads" in fixed else [kv * group]
+        for heads in heads_opts:
+            if heads % kv or not (lo("heads") <= heads <= hi("heads") or "heads" in fixed):
+                continue
+            if family.tied_attention_width:
+                hidden_opts = [heads * big.head_dim]
+            else:
+                hidden_opts = options("hidden", HIDDEN_STEP)
+            for hidden in hidden_opts:
+                if "hidden" in fixed and hidden != fixed["hidden"]:
+                    continue
+                base = Shape(layers, hidden, 0, heads, kv, big.head_dim, big.vocab)
+                if family.ffn_multiple:
+                    ffns = [family.ffn_multiple * hidden]
+                elif "ffn" in fixed:
+                    ffns = [fixed["ffn"]]
+                else:
+                    c0 = count_params(family, template, base)
+                    c1 = count_params(family, template, replace(base, ffn=1)) - c0
+                    ideal = (target - c0) / c1 if c1 else lo("ffn")
+                    f = int(round(ideal / FFN_STEP) * FFN_STEP)
+                    ffns = [min(max(f, lo("ffn")), hi("ffn"))]
+                for ffn in ffns:
+                    cand = replace(base, ffn=ffn)
+                    n = count_params(family, template, cand)
+                    err = abs(n - target) / target
+                    if err > tolerance:
+                        continue
+                    ts = [
+                        _rel(getattr(cand, f), getattr(small, f), getattr(big, f))
+                        for f in ("layers", "hidden", "ffn", "heads")
+                    ]
+                    spread = max(ts) - min(ts)
+                    score = (round(spread, 6), err)
+                    if best is None or score < best[0]:
+                        best = (score, cand)
+    if best is None:
+        raise CBDError(
+            f"no shape between the anchors ({small}) and ({big}) reaches "
+            f"{format_size(target)} within {tolerance:.0%}; drop the pinned dimensions "
+            "or pick another size"
+        )
+    return best[1]
