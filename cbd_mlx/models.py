@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -246,6 +247,12 @@ class atomic_dir:
         return False
 
 
+def dump_json(obj) -> str:
+    """Indented JSON with lists of numbers kept on one line (lineage maps)."""
+    text = json.dumps(obj, indent=2)
+    return re.sub(r"\[\s+([-\d.,e\s]+?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
+
+
 def write_model(
     out: Path,
     config: dict,
@@ -270,7 +277,7 @@ def write_model(
                 shutil.copy(src, tmp / name)
         prov = dict(provenance)
         prov["weights_sha256"] = weights_sha256(tmp)
-        (tmp / "cbd.json").write_text(json.dumps(prov, indent=2))
+        (tmp / "cbd.json").write_text(dump_json(prov))
     return out
 
 

@@ -13,7 +13,7 @@ from .families import Family, layer_local_name
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBgG])\s*$")
 SIZE_UNITS = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
 SIZE_TOLERANCE = 0.01  # the solver's exact count is within 1% of the request
-HIDDEN_STEP = 64  # hidden sizes the solver tries (besides the anchors' own)
+HIDDEN_STEP_MIN = 8  # hidden sizes tried: multiples of lcm(heads, 8)
 FFN_STEP = 32
 
 
@@ -179,8 +179,9 @@ def solve_shape(
                 continue
             if family.tied_attention_width:
                 hidden_opts = [heads * big.head_dim]
-            else:
-                hidden_opts = options("hidden", HIDDEN_STEP)
+            else:  # Hugging Face configs require hidden % heads == 0
+                step = math.lcm(heads, HIDDEN_STEP_MIN)
+                hidden_opts = [h for h in options("hidden", step) if h % heads == 0]
             for hidden in hidden_opts:
                 if "hidden" in fixed and hidden != fixed["hidden"]:
                     continue

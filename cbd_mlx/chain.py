@@ -1,0 +1,143 @@
+"""Chain manifests (TOML): a family, a tokenizer and anchors, biggest first."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CBDError
+from .families import FAMILIES
+from .shapes import Shape, format_size
+
+CHAINS_DIR = Path(os.environ.get("CBD_MLX_CHAINS", Path(__file__).resolve().parent.parent / "chains"))
+MANIFEST_NAME = "chain.toml"
+HUB_PREFIX = "hf:"  # anchor sources: "hf:owner/repo", else a path relative to the manifest
+CHAIN_KEYS = {"name", "family", "tokenizer", "description", "anchors", "paper"}
+ANCHOR_KEYS = {
+    "name", "source", "revision", "params", "sha256", "parent", "license",
+    "layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab",
+}
+SHAPE_KEYS = ("layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab")
+
+
+@dataclass
+class ChainAnchor:
+    name: str
+    source: str  # "hf:owner/repo", or a path relative to the manifest's folder
+    params: int
+    shape: Shape
+    revision: str | None = None
+    sha256: str | None = None
+    parent: str | None = None
+    local: bool = False
+
+
+@dataclass
+class Chain:
+    name: str
+    family: str
+    tokenizer: str
+    path: Path
+    anchors: list[ChainAnchor] = field(default_factory=list)  # biggest first
+    description: str = ""
+
+    def source_of(self, anchor: ChainAnchor) -> str:
+        return str(self.path.parent / anchor.source) if anchor.local else anchor.source[len(HUB_PREFIX):]
+
+    def bracket(self, n: int) -> tuple[ChainAnchor, ChainAnchor]:
+        """The adjacent (bigger, smaller) anchors around ``n`` parameters."""
+        for big, small in zip(self.anchors, self.anchors[1:]):
+            if small.params <= n <= big.params:
+                return big, small
+        lo, hi = self.anchors[-1].params, self.anchors[0].params
+        raise CBDError(
+            f"{format_size(n)} is outside chain '{self.name}' ({format_size(lo)} .. {format_size(hi)}); "
+            "pick a size in that range or pass --extrapolate"
+        )
+
+
+def _anchor(d: dict, where: str, chain_dir: Path) -> ChainAnchor:
+    if not isinstance(d, dict):
+        raise CBDError(f"{where}: each [[anchors]] entry must be a table")
+    unknown = set(d) - ANCHOR_KEYS
+    if unknown:
+        raise CBDError(f"{where}: unknown anchor key(s) {sorted(unknown)}; allowed: {sorted(ANCHOR_KEYS)}")
+    for key in ("name", "source", "params", *SHAPE_KEYS):
+        if key not in d:
+            raise CBDError(f"{where}: anchor {d.get('name', '?')} lacks '{key}'")
+    for key in ("params", *SHAPE_KEYS):
+        if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] <= 0:
+            raise CBDError(f"{where}: anchor {d['name']}: '{key}' must be a positive integer")
+    source = str(d["source"])
+    local = not source.startswith(HUB_PREFIX)
+    if local:
+        if Path(source).is_absolute() or ".." in Path(source).parts:
+            raise CBDError(f"{where}: anchor source '{source}' must stay inside the chain's folder")
+        resolved = (chain_dir / source).resolve()
+        if not resolved.is_relative_to(chain_dir.resolve()):
+            raise CBDError(f"{where}: anchor source '{source}' points outside the chain's folder")
+    shape = Shape(*(d[k] for k in SHAPE_KEYS))
+    return ChainAnchor(
+        d["name"], source, d["params"], shape, d.get("revision"), d.get("sha256") or None,
+        d.get("parent") or None, local,
+    )
+
+
+def load_chain(path: Path) -> Chain:
+    """Read and validate a chain manifest."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise CBDError(f"{path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise CBDError(f"cannot read {path}: {e.strerror}") from None
+    unknown = set(data) - CHAIN_KEYS
+    if unknown:
+        raise CBDError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(CHAIN_KEYS)}")
+    for key in ("name", "family", "tokenizer", "anchors"):
+        if key not in data:
+            raise CBDError(f"{path}: missing '{key}'")
+    if data["family"] not in FAMILIES:
+        raise CBDError(f"{path}: unknown family '{data['family']}'; known: {sorted(FAMILIES)}")
+    if not isinstance(data["anchors"], list) or len(data["anchors"]) < 2:
+        raise CBDError(f"{path}: a chain needs at least two [[anchors]]")
+    anchors = [_anchor(a, str(path), Path(path).parent) for a in data["anchors"]]
+    if any(a.params <= b.params for a, b in zip(anchors, anchors[1:])):
+        raise CBDError(f"{path}: anchors must be listed biggest first, strictly decreasing in params")
+    return Chain(
+        data["name"], data["family"], data["tokenizer"], Path(path), anchors, data.get("description", "")
+    )
+
+
+def find_chain(name_or_path: str) -> Chain:
+    """A chain by name (in chains/) or by path (a .toml file or a folder)."""
+    p = Path(name_or_path).expanduser()
+    candidates = [p, p / MANIFEST_NAME, CHAINS_DIR / f"{name_or_path}.toml", CHAINS_DIR / name_or_path / MANIFEST_NAME]
+    for c in candidates:
+        if c.is_file():
+            return load_chain(c)
+    names = ", ".join(c.name for c in list_chains()) or "none"
+    raise CBDError(f"unknown chain '{name_or_path}'; known chains: {names} (or give a chain.toml path)")
+
+
+def list_chains() -> list[Chain]:
+    files = sorted(CHAINS_DIR.glob("*.toml")) + sorted(CHAINS_DIR.glob(f"*/{MANIFEST_NAME}"))
+    return [load_chain(f) for f in files]
+
+
+def dump_chain(chain: Chain) -> str:
+    """TOML text of a chain (for ``chain build``)."""
+    q = lambda s: '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'  # noqa: E731
+    lines = [f"name = {q(chain.name)}", f"family = {q(chain.family)}", f"tokenizer = {q(chain.tokenizer)}"]
+    if chain.description:
+        lines.append(f"description = {q(chain.description)}")
+    for a in chain.anchors:
+        lines += ["", "[[anchors]]", f"name = {q(a.name)}", f"source = {q(a.source)}", f"params = {a.params}"]
+        for k in SHAPE_KEYS:
+            lines.append(f"{k} = {getattr(a.shape, k)}")
+        for k in ("revision", "sha256", "parent"):
+            if getattr(a, k):
+                lines.append(f"{k} = {q(getattr(a, k))}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,288 @@
+"""The ``cbd-mlx`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from . import BLAS, __version__
+from .errors import CBDError
+
+SHAPE_OPTIONS = ("layers", "hidden", "ffn", "heads", "kv_heads")
+DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
+
+
+def shape_options(f):
+    """--layers/--hidden/--ffn/--heads/--kv-heads: pin dimensions of the shape."""
+    for name in reversed(SHAPE_OPTIONS):
+        f = click.option(
+            f"--{name.replace('_', '-')}", name, type=click.IntRange(min=1), default=None,
+            help=f"Pin the target's {name.replace('_', ' ')} (the solver picks the rest).",
+        )(f)
+    return f
+
+
+def say(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _calibration(model_dir: Path, calib: Path | None, max_tokens: int):
+    if calib is None:
+        return None
+    from .evaluate import tokenize_file
+    from .importance import calibration_batches
+    from .models import load_tokenizer
+
+    return calibration_batches(tokenize_file(load_tokenizer(model_dir), calib), max_tokens=max_tokens)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cbd-mlx")
+def cli():
+    """Chain-based Distillation on MLX: small language models of any size,
+    initialized from a chain of distilled anchors.
+
+    \b
+    Typical use:
+      cbd-mlx chains                          # the chains you can init from
+      cbd-mlx init --size 138M --chain smollm2 --out my-138m
+      cbd-mlx eval my-138m --data heldout.txt
+    """
+
+
+@cli.command("chains")
+def chains_cmd():
+    """List the chain manifests shipped in chains/."""
+    from .chain import list_chains
+    from .shapes import format_size
+
+    for c in list_chains():
+        sizes = " > ".join(f"{a.name} ({format_size(a.params)})" for a in c.anchors)
+        click.echo(f"{c.name:<10} {c.family:<9} {sizes}")
+
+
+@cli.group("chain")
+def chain_group():
+    """Inspect chains."""
+
+
+@chain_group.command("show")
+@click.argument("name")
+def chain_show(name):
+    """Print a chain's anchors, shapes and sizes (NAME or path to chain.toml)."""
+    from .chain import find_chain
+    from .shapes import format_size
+
+    c = find_chain(name)
+    click.echo(f"chain {c.name}: family {c.family}, tokenizer {c.tokenizer}")
+    if c.description:
+        click.echo(f"  {c.description}")
+    for a in c.anchors:
+        src = c.source_of(a) if a.local else a.source
+        click.echo(f"  {a.name:<18} {format_size(a.params):>8}  {a.shape}  <- {src}")
+    for big, small in zip(c.anchors, c.anchors[1:]):
+        click.echo(f"  init covers {format_size(small.params)} .. {format_size(big.params)} "
+                   f"between {small.name} and {big.name}")
+
+
+@cli.command("convert")
+@click.argument("model")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model directory.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
+def convert_cmd(model, out, force, dtype):
+    """Convert an anchor (GGUF file, hub repo, directory) into an mlx-lm directory."""
+    from .models import load_anchor, write_model
+
+    a = load_anchor(model)
+    write_model(out, a.config, a.weights, a.path, {"source": model, "shape": a.shape.as_dict()}, force, dtype)
+    say(f"wrote {out} ({a.n_params / 1e6:.1f}M parameters, {a.shape})")
+
+
+@cli.command("prune")
+@click.option("--from", "parent", required=True, help="Parent model: directory, .gguf file or hub repo id.")
+@click.option("--size", required=True, help="Child size, e.g. 60M.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for activation importance (else uniform selection).")
+@click.option("--calib-tokens", type=int, default=4096, show_default=True, help="Calibration tokens to use.")
+@shape_options
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model directory.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
+def prune_cmd(parent, size, calib, calib_tokens, out, force, dtype, **fixed):
+    """Birth of a child anchor: an importance-ranked Subset of PARENT, with its
+    lineage (index maps per axis and layer) written into cbd.json."""
+    from .models import load_anchor, write_model
+    from .prune import child_shape, prune
+    from .shapes import config_for, format_size, parse_size
+
+    n = parse_size(size)
+    if out.exists() and not force:
+        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    t0 = time.time()
+    p = load_anchor(parent)
+    shape = child_shape(p, n, fixed)
+    from .shapes import count_params
+
+    n_child = count_params(p.family, p.template, shape)
+    say(f"parent {p.source}: {format_size(p.n_params)} ({p.shape})")
+    say(f"child shape: {shape} -> {n_child:,} parameters ({format_size(n_child)})")
+    batches = _calibration(p.path, calib, calib_tokens)
+    if batches is None:
+        say("no --calib given: uniform selection (pass --calib FILE for activation importance)")
+    weights, lineage = prune(p, shape, batches)
+    prov = {
+        "kind": "pruned",
+        "shape": shape.as_dict(),
+        "params": n_child,
+        "lineage": lineage,
+        "calibration": str(calib) if calib else None,
+        "cbd_mlx": __version__,
+    }
+    write_model(out, config_for(p.family, p.config, shape), weights, p.path, prov, force, dtype)
+    say(f"wrote {out} in {time.time() - t0:.1f}s")
+
+
+@cli.command("init")
+@click.option("--size", required=True, help="Target size, e.g. 138M.")
+@click.option("--chain", "chain_name", help="Chain name or path (see `cbd-mlx chains`).")
+@click.option("--anchors", nargs=2, help="BIG SMALL: two anchors (dirs, .gguf files or hub ids) instead of a chain.")
+@click.option("--alpha", default=None, help="Blend weight of the smaller anchor: a number in [0,1] or 'auto' (default: parameter distance).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (for --alpha auto and anchors without lineage).")
+@click.option("--calib-tokens", type=int, default=2048, show_default=True)
+@shape_options
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: ./cbd-init-SIZE].")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
+def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, out, force, dtype, **fixed):
+    """Build a model of any size between two adjacent anchors by parameter
+    interpolation: alpha * Expand(small) + (1 - alpha) * Subset(big).
+    Seconds, no teacher; the output loads with mlx_lm.load."""
+    from .chain import find_chain
+    from .interpolate import interpolate
+    from .models import load_anchor, write_model
+    from .shapes import config_for, format_size, parse_size, solve_shape
+
+    n = parse_size(size)
+    out = out or Path(f"cbd-init-{size}")
+    if out.exists() and not force:
+        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if alpha not in (None, "auto"):
+        try:
+            alpha = float(alpha)
+        except ValueError:
+            raise CBDError(f"--alpha must be a number in [0, 1] or 'auto', not '{alpha}'") from None
+    t0 = time.time()
+    chain_info = None
+    if anchors:
+        big_src, small_src = anchors
+    else:
+        c = find_chain(chain_name or "smollm2-mini")
+        a_big, a_small = c.bracket(n)
+        big_src, small_src = c.source_of(a_big), c.source_of(a_small)
+        chain_info = {"name": c.name, "manifest": str(c.path), "anchors": [a_big.name, a_small.name]}
+        say(f"chain {c.name}: {a_small.name} ({format_size(a_small.params)}) < {format_size(n)} "
+            f"< {a_big.name} ({format_size(a_big.params)})")
+    big, small = load_anchor(big_src), load_anchor(small_src)
+    if big.n_params < small.n_params:
+        big, small = small, big
+    if not small.n_params <= n <= big.n_params:
+        raise CBDError(
+            f"{format_size(n)} is outside the anchors' range {format_size(small.n_params)} .. "
+            f"{format_size(big.n_params)}; pick a size in that range"
+        )
+    from .interpolate import check_compatible
+
+    check_compatible(big, small)
+    from .models import tokenizer_fingerprint
+
+    if tokenizer_fingerprint(big.path) != tokenizer_fingerprint(small.path):
+        raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
+    target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed)
+    batches = _calibration(big.path, calib, calib_tokens)
+    cfg = config_for(big.family, big.config, target)
+    res = interpolate(big, small, target, alpha, batches, cfg, log=say)
+    say(f"shape: {target} -> {res.n_params:,} parameters ({format_size(res.n_params)}, "
+        f"{(res.n_params - n) / n:+.2%} of {size})")
+    say(f"alpha: {res.alpha:.4f} (default {res.info['default_alpha']:.4f}), alignment: {res.info['alignment']}")
+    prov = {
+        "kind": "init",
+        "chain": chain_info,
+        "anchors": {
+            "big": {"source": big.source, "params": big.n_params,
+                    "sha256": big.provenance.get("weights_sha256")},
+            "small": {"source": small.source, "params": small.n_params,
+                      "sha256": small.provenance.get("weights_sha256")},
+        },
+        "shape": target.as_dict(),
+        "params": res.n_params,
+        "requested": n,
+        "alpha": res.alpha,
+        "info": res.info,
+        "history": [],
+        "cbd_mlx": __version__,
+    }
+    write_model(out, cfg, res.weights, big.path, prov, force, dtype)
+    say(f"wrote {out} in {time.time() - t0:.1f}s  (try: mlx_lm.generate --model {out} --prompt 'Hello')")
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Held-out text file.")
+@click.option("--max-tokens", type=int, default=16384, show_default=True, help="Evaluate at most this many tokens.")
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
+def eval_cmd(model, data, max_tokens, seq_len, batch_size, as_json):
+    """Held-out perplexity and tokens/s of MODEL on a text file."""
+    from .evaluate import perplexity, tokenize_file
+    from .models import load_anchor, load_tokenizer, model_from_weights
+
+    a = load_anchor(model)
+    tokens = tokenize_file(load_tokenizer(a.path), data, max_tokens)
+    m = model_from_weights(a.config, a.weights)
+    r = perplexity(m, tokens, seq_len, batch_size, progress=not as_json)
+    r.update(model=str(model), params=a.n_params, data=str(data))
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        click.echo(f"{model}: ppl {r['ppl']:.3f} on {r['tokens']:,} tokens ({r['tokens_per_s']:.0f} tokens/s)")
+
+
+def main(argv=None):
+    """Entry point: CBDError and other failures become one line on stderr."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        say("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except CBDError as e:
+        say(f"error: {e}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        say("interrupted; outputs were left as they were")
+        sys.exit(130)
+    except MemoryError:
+        say("error: out of memory; try a smaller model or fewer calibration tokens")
+        sys.exit(1)
+    except OSError as e:
+        say(f"error: {e.strerror or e}{' (' + e.filename + ')' if getattr(e, 'filename', None) else ''}")
+        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - last resort: one line, traceback on request
+        if os.environ.get("CBD_DEBUG"):
+            traceback.print_exc()
+        say(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(set CBD_DEBUG=1 for the traceback and report it)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Held-out perplexity (and throughput) of a model on a text file."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from tqdm import tqdm
+
+from .errors import CBDError
+
+EVAL_SEQ_LEN = 512
+EVAL_BATCH = 4
+
+
+def read_text(path: Path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise CBDError(f"text file {p} does not exist")
+    try:
+        return p.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise CBDError(f"cannot read {p}: {e.strerror}") from None
+
+
+def tokenize_file(tokenizer, path: Path, max_tokens: int | None = None) -> list[int]:
+    ids = tokenizer.encode(read_text(path))
+    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def perplexity(
+    model: nn.Module,
+    tokens: list[int],
+    seq_len: int = EVAL_SEQ_LEN,
+    batch_size: int = EVAL_BATCH,
+    progress: bool = True,
+) -> dict:
+    """Mean next-token NLL over non-overlapping windows; ppl = exp(NLL)."""
+    n = len(tokens) // seq_len
+    if n == 0:
+        raise CBDError(f"need at least {seq_len} tokens of text to evaluate, got {len(tokens)}")
+    data = np.array(tokens[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    total, count = 0.0, 0
+    t0 = time.time()
+    bar = tqdm(total=n * (seq_len - 1), unit="tok", desc="eval", disable=not progress, leave=False)
+    for i in range(0, n, batch_size):
+        x = mx.array(data[i : i + batch_size])
+        logits = model(x[:, :-1]).astype(mx.float32)
+        loss = nn.losses.cross_entropy(logits, x[:, 1:], reduction="sum")
+        total += float(loss)
+        k = x.shape[0] * (seq_len - 1)
+        count += k
+        bar.update(k)
+    bar.close()
+    secs = time.time() - t0
+    nll = total / count
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "tokens_per_s": count / secs}

@@ -1,0 +1,283 @@
+"""Activation statistics on calibration text: importance rankings (Minitron
+style) for pruning and Subset, and activation matching to align the channels
+of two models that have no lineage.
+
+Statistics are read generically through the axis map: the mean |input| of
+every linear layer whose input axis is ``hidden`` ranks residual channels,
+inputs on ``ffn`` rank MLP channels, inputs on ``q`` rank heads; each block's
+input/output cosine ranks layers (block influence, as in ShortGPT).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import CBDError
+from .families import Family, layer_local_name
+from .models import Anchor, model_from_weights
+from .operators import Selection
+from .shapes import Shape
+
+CALIB_TOKENS = 4096
+CALIB_SEQ_LEN = 256
+SAMPLE_ROWS = 512  # token rows kept per linear input for activation matching
+
+
+@dataclass
+class Stats:
+    mean_abs: dict[str, np.ndarray]  # linear weight name -> mean |x| per input channel
+    samples: dict[str, np.ndarray]  # linear weight name -> (rows, in) activations
+    layer_influence: np.ndarray  # 1 - cos(block input, block output), per layer
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@contextmanager
+def _recording(model: nn.Module, family: Family):
+    names = _module_names(model)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    samples: dict[str, list] = {}
+    influence: dict[int, list] = {}
+    blocks = model
+    for part in family.layers_prefix.split("."):
+        blocks = blocks[part] if isinstance(blocks, dict) else getattr(blocks, part)
+    block_index = {id(b): i for i, b in enumerate(blocks)}
+    block_cls = type(blocks[0])
+    orig_linear, orig_block = nn.Linear.__call__, block_cls.__call__
+
+    def linear_call(self, x):
+        name = names.get(id(self))
+        if name is not None:
+            flat = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+            s = np.array(mx.abs(flat).sum(axis=0))
+            key = name + ".weight"
+            sums[key] = sums.get(key, 0) + s
+            counts[key] = counts.get(key, 0) + flat.shape[0]
+            have = sum(len(r) for r in samples.get(key, []))
+            if have < SAMPLE_ROWS:
+                samples.setdefault(key, []).append(np.array(flat[: SAMPLE_ROWS - have]))
+        return orig_linear(self, x)
+
+    def block_call(self, x, *args, **kwargs):
+        out = orig_block(self, x, *args, **kwargs)
+        i = block_index.get(id(self))
+        if i is not None:
+            a, b = x.astype(mx.float32), out.astype(mx.float32)
+            cos = (a * b).sum(-1) / (mx.linalg.norm(a, axis=-1) * mx.linalg.norm(b, axis=-1) + 1e-6)
+            influence.setdefault(i, []).append(float((1 - cos).mean()))
+        return out
+
+    nn.Linear.__call__ = linear_call
+    block_cls.__call__ = block_call
+    result = {}
+    try:
+        yield result
+    finally:
+        nn.Linear.__call__ = orig_linear
+        block_cls.__call__ = orig_block
+    result["stats"] = Stats(
+        {k: sums[k] / counts[k] for k in sums},
+        {k: np.concatenate(v) for k, v in samples.items()},
+        np.array([np.mean(influence.get(i, [0.0])) for i in range(len(blocks))]),
+    )
+
+
+def calibration_batches(tokens: list[int], seq_len: int = CALIB_SEQ_LEN, max_tokens: int = CALIB_TOKENS):
+    tokens = tokens[:max_tokens]
+    n = len(tokens) // seq_len
+    if n == 0:
+        raise CBDError(
+            f"calibration text is too short: {len(tokens)} tokens, need at least {seq_len}; give a longer --calib file"
+        )
+    return np.array(tokens[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+
+
+def collect_stats(anchor: Anchor, batches: np.ndarray, batch_size: int = 4) -> Stats:
+    """Run the anchor on calibration batches and record activation statistics."""
+    model = model_from_weights(anchor.config, anchor.weights)
+    with _recording(model, anchor.family) as rec:
+        for i in range(0, len(batches), batch_size):
+            mx.eval(model(mx.array(batches[i : i + batch_size])))
+    return rec["stats"]
+
+
+def importance(family: Family, shape: Shape, stats: Stats) -> dict:
+    """Per-axis importance scores (higher = keep) from activation statistics."""
+    hidden = np.zeros(shape.hidden)
+    ffn = np.zeros((shape.layers, shape.ffn))
+    heads = np.zeros((shape.layers, shape.heads))
+    for name, m in stats.mean_abs.items():
+        labels = family.axes_of(name)
+        layer, _ = layer_local_name(family, name)
+        in_axis = labels[-1]
+        if in_axis == "hidden":
+            hidden += m
+        elif in_axis == "ffn" and layer is not None:
+            ffn[layer] += m
+        elif in_axis == "q" and layer is not None:
+            heads[layer] += np.linalg.norm(m.reshape(shape.heads, shape.head_dim), axis=1)
+    group = shape.heads // shape.kv_heads
+    kv = heads.reshape(shape.layers, shape.kv_heads, group).sum(-1)
+    return {"layers": stats.layer_influence, "hidden": hidden, "ffn": ffn, "heads": heads, "kv_heads": kv}
+
+
+def rankings(scores: dict) -> dict:
+    """Descending orders (JSON-able lists) of every importance score."""
+    rank = lambda s: [int(i) for i in np.argsort(-np.asarray(s), kind="stable")]  # noqa: E731
+    return {
+        "layers": rank(scores["layers"]),
+        "hidden": rank(scores["hidden"]),
+        "ffn": [rank(s) for s in scores["ffn"]],
+        "kv_heads": [rank(s) for s in scores["kv_heads"]],
+    }
+
+
+def uniform_rankings(shape: Shape) -> dict:
+    """Orders that spread any top-k evenly over the axis (Weight Selection)."""
+
+    def spread(n: int) -> list[int]:
+        order, seen = [], set()
+        k = 1
+        while len(order) < n:
+            for i in np.linspace(0, n - 1, k).round().astype(int):
+                if int(i) not in seen:
+                    seen.add(int(i))
+                    order.append(int(i))
+            k = min(2 * k, n) if k < n else k + 1
+        return order
+
+    return {
+        "layers": spread(shape.layers),
+        "hidden": spread(shape.hidden),
+        "ffn": [spread(shape.ffn)] * shape.layers,
+        "kv_heads": [spread(shape.kv_heads)] * shape.layers,
+    }
+
+
+def _extend(required, ranking, k: int, what: str) -> list[int]:
+    chosen = list(dict.fromkeys(int(i) for i in required))
+    if len(chosen) > k:
+        raise CBDError(f"the target keeps {k} {what} but the smaller anchor already maps to {len(chosen)}")
+    taken = set(chosen)
+    for i in ranking:
+        if len(chosen) == k:
+            break
+        if i not in taken:
+            chosen.append(int(i))
+            taken.add(int(i))
+    if len(chosen) < k:
+        raise CBDError(f"the parent has too few {what} for the target ({k})")
+    return sorted(chosen)
+
+
+def select(parent: Shape, target: Shape, ranks: dict, required: Selection | None = None) -> Selection:
+    """The parent's parts a target shape keeps: the ``required`` ones (a
+    smaller anchor's lineage) plus the best-ranked others.
+
+    Query heads are kept as whole kv groups, so the target's query group size
+    is the parent's.
+    """
+    group = parent.heads // parent.kv_heads
+    if target.heads != target.kv_heads * group:
+        raise CBDError(
+            f"target heads/kv_heads ({target.heads}/{target.kv_heads}) must keep the parent's group size {group}"
+        )
+    req_layers = required.layers if required else []
+    layers = _extend(req_layers, ranks["layers"], target.layers, "layers")
+    hidden = _extend(required.hidden if required else [], ranks["hidden"], target.hidden, "hidden channels")
+    ffn, heads, kv = [], [], []
+    for b in layers:
+        i = req_layers.index(b) if b in req_layers else None
+        req_ffn = required.ffn[i] if i is not None else []
+        ffn.append(_extend(req_ffn, ranks["ffn"][b], target.ffn, "ffn channels"))
+        req_kv = required.kv_heads[i] if i is not None else []
+        if i is not None:  # kv groups holding the required query heads
+            req_kv = list(req_kv) + [h // group for h in required.heads[i]]
+        kvs = _extend(req_kv, ranks["kv_heads"][b], target.kv_heads, "kv heads")
+        kv.append(kvs)
+        heads.append([k * group + r for k in kvs for r in range(group)])
+    return Selection(layers, hidden, ffn, heads, kv)
+
+
+def placement(parent_sel: Selection, child_lineage: Selection) -> Selection:
+    """Where a child's parts sit inside a target selected from the same parent."""
+    pos = lambda full, part: [int(full.index(p)) for p in part]  # noqa: E731
+    layer_pos = pos(parent_sel.layers, child_lineage.layers)
+    return Selection(
+        layer_pos,
+        pos(parent_sel.hidden, child_lineage.hidden),
+        [pos(parent_sel.ffn[j], f) for j, f in zip(layer_pos, child_lineage.ffn)],
+        [pos(parent_sel.heads[j], h) for j, h in zip(layer_pos, child_lineage.heads)],
+        [pos(parent_sel.kv_heads[j], k) for j, k in zip(layer_pos, child_lineage.kv_heads)],
+    )
+
+
+def _match(small: np.ndarray, big: np.ndarray) -> np.ndarray:
+    """For each column of ``small`` the column of ``big`` it matches best
+    (one-to-one, maximum total |correlation|)."""
+    from scipy.optimize import linear_sum_assignment
+
+    def z(a):
+        a = a - a.mean(0)
+        return a / (np.linalg.norm(a, axis=0) + 1e-8)
+
+    corr = np.abs(z(small).T @ z(big))
+    rows, cols = linear_sum_assignment(-corr)
+    out = np.empty(small.shape[1], dtype=np.int64)
+    out[rows] = cols
+    return out
+
+
+def align(small: Anchor, big: Anchor, batches: np.ndarray) -> Selection:
+    """A lineage for ``small`` in ``big``'s coordinates by activation matching
+    on the same calibration tokens (for public checkpoints with no lineage).
+
+    Layers map by relative depth; hidden channels by the correlation of the
+    linear inputs on the residual stream (summed over mapped layers); FFN
+    channels and query heads per mapped layer; kv groups follow the heads.
+    """
+    fam = small.family
+    s, b = small.shape, big.shape
+    st_s, st_b = collect_stats(small, batches), collect_stats(big, batches)
+    layers = [int(round(i * (b.layers - 1) / max(s.layers - 1, 1))) for i in range(s.layers)]
+    if len(set(layers)) != len(layers):
+        raise CBDError("the smaller anchor has more layers than the bigger one")
+
+    def layer_inputs(stats, layer, axis):
+        cols = []
+        for name, x in sorted(stats.samples.items()):
+            li, _ = layer_local_name(fam, name)
+            if li == layer and fam.axes_of(name)[-1] == axis:
+                cols.append(x)
+        return cols
+
+    hid_s = np.concatenate([x for i, lb in enumerate(layers) for x in layer_inputs(st_s, i, "hidden")])
+    hid_b = np.concatenate([x for i, lb in enumerate(layers) for x in layer_inputs(st_b, lb, "hidden")])
+    hidden = _match(hid_s, hid_b)
+    g_s, g_b = s.heads // s.kv_heads, b.heads // b.kv_heads
+    ffn, heads, kv = [], [], []
+    for i, lb in enumerate(layers):
+        ffn.append(_match(layer_inputs(st_s, i, "ffn")[0], layer_inputs(st_b, lb, "ffn")[0]).tolist())
+        hs = layer_inputs(st_s, i, "q")[0].reshape(-1, s.heads, s.head_dim)
+        hb = layer_inputs(st_b, lb, "q")[0].reshape(-1, b.heads, b.head_dim)
+        # head-level match: each head's output summarised by its activation norm
+        qmap = _match(np.linalg.norm(hs, axis=-1), np.linalg.norm(hb, axis=-1))
+        if g_s <= g_b:  # whole S groups inside B groups: match groups, then heads
+            gs = np.linalg.norm(hs.reshape(-1, s.kv_heads, g_s * s.head_dim), axis=-1)
+            gb = np.linalg.norm(hb.reshape(-1, b.kv_heads, g_b * b.head_dim), axis=-1)
+            kvmap = _match(gs, gb)
+            qmap = np.array([kvmap[h // g_s] * g_b + (h % g_s) for h in range(s.heads)])
+        else:
+            kvmap = np.array([qmap[k * g_s] // g_b for k in range(s.kv_heads)])
+        heads.append([int(h) for h in qmap])
+        kv.append([int(k) for k in kvmap])
+    return Selection(layers, [int(h) for h in hidden], ffn, heads, kv)
+

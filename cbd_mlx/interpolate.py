@@ -1,0 +1,165 @@
+"""Parameter interpolation: a model of any size between two adjacent anchors.
+
+theta_T = alpha * Expand(theta_S) + (1 - alpha) * Subset(theta_B), with the
+channels of S and of Subset(B) aligned by S's lineage (or by activation
+matching when S has none).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import CBDError
+from .families import layer_local_name
+from .importance import align, collect_stats, importance, placement, rankings, select, uniform_rankings
+from .models import Anchor, model_from_weights, weights_sha256
+from .operators import Selection, blend, expand, subset
+from .shapes import Shape, count_params
+
+ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+@dataclass
+class InitResult:
+    weights: dict[str, np.ndarray]
+    shape: Shape
+    alpha: float
+    n_params: int
+    info: dict = field(default_factory=dict)
+
+
+def check_compatible(big: Anchor, small: Anchor) -> None:
+    """Refuse anchors that cannot be blended: family, vocab, head_dim, order."""
+    if big.family.name != small.family.name:
+        raise CBDError(
+            f"anchors belong to different families ({big.family.name} vs {small.family.name}); "
+            "use two anchors of one chain"
+        )
+    if big.shape.vocab != small.shape.vocab:
+        raise CBDError(
+            f"anchors have different vocabularies ({big.shape.vocab} vs {small.shape.vocab} tokens); "
+            "a chain shares one tokenizer"
+        )
+    if big.shape.head_dim != small.shape.head_dim:
+        raise CBDError(
+            f"anchors have different head_dim ({big.shape.head_dim} vs {small.shape.head_dim}); "
+            "interpolation keeps head_dim fixed"
+        )
+    kinds = lambda a: {layer_local_name(a.family, k)[1] for k in a.weights}  # noqa: E731
+    if kinds(big) != kinds(small):
+        raise CBDError(
+            "anchors have different parameter sets (e.g. one ties its embeddings); they are not one chain"
+        )
+    if small.n_params >= big.n_params:
+        raise CBDError(f"'{small.source}' is not smaller than '{big.source}'; give the bigger anchor first")
+
+
+def default_alpha(n_big: int, n_small: int, n_target: int) -> float:
+    """alpha = (N_B - N_T) / (N_B - N_S): the relative distance in parameters."""
+    return float(np.clip((n_big - n_target) / (n_big - n_small), 0.0, 1.0))
+
+
+def lineage_of(small: Anchor, big: Anchor, batches: np.ndarray | None) -> tuple[Selection, dict, str]:
+    """(lineage of S in B, B's rankings, how it was obtained)."""
+    lin = small.lineage
+    if lin is not None:
+        parent_hash = lin.get("parent_sha256")
+        big_hash = big.provenance.get("weights_sha256") or weights_sha256(big.path)
+        if parent_hash and parent_hash == big_hash:
+            sel = Selection.from_json(lin)
+            ranks = lin.get("parent_ranking") or uniform_rankings(big.shape)
+            return sel, ranks, "lineage"
+        if batches is None:
+            raise CBDError(
+                f"'{small.source}' was not pruned from '{big.source}' (its lineage names another parent); "
+                "use adjacent anchors of one chain, or pass --calib FILE to align them by activation matching"
+            )
+    if batches is None:
+        raise CBDError(
+            f"'{small.source}' has no lineage relative to '{big.source}'; pass --calib FILE "
+            "(plain text) so their channels can be aligned by activation matching"
+        )
+    sel = align(small, big, batches)
+    ranks = rankings(importance(big.family, big.shape, collect_stats(big, batches)))
+    return sel, ranks, "activation-matching"
+
+
+def calib_loss(config: dict, weights: dict, batches: np.ndarray) -> float:
+    """Mean next-token cross-entropy of ``weights`` on calibration batches."""
+    model = model_from_weights(config, weights)
+    total, n = 0.0, 0
+    for b in batches:
+        x = mx.array(b[None])
+        logits = model(x[:, :-1])
+        loss = nn.losses.cross_entropy(logits.astype(mx.float32), x[:, 1:], reduction="sum")
+        total += float(loss)
+        n += x.shape[1] - 1
+    return total / n
+
+
+def interpolate(
+    big: Anchor,
+    small: Anchor,
+    target: Shape,
+    alpha: float | str | None = None,
+    batches: np.ndarray | None = None,
+    config: dict | None = None,
+    log=print,
+) -> InitResult:
+    """Build theta_T for ``target`` from a bigger and a smaller anchor."""
+    t0 = time.time()
+    check_compatible(big, small)
+    sel_s, ranks, how = lineage_of(small, big, batches)
+    sel_t = select(big.shape, target, ranks, required=sel_s)
+    sub = subset(big.family, big.weights, big.shape, sel_t)
+    exp = expand(small.family, small.weights, small.shape, target, placement(sel_t, sel_s))
+    n_t = count_params(big.family, big.template, target)
+    a0 = default_alpha(big.n_params, small.n_params, n_t)
+    scores = {}
+    if alpha == "auto":
+        if batches is None:
+            raise CBDError("--alpha auto needs calibration text: pass --calib FILE")
+        for a in sorted(set(ALPHA_GRID) | {round(a0, 4)}):
+            scores[a] = calib_loss(config, blend(exp, sub, a), batches[:2])
+            log(f"  alpha={a:.3f}  calibration loss={scores[a]:.4f}")
+        a = min(scores, key=scores.get)
+    else:
+        a = a0 if alpha is None else float(alpha)
+        if not 0.0 <= a <= 1.0:
+            raise CBDError(f"--alpha {a} is outside [0, 1]")
+    weights = blend(exp, sub, a)
+    info = {
+        "alignment": how,
+        "default_alpha": a0,
+        "alpha_scores": {str(k): v for k, v in scores.items()},
+        "selection_in_big": sel_t.to_json(),
+        "seconds": round(time.time() - t0, 2),
+    }
+    return InitResult(weights, target, a, n_t, info)
+
+
+def grow(anchor: Anchor, target: Shape) -> dict[str, np.ndarray]:
+    """Function-preserving growth of an anchor (Expand with no blend)."""
+    s = anchor.shape
+    if target.heads % target.kv_heads:
+        raise CBDError("target heads must be a multiple of kv_heads")
+    spread = lambda n, m: [int(i) for i in np.linspace(0, m - 1, n).round()]  # noqa: E731
+    g_t = target.heads // target.kv_heads
+    g_s = s.heads // s.kv_heads
+    if g_t > g_s or g_s % g_t:
+        raise CBDError(f"cannot grow query groups of {g_s} into groups of {g_t}")
+    kv_pos = list(range(s.kv_heads * (g_s // g_t)))
+    heads_pos = [k * g_t + r for k in kv_pos for r in range(g_t)][: s.heads]
+    place = Selection(
+        spread(s.layers, target.layers),
+        list(range(s.hidden)),
+        [list(range(s.ffn))] * s.layers,
+        [heads_pos] * s.layers,
+        [kv_pos] * s.layers,
+    )
+    return expand(anchor.family, anchor.weights, s, target, place)

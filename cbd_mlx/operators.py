@@ -1,0 +1,206 @@
+"""Subset and Expand through the axis map, and the blend of the two.
+
+Both operators are one gather/scatter: ``out[dest] = in[src]`` on every
+labelled axis of every tensor, with a per-layer map for layers, FFN channels
+and heads, and one map for the residual stream shared by all tensors.
+
+A ``Selection`` says which parts of a bigger model a smaller shape keeps, in
+the bigger model's coordinates (the *lineage* of a pruned child is one).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import CBDError
+from .families import Family, layer_local_name
+from .shapes import Shape, param_shapes
+
+
+@dataclass
+class Selection:
+    """Indices into a parent model: the layers kept and, per kept layer, the
+    FFN channels, query heads and kv heads kept; one list for hidden."""
+
+    layers: list[int]
+    hidden: list[int]
+    ffn: list[list[int]]
+    heads: list[list[int]]
+    kv_heads: list[list[int]]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Selection":
+        try:
+            return cls(**{k: d[k] for k in ("layers", "hidden", "ffn", "heads", "kv_heads")})
+        except (KeyError, TypeError) as e:
+            raise CBDError(f"lineage record is incomplete ({e}); the anchor's cbd.json is damaged") from None
+
+    @classmethod
+    def full(cls, shape: Shape) -> "Selection":
+        r = lambda n: list(range(n))  # noqa: E731
+        return cls(
+            r(shape.layers),
+            r(shape.hidden),
+            [r(shape.ffn)] * shape.layers,
+            [r(shape.heads)] * shape.layers,
+            [r(shape.kv_heads)] * shape.layers,
+        )
+
+    def shape(self, parent: Shape) -> Shape:
+        return Shape(
+            len(self.layers),
+            len(self.hidden),
+            len(self.ffn[0]) if self.ffn else parent.ffn,
+            len(self.heads[0]) if self.heads else parent.heads,
+            len(self.kv_heads[0]) if self.kv_heads else parent.kv_heads,
+            parent.head_dim,
+            parent.vocab,
+        )
+
+
+@dataclass
+class AxisMaps:
+    """``out[dest] = in[src]`` per axis. ``layers[j]`` is the input layer of
+    output layer j (None: a new, zero layer); per-layer maps are indexed by
+    output layer. Head maps are in heads, expanded to channels per tensor."""
+
+    layers: list[int | None]
+    hidden: tuple[np.ndarray, np.ndarray]
+    ffn: list[tuple[np.ndarray, np.ndarray] | None]
+    heads: list[tuple[np.ndarray, np.ndarray] | None]
+    kv_heads: list[tuple[np.ndarray, np.ndarray] | None]
+
+
+def _heads_to_channels(heads: np.ndarray, size: int) -> np.ndarray:
+    return (np.asarray(heads, dtype=np.int64)[:, None] * size + np.arange(size)).reshape(-1)
+
+
+def _axis_index(label, side: int, maps: AxisMaps, j: int | None, shape: Shape, dim: int):
+    """Index array on one side (0 dest, 1 src) of one axis; None = whole axis."""
+    hd = shape.head_dim
+    if label == "hidden":
+        return maps.hidden[side]
+    if label is None or label == "vocab":
+        return None
+    per_layer = {"ffn": maps.ffn, "q": maps.heads, "qkv": maps.heads, "hqkv": maps.heads,
+                 "kv": maps.kv_heads}[label]
+    m = per_layer[j]
+    if m is None:
+        return None
+    heads = m[side]
+    if label == "ffn":
+        return np.asarray(heads, dtype=np.int64)
+    if label in ("q", "kv"):
+        return _heads_to_channels(heads, hd)
+    if label == "hqkv":
+        return _heads_to_channels(heads, 3 * hd)
+    q = _heads_to_channels(heads, hd)  # qkv: [q | k | v] blocks of heads * hd
+    n = shape.heads * hd
+    return np.concatenate([q, q + n, q + 2 * n])
+
+
+def remap(
+    family: Family,
+    weights: dict[str, np.ndarray],
+    in_shape: Shape,
+    out_shape: Shape,
+    maps: AxisMaps,
+    norm_scale: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """The one gather/scatter behind Subset and Expand."""
+    template = {k: v.shape for k, v in weights.items()}
+    out_shapes = param_shapes(family, template, out_shape)
+    residual = [re.compile(p) for p in family.residual_outputs]
+    out = {}
+    for name, new_shape in out_shapes.items():
+        j, local = layer_local_name(family, name)
+        if j is None:
+            src_name = name
+        else:
+            src_layer = maps.layers[j]
+            if src_layer is None:
+                out[name] = np.zeros(new_shape, dtype=np.float32)
+                continue
+            src_name = f"{family.layers_prefix}.{src_layer}.{local}"
+        src = weights[src_name]
+        labels = family.axes_of(name)
+        dest_idx = [_axis_index(a, 0, maps, j, out_shape, d) for a, d in zip(labels, new_shape)]
+        src_idx = [_axis_index(a, 1, maps, j, in_shape, d) for a, d in zip(labels, src.shape)]
+        dest_idx = [np.arange(d) if i is None else i for i, d in zip(dest_idx, new_shape)]
+        src_idx = [np.arange(d) if i is None else i for i, d in zip(src_idx, src.shape)]
+        if any(len(a) != len(b) for a, b in zip(dest_idx, src_idx)):
+            raise CBDError(f"internal shape mismatch while remapping {name}")
+        if all(len(d) == n for d, n in zip(dest_idx, new_shape)) and all(
+            np.array_equal(d, np.arange(n)) for d, n in zip(dest_idx, new_shape)
+        ):
+            t = src[np.ix_(*src_idx)].astype(np.float32, copy=True)
+        else:
+            t = np.zeros(new_shape, dtype=np.float32)
+            t[np.ix_(*dest_idx)] = src[np.ix_(*src_idx)]
+        if norm_scale != 1.0 and family.is_norm(name):
+            t *= norm_scale
+        out[name] = t
+    return out
+
+
+def subset(family: Family, weights: dict, parent: Shape, sel: Selection) -> dict[str, np.ndarray]:
+    """Subset(B -> T): keep the selected layers and channels of the parent."""
+    child = sel.shape(parent)
+    ar = lambda n: np.arange(n)  # noqa: E731
+    maps = AxisMaps(
+        layers=list(sel.layers),
+        hidden=(ar(child.hidden), np.asarray(sel.hidden)),
+        ffn=[(ar(len(f)), np.asarray(f)) for f in sel.ffn],
+        heads=[(ar(len(h)), np.asarray(h)) for h in sel.heads],
+        kv_heads=[(ar(len(k)), np.asarray(k)) for k in sel.kv_heads],
+    )
+    return remap(family, weights, parent, child, maps)
+
+
+def expand(family: Family, weights: dict, small: Shape, big: Shape, place: Selection) -> dict:
+    """Expand(S -> T): put S's weights at ``place`` (S's positions in T's
+    coordinates); other positions are zero, missing layers are residual
+    identities, norm gains are rescaled so zero channels keep the statistics.
+
+    kv heads follow the query heads: T's kv head for a placed query head holds
+    that head's S kv head (replicated when T has smaller query groups).
+    """
+    if len(place.hidden) != small.hidden or len(place.layers) != small.layers:
+        raise CBDError("placement does not match the smaller model's shape")
+    layers: list[int | None] = [None] * big.layers
+    ffn: list = [None] * big.layers
+    heads: list = [None] * big.layers
+    kv: list = [None] * big.layers
+    g_small = small.heads // small.kv_heads
+    g_big = big.heads // big.kv_heads
+    for i, j in enumerate(place.layers):
+        layers[j] = i
+        ffn[j] = (np.asarray(place.ffn[i]), np.arange(small.ffn))
+        q_dest = np.asarray(place.heads[i])
+        heads[j] = (q_dest, np.arange(small.heads))
+        kv_of = {}
+        for h, p in enumerate(q_dest):
+            t_kv, s_kv = int(p) // g_big, h // g_small
+            if kv_of.setdefault(t_kv, s_kv) != s_kv:
+                raise CBDError(
+                    "cannot expand: query heads of different kv groups land in one kv group of the target"
+                )
+        kv_dest = np.array(sorted(kv_of), dtype=np.int64)
+        kv[j] = (kv_dest, np.array([kv_of[k] for k in kv_dest], dtype=np.int64))
+    maps = AxisMaps(layers, (np.asarray(place.hidden), np.arange(small.hidden)), ffn, heads, kv)
+    scale = float(np.sqrt(small.hidden / big.hidden))
+    return remap(family, weights, small, big, maps, norm_scale=scale)
+
+
+def blend(expanded: dict, subsetted: dict, alpha: float) -> dict[str, np.ndarray]:
+    """theta_T = alpha * Expand(S) + (1 - alpha) * Subset(B)."""
+    if expanded.keys() != subsetted.keys():
+        raise CBDError("Expand and Subset produced different parameter sets")
+    a = np.float32(alpha)
+    return {k: a * expanded[k] + (np.float32(1) - a) * subsetted[k] for k in expanded}
