@@ -166,7 +166,7 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, out, force, 
     from .chain import find_chain
     from .interpolate import interpolate
     from .models import load_anchor, write_model
-    from .shapes import config_for, format_size, parse_size, solve_shape
+    from .shapes import format_size, parse_size, solve_shape
 
     n = parse_size(size)
     out = out or Path(f"cbd-init-{size}")
@@ -205,8 +205,7 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, out, force, 
         raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
     target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed)
     batches = _calibration(big.path, calib, calib_tokens)
-    cfg = config_for(big.family, big.config, target)
-    res = interpolate(big, small, target, alpha, batches, cfg, log=say)
+    res = interpolate(big, small, target, alpha, batches, log=say)
     say(f"shape: {target} -> {res.n_params:,} parameters ({format_size(res.n_params)}, "
         f"{(res.n_params - n) / n:+.2%} of {size})")
     say(f"alpha: {res.alpha:.4f} (default {res.info['default_alpha']:.4f}), alignment: {res.info['alignment']}")
@@ -227,7 +226,7 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, out, force, 
         "history": [],
         "cbd_mlx": __version__,
     }
-    write_model(out, cfg, res.weights, big.path, prov, force, dtype)
+    write_model(out, res.config, res.weights, big.path, prov, force, dtype)
     say(f"wrote {out} in {time.time() - t0:.1f}s  (try: mlx_lm.generate --model {out} --prompt 'Hello')")
 
 

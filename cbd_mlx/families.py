@@ -37,6 +37,8 @@ class Family:
     tied_attention_width: bool = False  # hidden == heads * head_dim
     ffn_multiple: int | None = None  # ffn == ffn_multiple * hidden
     residual_outputs: tuple[str, ...] = field(default=())  # zeroed -> identity layer
+    eps_key: str = "rms_norm_eps"  # config key of the norms' epsilon
+    residual_writers: str | None = None  # LayerNorm families: tensors that write the residual stream
 
     def axes_of(self, name: str) -> tuple:
         local = layer_local_name(self, name)[1]
@@ -47,6 +49,10 @@ class Family:
             f"parameter '{name}' is not in the {self.name} axis map; "
             f"the checkpoint does not look like a plain {self.name} model"
         )
+
+    def writes_residual(self, name: str) -> bool:
+        local = layer_local_name(self, name)[1]
+        return self.residual_writers is not None and re.fullmatch(self.residual_writers, local) is not None
 
     def is_norm(self, name: str) -> bool:
         return re.fullmatch(self.norms, layer_local_name(self, name)[1]) is not None
@@ -135,6 +141,8 @@ FAMILIES: dict[str, Family] = {
         tied_attention_width=True,
         ffn_multiple=4,
         residual_outputs=(r"attn\.c_proj\..*", r"mlp\.c_proj\..*"),
+        eps_key="layer_norm_epsilon",
+        residual_writers=r"model\.wte\.weight|model\.wpe\.weight|(attn|mlp)\.c_proj\.(weight|bias)",
     ),
     "gpt_neox": Family(
         name="gpt_neox",
@@ -166,6 +174,8 @@ FAMILIES: dict[str, Family] = {
         tied_attention_width=True,
         ffn_multiple=4,
         residual_outputs=(r"attention\.dense\..*", r"mlp\.dense_4h_to_h\..*"),
+        eps_key="layer_norm_eps",
+        residual_writers=r"model\.embed_in\.weight|attention\.dense\.(weight|bias)|mlp\.dense_4h_to_h\.(weight|bias)",
     ),
 }
 

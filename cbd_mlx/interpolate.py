@@ -19,7 +19,7 @@ from .families import layer_local_name
 from .importance import align, collect_stats, importance, placement, rankings, select, uniform_rankings
 from .models import Anchor, model_from_weights, weights_sha256
 from .operators import Selection, blend, expand, subset
-from .shapes import Shape, count_params
+from .shapes import Shape, config_for, count_params
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 
@@ -27,6 +27,7 @@ ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 @dataclass
 class InitResult:
     weights: dict[str, np.ndarray]
+    config: dict
     shape: Shape
     alpha: float
     n_params: int
@@ -89,6 +90,18 @@ def lineage_of(small: Anchor, big: Anchor, batches: np.ndarray | None) -> tuple[
     return sel, ranks, "activation-matching"
 
 
+def target_config(big: Anchor, small: Anchor, target: Shape, alpha: float) -> dict:
+    """The bigger anchor's config at ``target``. The norms' epsilon is blended
+    like a parameter: Expand scales S's epsilon by d_S / d_T, which keeps
+    RMSNorm exact over the zero channels (mean(x^2) shrinks by that ratio)."""
+    cfg = config_for(big.family, big.config, target)
+    key = big.family.eps_key
+    eps_b = float(big.config.get(key, 1e-5))
+    eps_s = float(small.config.get(key, eps_b))
+    cfg[key] = alpha * eps_s * small.shape.hidden / target.hidden + (1 - alpha) * eps_b
+    return cfg
+
+
 def calib_loss(config: dict, weights: dict, batches: np.ndarray) -> float:
     """Mean next-token cross-entropy of ``weights`` on calibration batches."""
     model = model_from_weights(config, weights)
@@ -108,7 +121,6 @@ def interpolate(
     target: Shape,
     alpha: float | str | None = None,
     batches: np.ndarray | None = None,
-    config: dict | None = None,
     log=print,
 ) -> InitResult:
     """Build theta_T for ``target`` from a bigger and a smaller anchor."""
@@ -125,7 +137,7 @@ def interpolate(
         if batches is None:
             raise CBDError("--alpha auto needs calibration text: pass --calib FILE")
         for a in sorted(set(ALPHA_GRID) | {round(a0, 4)}):
-            scores[a] = calib_loss(config, blend(exp, sub, a), batches[:2])
+            scores[a] = calib_loss(target_config(big, small, target, a), blend(exp, sub, a), batches[:2])
             log(f"  alpha={a:.3f}  calibration loss={scores[a]:.4f}")
         a = min(scores, key=scores.get)
     else:
@@ -140,11 +152,12 @@ def interpolate(
         "selection_in_big": sel_t.to_json(),
         "seconds": round(time.time() - t0, 2),
     }
-    return InitResult(weights, target, a, n_t, info)
+    return InitResult(weights, target_config(big, small, target, a), target, a, n_t, info)
 
 
-def grow(anchor: Anchor, target: Shape) -> dict[str, np.ndarray]:
-    """Function-preserving growth of an anchor (Expand with no blend)."""
+def grow(anchor: Anchor, target: Shape) -> tuple[dict[str, np.ndarray], dict]:
+    """Function-preserving growth of an anchor (Expand with no blend):
+    (weights, config)."""
     s = anchor.shape
     if target.heads % target.kv_heads:
         raise CBDError("target heads must be a multiple of kv_heads")
@@ -162,4 +175,4 @@ def grow(anchor: Anchor, target: Shape) -> dict[str, np.ndarray]:
         [heads_pos] * s.layers,
         [kv_pos] * s.layers,
     )
-    return expand(anchor.family, anchor.weights, s, target, place)
+    return expand(anchor.family, anchor.weights, s, target, place), target_config(anchor, anchor, target, 1.0)

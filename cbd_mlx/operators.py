@@ -195,7 +195,29 @@ def expand(family: Family, weights: dict, small: Shape, big: Shape, place: Selec
         kv[j] = (kv_dest, np.array([kv_of[k] for k in kv_dest], dtype=np.int64))
     maps = AxisMaps(layers, (np.asarray(place.hidden), np.arange(small.hidden)), ffn, heads, kv)
     scale = float(np.sqrt(small.hidden / big.hidden))
-    return remap(family, weights, small, big, maps, norm_scale=scale)
+    out = remap(family, weights, small, big, maps, norm_scale=scale)
+    if family.residual_writers:
+        _fill_residual_mean(family, out, place.hidden, big.hidden)
+    return out
+
+
+def _fill_residual_mean(family: Family, weights: dict, placed: list[int], hidden: int) -> None:
+    """LayerNorm families: new residual channels get the mean of the placed
+    ones in every tensor that writes the residual stream, so each new channel
+    carries the per-token mean. LayerNorm's mean is then unchanged and its
+    variance scales by d_S / d_T, which the gain and epsilon scaling undo:
+    Expand stays exact (the new channels' gains are zero, nothing reads them)."""
+    new = np.setdiff1d(np.arange(hidden), np.asarray(placed))
+    if len(new) == 0:
+        return
+    for name, t in weights.items():
+        if not family.writes_residual(name):
+            continue
+        axis = family.axes_of(name).index("hidden")
+        mean = np.take(t, np.asarray(placed), axis=axis).mean(axis=axis, keepdims=True)
+        index = [slice(None)] * t.ndim
+        index[axis] = new
+        t[tuple(index)] = np.broadcast_to(mean, t[tuple(index)].shape)
 
 
 def blend(expanded: dict, subsetted: dict, alpha: float) -> dict[str, np.ndarray]:

