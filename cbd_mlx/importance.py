@@ -220,29 +220,61 @@ def placement(parent_sel: Selection, child_lineage: Selection) -> Selection:
     )
 
 
-def _match(small: np.ndarray, big: np.ndarray) -> np.ndarray:
+def _match(small: np.ndarray, big: np.ndarray, center: bool = True, *more) -> np.ndarray:
     """For each column of ``small`` the column of ``big`` it matches best
-    (one-to-one, maximum total |correlation|)."""
+    (one-to-one, maximum total |correlation|, or |cosine| without centering).
+    ``more`` adds further (small, big) views; their similarities are summed."""
     from scipy.optimize import linear_sum_assignment
 
     def z(a):
-        a = a - a.mean(0)
+        a = a - a.mean(0) if center else a
         return a / (np.linalg.norm(a, axis=0) + 1e-8)
 
     corr = np.abs(z(small).T @ z(big))
+    for s_view, b_view in zip(more[::2], more[1::2]):
+        corr += np.abs(z(s_view).T @ z(b_view))
     rows, cols = linear_sum_assignment(-corr)
     out = np.empty(small.shape[1], dtype=np.int64)
     out[rows] = cols
     return out
 
 
-def align(small: Anchor, big: Anchor, batches: np.ndarray) -> Selection:
-    """A lineage for ``small`` in ``big``'s coordinates by activation matching
-    on the same calibration tokens (for public checkpoints with no lineage).
+HEAD_LABELS = ("q", "qkv", "hqkv")
 
-    Layers map by relative depth; hidden channels by the correlation of the
-    linear inputs on the residual stream (summed over mapped layers); FFN
-    channels and query heads per mapped layer; kv groups follow the heads.
+
+def _units(anchor: Anchor, layer: int, kind: str, hidden_map: np.ndarray | None) -> np.ndarray:
+    """(features, units) matrix of ``layer``: every tensor with an axis of
+    ``kind`` ("ffn", "heads" or "kv"), cut into units (channels, query heads,
+    kv heads) along it; the hidden axis is put in the smaller model's order
+    by ``hidden_map`` (bigger model only)."""
+    fam, shape = anchor.family, anchor.shape
+    wanted = HEAD_LABELS if kind == "heads" else (kind,)
+    n_units = {"ffn": shape.ffn, "heads": shape.heads, "kv": shape.kv_heads}[kind]
+    cols = []
+    for name, t in anchor.weights.items():
+        li, _ = layer_local_name(fam, name)
+        labels = fam.axes_of(name)
+        label = next((a for a in labels if a in wanted), None)
+        if li != layer or label is None:
+            continue
+        if hidden_map is not None and "hidden" in labels:
+            t = np.take(t, hidden_map, axis=labels.index("hidden"))
+        t = np.moveaxis(t, labels.index(label), 0)
+        if label == "qkv":  # [q | k | v] blocks -> per head (q_h, k_h, v_h)
+            t = t.reshape(3, n_units, -1).transpose(1, 0, 2)
+        cols.append(t.reshape(n_units, -1))
+    return np.concatenate(cols, axis=1).T
+
+
+def align(small: Anchor, big: Anchor, batches: np.ndarray) -> Selection:
+    """A lineage for ``small`` in ``big``'s coordinates, for public
+    checkpoints with no lineage.
+
+    Layers map by relative depth. Residual channels are matched by the
+    correlation of activations on the same calibration tokens (the inputs of
+    every linear reading the residual stream, over mapped layers). With the
+    residual stream aligned, FFN channels, kv groups and query heads of each
+    mapped layer are matched by the cosine of their weights.
     """
     fam = small.family
     s, b = small.shape, big.shape
@@ -251,33 +283,54 @@ def align(small: Anchor, big: Anchor, batches: np.ndarray) -> Selection:
     if len(set(layers)) != len(layers):
         raise CBDError("the smaller anchor has more layers than the bigger one")
 
-    def layer_inputs(stats, layer, axis):
-        cols = []
-        for name, x in sorted(stats.samples.items()):
-            li, _ = layer_local_name(fam, name)
-            if li == layer and fam.axes_of(name)[-1] == axis:
-                cols.append(x)
-        return cols
-
-    hid_s = np.concatenate([x for i, lb in enumerate(layers) for x in layer_inputs(st_s, i, "hidden")])
-    hid_b = np.concatenate([x for i, lb in enumerate(layers) for x in layer_inputs(st_b, lb, "hidden")])
-    hidden = _match(hid_s, hid_b)
+    names = [
+        n for n in sorted(st_s.samples)
+        if layer_local_name(fam, n)[0] is not None and fam.axes_of(n)[-1] == "hidden"
+    ]
+    # the input embedding is the residual stream at layer 0 over every token
+    emb_name = _first_embedding(fam, small)
+    hidden = _match(
+        np.concatenate([st_s.samples[n] for n in names]),
+        np.concatenate([st_b.samples[_rename(fam, n, layers)] for n in names]),
+        True,
+        small.weights[emb_name],
+        big.weights[emb_name],
+    )
     g_s, g_b = s.heads // s.kv_heads, b.heads // b.kv_heads
+    has_kv = any("kv" in labels for _, labels in fam.axes)
     ffn, heads, kv = [], [], []
     for i, lb in enumerate(layers):
-        ffn.append(_match(layer_inputs(st_s, i, "ffn")[0], layer_inputs(st_b, lb, "ffn")[0]).tolist())
-        hs = layer_inputs(st_s, i, "q")[0].reshape(-1, s.heads, s.head_dim)
-        hb = layer_inputs(st_b, lb, "q")[0].reshape(-1, b.heads, b.head_dim)
-        # head-level match: each head's output summarised by its activation norm
-        qmap = _match(np.linalg.norm(hs, axis=-1), np.linalg.norm(hb, axis=-1))
-        if g_s <= g_b:  # whole S groups inside B groups: match groups, then heads
-            gs = np.linalg.norm(hs.reshape(-1, s.kv_heads, g_s * s.head_dim), axis=-1)
-            gb = np.linalg.norm(hb.reshape(-1, b.kv_heads, g_b * b.head_dim), axis=-1)
-            kvmap = _match(gs, gb)
-            qmap = np.array([kvmap[h // g_s] * g_b + (h % g_s) for h in range(s.heads)])
+        ffn.append(_match(_units(small, i, "ffn", None), _units(big, lb, "ffn", hidden), center=False).tolist())
+        qs, qb = _units(small, i, "heads", None), _units(big, lb, "heads", hidden)
+        if has_kv and g_s <= g_b:  # match kv groups, then query heads inside them
+            gs = np.concatenate([_units(small, i, "kv", None), _group(qs, s.kv_heads)])
+            gb = np.concatenate([_units(big, lb, "kv", hidden), _group(qb, b.kv_heads)])
+            kvmap = _match(gs, gb, center=False)
+            qmap = []
+            for k in range(s.kv_heads):
+                own = list(range(k * g_s, (k + 1) * g_s))
+                cand = list(range(kvmap[k] * g_b, (kvmap[k] + 1) * g_b))
+                m = _match(qs[:, own], qb[:, cand], center=False)
+                qmap += [cand[j] for j in m]
         else:
-            kvmap = np.array([qmap[k * g_s] // g_b for k in range(s.kv_heads)])
+            qmap = _match(qs, qb, center=False).tolist()
+            kvmap = [qmap[k * g_s] // g_b for k in range(s.kv_heads)]
         heads.append([int(h) for h in qmap])
         kv.append([int(k) for k in kvmap])
     return Selection(layers, [int(h) for h in hidden], ffn, heads, kv)
 
+
+def _group(units: np.ndarray, groups: int) -> np.ndarray:
+    """(features, heads) -> (features * heads_per_group, groups)."""
+    f, n = units.shape
+    return units.reshape(f, groups, n // groups).transpose(0, 2, 1).reshape(-1, groups)
+
+
+def _first_embedding(family: Family, anchor: Anchor) -> str:
+    """The name of the input embedding (the first (vocab, hidden) tensor)."""
+    return next(n for n in sorted(anchor.weights) if family.axes_of(n) == ("vocab", "hidden"))
+
+
+def _rename(family: Family, name: str, layers: list[int]) -> str:
+    i, local = layer_local_name(family, name)
+    return f"{family.layers_prefix}.{layers[i]}.{local}"
