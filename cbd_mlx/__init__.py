@@ -36,3 +36,6 @@ def _preload_openblas() -> str | None:
 
 
 BLAS = _preload_openblas()
+# transformers (used for tokenizers only) would warn that PyTorch is absent
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -138,6 +138,11 @@ def build_model(config: dict) -> nn.Module:
         raise CBDError(f"cannot build a model from config.json: {e}") from None
 
 
+def param_template(config: dict) -> dict[str, tuple]:
+    """Parameter names and shapes of ``config``'s model (nothing is computed)."""
+    return {k: tuple(v.shape) for k, v in tree_flatten(build_model(config).parameters())}
+
+
 def model_from_weights(config: dict, weights: dict[str, np.ndarray], dtype=mx.float32) -> nn.Module:
     """An mlx-lm model holding ``weights`` (numpy) in ``dtype``."""
     model = build_model(config)

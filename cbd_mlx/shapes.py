@@ -171,7 +171,7 @@ def solve_shape(
             return list(range(lo(f), hi(f) + 1))
         return _range(lo(f), hi(f), step)
 
-    best = None
+    best, nearest = None, None
     for layers, kv in itertools.product(options("layers"), options("kv_heads")):
         heads_opts = [fixed["heads"]] if "heads" in fixed else [kv * group]
         for heads in heads_opts:
@@ -200,6 +200,8 @@ def solve_shape(
                     cand = replace(base, ffn=ffn)
                     n = count_params(family, template, cand)
                     err = abs(n - target) / target
+                    if nearest is None or err < nearest[0]:
+                        nearest = (err, n, cand)
                     if err > tolerance:
                         continue
                     ts = [
@@ -211,9 +213,9 @@ def solve_shape(
                     if best is None or score < best[0]:
                         best = (score, cand)
     if best is None:
+        hint = f"; the nearest is {format_size(nearest[1])} ({nearest[2]})" if nearest else ""
         raise CBDError(
-            f"no shape between the anchors ({small}) and ({big}) reaches "
-            f"{format_size(target)} within {tolerance:.0%}; drop the pinned dimensions "
-            "or pick another size"
+            f"no shape between the anchors reaches {format_size(target)} within {tolerance:.0%}{hint}; "
+            "pick another size or drop pinned dimensions"
         )
     return best[1]

@@ -62,7 +62,7 @@ def random_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def make_tokenizer(out: Path) -> None:
+def make_tokenizer(out: Path, text: Path = CALIB) -> None:
     """A real byte-level BPE tokenizer (256 bytes + a few merges + specials)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -74,7 +74,7 @@ def make_tokenizer(out: Path) -> None:
         vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train([str(CALIB)], trainer)
+    tok.train([str(text)], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     fast.save_pretrained(str(out))
 
@@ -125,3 +125,15 @@ def smollm2(smollm2_gguf):
 
 def dump(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep GGUF conversions out of the user's cache during tests."""
+    old = os.environ.get("CBD_MLX_CACHE")
+    os.environ["CBD_MLX_CACHE"] = str(tmp_path_factory.mktemp("cbd-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CBD_MLX_CACHE", None)
+    else:
+        os.environ["CBD_MLX_CACHE"] = old

@@ -1,0 +1,162 @@
+"""The CLI on bad input: one clear line, non-zero exit, outputs intact."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cbd_mlx.cli import main
+from cbd_mlx.shapes import config_for, shape_of
+from cbd_mlx.families import family_of
+
+from conftest import CALIB, HELDOUT, TINY_CONFIGS, make_tokenizer, random_weights, save_tiny
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    try:
+        main(list(map(str, args)))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+
+
+CLI_CONFIG = dict(TINY_CONFIGS["llama"], hidden_size=128, intermediate_size=256,
+                  num_attention_heads=8, num_key_value_heads=4)
+
+
+@pytest.fixture
+def tiny_pair(tokenizer_dir, tmp_path, capsys):
+    cfg = CLI_CONFIG
+    big = save_tiny(tmp_path / "big", cfg, random_weights(cfg, 1), tokenizer_dir)
+    code, _, err = run(capsys, "prune", "--from", big, "--size", "300K", "--calib", CALIB,
+                       "--calib-tokens", 512, "--out", tmp_path / "small")
+    assert code == 0, err
+    return big, tmp_path / "small"
+
+
+def test_help_on_every_command(capsys):
+    for cmd in ([], ["init"], ["prune"], ["eval"], ["chains"], ["chain", "show"], ["convert"]):
+        code, out, _ = run(capsys, *cmd, "--help")
+        assert code == 0 and "Usage:" in out
+
+
+def test_init_between_tiny_anchors(tiny_pair, tmp_path, capsys):
+    big, small = tiny_pair
+    out = tmp_path / "mid"
+    code, _, err = run(capsys, "init", "--size", "450K", "--anchors", big, small, "--out", out)
+    assert code == 0, err
+    assert "shape:" in err and "alpha:" in err
+    prov = json.loads((out / "cbd.json").read_text())
+    assert prov["kind"] == "init" and prov["info"]["alignment"] == "lineage"
+    code, out_text, _ = run(capsys, "eval", out, "--data", HELDOUT, "--max-tokens", 2048, "--seq-len", 128, "--json")
+    assert code == 0
+    r = json.loads(out_text.strip().splitlines()[-1])
+    assert r["ppl"] > 1 and r["tokens"] > 0
+
+
+def test_missing_model(capsys, tmp_path):
+    code, _, err = run(capsys, "eval", tmp_path / "nope", "--data", HELDOUT)
+    assert_one_line_error(code, err, "not found")
+
+
+def test_truncated_safetensors(tiny_pair, capsys, tmp_path):
+    big, small = tiny_pair
+    f = big / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    code, _, err = run(capsys, "init", "--size", "450K", "--anchors", big, small, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "truncated")
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_not_matching_weights(tiny_pair, capsys, tmp_path):
+    big, small = tiny_pair
+    cfg = json.loads((big / "config.json").read_text())
+    cfg["hidden_size"] = 96
+    (big / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run(capsys, "eval", big, "--data", HELDOUT)
+    assert_one_line_error(code, err, "config.json")
+
+
+def test_anchors_of_different_families(tiny_pair, tokenizer_dir, capsys, tmp_path):
+    big, _ = tiny_pair
+    cfg = TINY_CONFIGS["gpt2"]
+    other = save_tiny(tmp_path / "g", cfg, random_weights(cfg), tokenizer_dir)
+    code, _, err = run(capsys, "init", "--size", "408K", "--anchors", big, other, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "different families")
+
+
+def test_anchors_with_different_tokenizers(tiny_pair, capsys, tmp_path):
+    big, small = tiny_pair
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (small / name).unlink()
+    other_tok = tmp_path / "tok2"
+    make_tokenizer(other_tok, HELDOUT)  # same size, trained on other text
+    for f in other_tok.iterdir():
+        (small / f.name).write_bytes(f.read_bytes())
+    code, _, err = run(capsys, "init", "--size", "450K", "--anchors", big, small, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "tokenizer")
+
+
+def test_size_outside_anchors(tiny_pair, capsys, tmp_path):
+    big, small = tiny_pair
+    code, _, err = run(capsys, "init", "--size", "10M", "--anchors", big, small, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "outside")
+
+
+@pytest.mark.parametrize("size", ["138", "1e9", "-5M"])
+def test_malformed_size(capsys, size, tmp_path):
+    code, _, err = run(capsys, "init", "--size", size, "--chain", "smollm2", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "size")
+
+
+def test_unknown_chain(capsys, tmp_path):
+    code, _, err = run(capsys, "init", "--size", "138M", "--chain", "no-such-chain", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "unknown chain")
+
+
+def test_existing_out_is_refused_then_forced(tiny_pair, capsys, tmp_path):
+    big, small = tiny_pair
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = run(capsys, "init", "--size", "450K", "--anchors", big, small, "--out", out)
+    assert_one_line_error(code, err, "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "precious"
+    code, _, err = run(capsys, "init", "--size", "450K", "--anchors", big, small, "--out", out, "--force")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_failed_write_leaves_previous_output(tiny_pair, capsys, tmp_path, monkeypatch):
+    import errno
+
+    import mlx.core as mx
+
+    big, small = tiny_pair
+    out = tmp_path / "o"
+    assert run(capsys, "init", "--size", "450K", "--anchors", big, small, "--out", out)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    code, _, err = run(capsys, "init", "--size", "408K", "--anchors", big, small, "--out", out, "--force")
+    assert_one_line_error(code, err, "no space left")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

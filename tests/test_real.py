@@ -1,0 +1,79 @@
+"""End to end on the real SmolLM2-135M-Instruct GGUF and real English text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from cbd_mlx.evaluate import perplexity, tokenize_file
+from cbd_mlx.interpolate import grow
+from cbd_mlx.models import load_tokenizer, model_from_weights
+
+from conftest import CALIB, HELDOUT
+
+pytestmark = pytest.mark.slow
+
+
+def test_gguf_perplexity_in_the_teens(smollm2):
+    """Q/K un-permuted correctly: a naive load gives hundreds."""
+    assert smollm2.shape.layers == 30 and smollm2.shape.hidden == 576
+    assert smollm2.n_params == 134_515_008
+    tok = load_tokenizer(smollm2.path)
+    ids = tokenize_file(tok, HELDOUT, 2048)
+    r = perplexity(model_from_weights(smollm2.config, smollm2.weights), ids, 512, 4, progress=False)
+    assert 5 < r["ppl"] < 25, r
+
+
+def test_gguf_tokenizer_round_trips(smollm2):
+    tok = load_tokenizer(smollm2.path)
+    text = HELDOUT.read_text()[:3000]
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert 0.15 < len(ids) / len(text) < 0.4  # a real BPE, not bytes
+    assert tok.eos_token_id == 2
+
+
+def test_expand_reproduces_real_logits(smollm2):
+    """Expand(S) alone (function-preserving growth) on real text, fp32."""
+    tok = load_tokenizer(smollm2.path)
+    ids = tok.encode(HELDOUT.read_text()[:2000])[:128]
+    target = replace(smollm2.shape, layers=32, hidden=768, ffn=2048, heads=12, kv_heads=4)
+    w, cfg = grow(smollm2, target)
+    x = mx.array(ids)[None]
+    ref = np.array(model_from_weights(smollm2.config, smollm2.weights)(x))[0]
+    out = np.array(model_from_weights(cfg, w)(x))[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-3 * np.abs(ref).max() / 40)
+
+
+def test_prune_then_init_end_to_end(smollm2_gguf, tmp_path):
+    """The real CLI: prune a 60M child, init 100M between it and its parent,
+    then mlx-lm loads and generates from the output offline."""
+    cli = [sys.executable, "-m", "cbd_mlx.cli"]
+    child, out = tmp_path / "c60", tmp_path / "i100"
+    r = subprocess.run(cli + ["prune", "--from", str(smollm2_gguf), "--size", "60M", "--calib", str(CALIB),
+                              "--calib-tokens", "1024", "--out", str(child)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lineage = json.loads((child / "cbd.json").read_text())["lineage"]
+    assert lineage["method"] == "activation-importance" and len(lineage["hidden"]) < 576
+    r = subprocess.run(cli + ["init", "--size", "100M", "--anchors", str(smollm2_gguf), str(child),
+                              "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "alignment: lineage" in r.stderr
+    prov = json.loads((out / "cbd.json").read_text())
+    assert abs(prov["params"] - 100e6) / 100e6 <= 0.01
+    g = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(out), "--prompt",
+                        "Classes provide", "--max-tokens", "5"], capture_output=True, text=True,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert g.returncode == 0, g.stderr[-2000:]
+    assert "Generation:" in g.stdout + g.stderr
+    r = subprocess.run(cli + ["eval", str(out), "--data", str(HELDOUT), "--max-tokens", "1024", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert np.isfinite(res["ppl"]) and res["tokens"] > 1000

@@ -1,0 +1,110 @@
+"""Parameter counts, the shape solver and size parsing."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from cbd_mlx.chain import find_chain, list_chains
+from cbd_mlx.errors import CBDError
+from cbd_mlx.families import FAMILIES, family_of
+from cbd_mlx.models import param_template
+from cbd_mlx.shapes import config_for, count_params, parse_size, shape_of, solve_shape
+
+from conftest import TINY_CONFIGS
+
+MANIFEST_BASE = {
+    "llama": dict(model_type="llama", rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6),
+    "gpt2": dict(model_type="gpt2", n_positions=1024, n_ctx=1024, layer_norm_epsilon=1e-5),
+    "gpt_neox": dict(model_type="gpt_neox", layer_norm_eps=1e-5, rotary_pct=0.25, rotary_emb_base=10000,
+                     use_parallel_residual=True, max_position_embeddings=2048),
+}
+
+
+def manifest_config(family, shape):
+    return config_for(FAMILIES[family], dict(MANIFEST_BASE[family]), shape) | {"vocab_size": shape.vocab}
+
+
+@pytest.mark.parametrize("text,value", [("138M", 138_000_000), ("1.2B", 1_200_000_000), ("600k", 600_000), (" 60 M ", 60_000_000)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["138", "1e9", "-5M", "0M", "M", "12Q", "", "1.2.3M"])
+def test_parse_size_rejects(bad):
+    with pytest.raises(CBDError):
+        parse_size(bad)
+
+
+def test_count_matches_mlx_lm_for_every_family(family_name):
+    cfg = TINY_CONFIGS[family_name]
+    fam = family_of(cfg)
+    base = shape_of(fam, cfg)
+    tmpl = param_template(cfg)
+    for layers, heads, kv in [(2, 4, 2), (5, 6, 3), (3, 8, 4)]:
+        if fam.tied_attention_width:
+            kv = heads
+        hidden = heads * base.head_dim if fam.tied_attention_width else 48 + 8 * layers
+        ffn = 4 * hidden if fam.ffn_multiple else 72 + layers
+        shape = replace(base, layers=layers, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv)
+        real = param_template(config_for(fam, cfg, shape))
+        assert count_params(fam, tmpl, shape) == sum(math.prod(s) for s in real.values())
+
+
+def test_manifest_params_are_exact():
+    for chain in list_chains():
+        for a in chain.anchors:
+            tmpl = param_template(manifest_config(chain.family, a.shape))
+            assert sum(math.prod(s) for s in tmpl.values()) == a.params, (chain.name, a.name)
+
+
+@pytest.mark.parametrize("chain,size", [("smollm2", "138M"), ("smollm2", "250M"), ("smollm2", "1B"),
+                                        ("gpt2", "138M"), ("gpt2", "500M"), ("qwen3", "1B"),
+                                        ("pythia", "120M"), ("pythia", "250M")])
+def test_solver_on_real_chains(chain, size):
+    c = find_chain(chain)
+    n = parse_size(size)
+    big, small = c.bracket(n)
+    fam = FAMILIES[c.family]
+    tmpl = param_template(manifest_config(c.family, big.shape))
+    shape = solve_shape(fam, tmpl, small.shape, big.shape, n)
+    got = count_params(fam, tmpl, shape)
+    assert abs(got - n) / n <= 0.01
+    for f in ("layers", "hidden", "ffn", "heads", "kv_heads"):
+        lo, hi = sorted((getattr(small.shape, f), getattr(big.shape, f)))
+        assert lo <= getattr(shape, f) <= hi, f
+    assert shape.hidden % shape.heads == 0 and shape.heads % shape.kv_heads == 0
+    assert shape.heads // shape.kv_heads == big.shape.heads // big.shape.kv_heads
+
+
+def test_solver_names_nearest_reachable_size():
+    # gpt_neox in mlx-lm fixes ffn = 4 * hidden and hidden = heads * head_dim:
+    # between pythia-70m and -160m only (layers, heads) move, so 100M is not
+    # reachable within 1%; the error says what is
+    c = find_chain("pythia")
+    big, small = c.anchors[2], c.anchors[3]
+    tmpl = param_template(manifest_config("gpt_neox", big.shape))
+    with pytest.raises(CBDError, match="the nearest is"):
+        solve_shape(FAMILIES["gpt_neox"], tmpl, small.shape, big.shape, parse_size("100M"))
+
+
+def test_solver_respects_pinned_dims():
+    c = find_chain("smollm2")
+    big, small = c.anchors[1], c.anchors[2]
+    fam = FAMILIES["llama"]
+    tmpl = param_template(manifest_config("llama", big.shape))
+    shape = solve_shape(fam, tmpl, small.shape, big.shape, parse_size("200M"), {"layers": 31})
+    assert shape.layers == 31
+    with pytest.raises(CBDError):
+        solve_shape(fam, tmpl, small.shape, big.shape, parse_size("200M"), {"layers": 31, "hidden": 576, "ffn": 1536})
+
+
+def test_bracket_refuses_sizes_outside_chain():
+    c = find_chain("smollm2")
+    with pytest.raises(CBDError, match="outside chain"):
+        c.bracket(parse_size("50M"))
+    with pytest.raises(CBDError, match="outside chain"):
+        c.bracket(parse_size("3B"))
