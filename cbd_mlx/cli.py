@@ -199,9 +199,9 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, out, force, 
     from .interpolate import check_compatible
 
     check_compatible(big, small)
-    from .models import tokenizer_fingerprint
+    from .models import same_tokenizer
 
-    if tokenizer_fingerprint(big.path) != tokenizer_fingerprint(small.path):
+    if not same_tokenizer(big.path, small.path):
         raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
     target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed)
     batches = _calibration(big.path, calib, calib_tokens)

@@ -158,12 +158,12 @@ def tokenizer_from_gguf(meta: dict, out_dir: Path) -> None:
 
 def gguf_to_model_dir(path: Path, out_dir: Path) -> None:
     """Convert a llama GGUF into an mlx-lm model directory (fp32 safetensors)."""
+    from .models import save_weights, weights_sha256
+
     config, weights, meta = read_gguf(path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(
-        str(out_dir / "model.safetensors"),
-        {k: mx.array(v) for k, v in weights.items()},
-        metadata={"format": "mlx"},
-    )
+    save_weights(out_dir / "model.safetensors", weights)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer_from_gguf(meta, out_dir)
+    prov = {"kind": "converted", "source": str(path), "weights_sha256": weights_sha256(out_dir)}
+    (out_dir / "cbd.json").write_text(json.dumps(prov, indent=2))

@@ -251,7 +251,7 @@ def _units(anchor: Anchor, layer: int, kind: str, hidden_map: np.ndarray | None)
     wanted = HEAD_LABELS if kind == "heads" else (kind,)
     n_units = {"ffn": shape.ffn, "heads": shape.heads, "kv": shape.kv_heads}[kind]
     cols = []
-    for name, t in anchor.weights.items():
+    for name, t in sorted(anchor.weights.items()):
         li, _ = layer_local_name(fam, name)
         labels = fam.axes_of(name)
         label = next((a for a in labels if a in wanted), None)

@@ -17,8 +17,8 @@ import numpy as np
 from .errors import CBDError
 from .families import layer_local_name
 from .importance import align, collect_stats, importance, placement, rankings, select, uniform_rankings
-from .models import Anchor, model_from_weights, weights_sha256
-from .operators import Selection, blend, expand, subset
+from .models import Anchor, anchor_sha256, model_from_weights
+from .operators import Selection, blend, blend_tensor, expand, iter_expand, iter_subset, subset
 from .shapes import Shape, config_for, count_params
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -70,7 +70,7 @@ def lineage_of(small: Anchor, big: Anchor, batches: np.ndarray | None) -> tuple[
     lin = small.lineage
     if lin is not None:
         parent_hash = lin.get("parent_sha256")
-        big_hash = big.provenance.get("weights_sha256") or weights_sha256(big.path)
+        big_hash = anchor_sha256(big)
         if parent_hash and parent_hash == big_hash:
             sel = Selection.from_json(lin)
             ranks = lin.get("parent_ranking") or uniform_rankings(big.shape)
@@ -128,23 +128,31 @@ def interpolate(
     check_compatible(big, small)
     sel_s, ranks, how = lineage_of(small, big, batches)
     sel_t = select(big.shape, target, ranks, required=sel_s)
-    sub = subset(big.family, big.weights, big.shape, sel_t)
-    exp = expand(small.family, small.weights, small.shape, target, placement(sel_t, sel_s))
+    place = placement(sel_t, sel_s)
     n_t = count_params(big.family, big.template, target)
     a0 = default_alpha(big.n_params, small.n_params, n_t)
     scores = {}
     if alpha == "auto":
         if batches is None:
             raise CBDError("--alpha auto needs calibration text: pass --calib FILE")
+        sub = subset(big.family, big.weights, big.shape, sel_t)
+        exp = expand(small.family, small.weights, small.shape, target, place)
         for a in sorted(set(ALPHA_GRID) | {round(a0, 4)}):
             scores[a] = calib_loss(target_config(big, small, target, a), blend(exp, sub, a), batches[:2])
             log(f"  alpha={a:.3f}  calibration loss={scores[a]:.4f}")
         a = min(scores, key=scores.get)
+        weights = blend(exp, sub, a)
     else:
         a = a0 if alpha is None else float(alpha)
         if not 0.0 <= a <= 1.0:
             raise CBDError(f"--alpha {a} is outside [0, 1]")
-    weights = blend(exp, sub, a)
+        weights = {}  # streamed: one Subset and one Expand tensor alive at a time
+        pairs = zip(
+            iter_subset(big.family, big.weights, big.shape, sel_t),
+            iter_expand(small.family, small.weights, small.shape, target, place),
+        )
+        for (name, s_t), (_, e_t) in pairs:  # both in sorted name order
+            weights[name] = blend_tensor(e_t, s_t, a)
     info = {
         "alignment": how,
         "default_alpha": a0,

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import CBDError
 from .families import Family, family_of
-from .shapes import Shape, shape_of
+from .shapes import Shape, param_shapes, shape_of
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -155,24 +155,79 @@ def model_from_weights(config: dict, weights: dict[str, np.ndarray], dtype=mx.fl
     return model
 
 
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CBDError(f"{path} is not valid JSON ({e}); restore or re-download the {what}") from None
+
+
+def _load_mlx_format(path: Path, config: dict) -> dict[str, np.ndarray] | None:
+    """fp32 numpy weights of an unquantized mlx-format directory, without
+    building a model (zero-copy for fp32). None: not mlx format, use mlx-lm."""
+    weights = {}
+    for f in sorted(path.glob("model*.safetensors")):
+        try:
+            arrays, meta = mx.load(str(f), return_metadata=True)
+        except Exception as e:  # mlx raises RuntimeError/ValueError on bad files
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CBDError(f"cannot read {f}: {msg}; the file is truncated or corrupt, restore or re-download it") from None
+        if meta.get("format") != "mlx":
+            return None
+        for k, v in arrays.items():
+            weights[k] = np.asarray(v if v.dtype == mx.float32 else v.astype(mx.float32))
+    return weights
+
+
+def _check_weights(path: Path, family: Family, shape: Shape, weights: dict) -> None:
+    """Names and shapes must be what config.json says (through the axis map)."""
+    template = {k: v.shape for k, v in weights.items()}
+    try:
+        expected = param_shapes(family, template, shape)
+    except (CBDError, ValueError, IndexError, TypeError) as e:
+        raise CBDError(f"{path}: weights do not look like a {family.name} model ({e})") from None
+    if expected.keys() != template.keys():
+        missing = sorted(expected.keys() - template.keys())[:3]
+        extra = sorted(template.keys() - expected.keys())[:3]
+        raise CBDError(
+            f"{path}: weights do not match config.json (missing {missing}, unexpected {extra}); "
+            "the checkpoint is incomplete or config.json belongs to another model"
+        )
+    for k, dims in expected.items():
+        if tuple(template[k]) != tuple(dims):
+            raise CBDError(
+                f"{path}: {k} has shape {tuple(template[k])} but config.json implies {tuple(dims)}; "
+                "config.json does not match the weights"
+            )
+
+
 def load_anchor(source: str, revision: str | None = None) -> Anchor:
     """Load a model directory, GGUF file or hub repo as fp32 numpy weights."""
-    from mlx_lm.utils import dequantize_model, load_model
-
     path = resolve(source, revision)
     if not (path / "config.json").is_file():
         raise CBDError(f"{path} has no config.json; is it a model directory?")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CBDError(f"{path}/config.json is not valid JSON ({e}); restore or re-download it") from None
+    config = _read_json(path / "config.json", "model's config.json")
     family = family_of(config)
     if not list(path.glob("model*.safetensors")):
         raise CBDError(f"{path} has no model*.safetensors weights")
+    weights = None if "quantization" in config else _load_mlx_format(path, config)
+    if weights is None:
+        weights, config = _load_with_mlx_lm(path)
+    shape = shape_of(family, config)
+    _check_weights(path, family, shape, weights)
+    for k, v in weights.items():
+        if not np.isfinite(v).all():
+            raise CBDError(f"{path}: parameter {k} holds NaN or Inf; the checkpoint is damaged")
+    prov = _read_json(path / "cbd.json", "cbd.json") if (path / "cbd.json").is_file() else {}
+    return Anchor(source, path, config, weights, family, shape, prov)
+
+
+def _load_with_mlx_lm(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Hugging Face or quantized checkpoints: mlx-lm sanitizes and dequantizes."""
+    from mlx_lm.utils import dequantize_model, load_model
+
     try:
         model, config = load_model(path, lazy=False, strict=True)
-    except CBDError:
-        raise
     except Exception as e:  # mlx raises RuntimeError/ValueError on corrupt files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CBDError(
@@ -182,17 +237,13 @@ def load_anchor(source: str, revision: str | None = None) -> Anchor:
         model = dequantize_model(model)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
-    weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
-    for k, v in weights.items():
-        if not np.isfinite(v).all():
-            raise CBDError(f"{path}: parameter {k} holds NaN or Inf; the checkpoint is damaged")
-    prov = {}
-    if (path / "cbd.json").is_file():
-        try:
-            prov = json.loads((path / "cbd.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CBDError(f"{path}/cbd.json is not valid JSON ({e})") from None
-    return Anchor(source, path, config, weights, family, shape_of(family, config), prov)
+    weights = {k: np.asarray(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    return weights, config
+
+
+def anchor_sha256(anchor: Anchor) -> str:
+    """The anchor's weights hash (from its cbd.json when recorded there)."""
+    return anchor.provenance.get("weights_sha256") or weights_sha256(anchor.path)
 
 
 def load_tokenizer(path: Path):
@@ -203,6 +254,15 @@ def load_tokenizer(path: Path):
         return _load(Path(path))
     except Exception as e:
         raise CBDError(f"cannot load the tokenizer in {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+
+
+def same_tokenizer(a: Path, b: Path) -> bool:
+    """Whether two model directories share a tokenizer (identical
+    tokenizer.json, else the same vocabulary)."""
+    fa, fb = Path(a) / "tokenizer.json", Path(b) / "tokenizer.json"
+    if fa.is_file() and fb.is_file() and file_sha256(fa) == file_sha256(fb):
+        return True
+    return tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
 
 
 def tokenizer_fingerprint(path: Path) -> str:
@@ -252,6 +312,20 @@ class atomic_dir:
         return False
 
 
+def save_weights(path: Path, weights: dict[str, np.ndarray], dtype: str = "float32") -> None:
+    """One safetensors file in mlx format, written straight from numpy
+    (bfloat16, which numpy lacks, goes through MLX)."""
+    if dtype == "bfloat16":
+        arrays = {k: mx.array(v).astype(mx.bfloat16) for k, v in weights.items()}
+        mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
+        return
+    from safetensors.numpy import save_file
+
+    np_dtype = np.float32 if dtype == "float32" else np.float16
+    save_file({k: np.ascontiguousarray(v, dtype=np_dtype) for k, v in weights.items()}, str(path),
+              metadata={"format": "mlx"})
+
+
 def dump_json(obj) -> str:
     """Indented JSON with lists of numbers kept on one line (lineage maps)."""
     text = json.dumps(obj, indent=2)
@@ -271,8 +345,7 @@ def write_model(
     from mlx_lm.utils import save_config
 
     with atomic_dir(out, force) as tmp:
-        arrays = {k: mx.array(v).astype(DTYPES[dtype]) for k, v in weights.items()}
-        mx.save_safetensors(str(tmp / "model.safetensors"), arrays, metadata={"format": "mlx"})
+        save_weights(tmp / "model.safetensors", weights, dtype)
         cfg = dict(config)
         cfg["torch_dtype"] = dtype
         save_config(cfg, tmp / "config.json")

@@ -10,7 +10,6 @@ the bigger model's coordinates (the *lineage* of a pruned child is one).
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -105,27 +104,26 @@ def _axis_index(label, side: int, maps: AxisMaps, j: int | None, shape: Shape, d
     return np.concatenate([q, q + n, q + 2 * n])
 
 
-def remap(
+def iter_remap(
     family: Family,
     weights: dict[str, np.ndarray],
     in_shape: Shape,
     out_shape: Shape,
     maps: AxisMaps,
     norm_scale: float = 1.0,
-) -> dict[str, np.ndarray]:
-    """The one gather/scatter behind Subset and Expand."""
+):
+    """The one gather/scatter behind Subset and Expand: yields (name, tensor)
+    one tensor at a time, in a fixed order, so callers can stream."""
     template = {k: v.shape for k, v in weights.items()}
     out_shapes = param_shapes(family, template, out_shape)
-    residual = [re.compile(p) for p in family.residual_outputs]
-    out = {}
-    for name, new_shape in out_shapes.items():
+    for name, new_shape in sorted(out_shapes.items()):
         j, local = layer_local_name(family, name)
         if j is None:
             src_name = name
         else:
             src_layer = maps.layers[j]
             if src_layer is None:
-                out[name] = np.zeros(new_shape, dtype=np.float32)
+                yield name, np.zeros(new_shape, dtype=np.float32)
                 continue
             src_name = f"{family.layers_prefix}.{src_layer}.{local}"
         src = weights[src_name]
@@ -145,12 +143,16 @@ def remap(
             t[np.ix_(*dest_idx)] = src[np.ix_(*src_idx)]
         if norm_scale != 1.0 and family.is_norm(name):
             t *= norm_scale
-        out[name] = t
-    return out
+        yield name, t
 
 
 def subset(family: Family, weights: dict, parent: Shape, sel: Selection) -> dict[str, np.ndarray]:
     """Subset(B -> T): keep the selected layers and channels of the parent."""
+    return dict(iter_subset(family, weights, parent, sel))
+
+
+def iter_subset(family: Family, weights: dict, parent: Shape, sel: Selection):
+    """Subset, one (name, tensor) at a time."""
     child = sel.shape(parent)
     ar = lambda n: np.arange(n)  # noqa: E731
     maps = AxisMaps(
@@ -160,11 +162,16 @@ def subset(family: Family, weights: dict, parent: Shape, sel: Selection) -> dict
         heads=[(ar(len(h)), np.asarray(h)) for h in sel.heads],
         kv_heads=[(ar(len(k)), np.asarray(k)) for k in sel.kv_heads],
     )
-    return remap(family, weights, parent, child, maps)
+    yield from iter_remap(family, weights, parent, child, maps)
 
 
 def expand(family: Family, weights: dict, small: Shape, big: Shape, place: Selection) -> dict:
-    """Expand(S -> T): put S's weights at ``place`` (S's positions in T's
+    """Expand(S -> T), see ``iter_expand``."""
+    return dict(iter_expand(family, weights, small, big, place))
+
+
+def iter_expand(family: Family, weights: dict, small: Shape, big: Shape, place: Selection):
+    """Expand(S -> T), one (name, tensor) at a time: put S's weights at ``place`` (S's positions in T's
     coordinates); other positions are zero, missing layers are residual
     identities, norm gains are rescaled so zero channels keep the statistics.
 
@@ -195,34 +202,38 @@ def expand(family: Family, weights: dict, small: Shape, big: Shape, place: Selec
         kv[j] = (kv_dest, np.array([kv_of[k] for k in kv_dest], dtype=np.int64))
     maps = AxisMaps(layers, (np.asarray(place.hidden), np.arange(small.hidden)), ffn, heads, kv)
     scale = float(np.sqrt(small.hidden / big.hidden))
-    out = remap(family, weights, small, big, maps, norm_scale=scale)
-    if family.residual_writers:
-        _fill_residual_mean(family, out, place.hidden, big.hidden)
-    return out
+    new = np.setdiff1d(np.arange(big.hidden), np.asarray(place.hidden))
+    for name, t in iter_remap(family, weights, small, big, maps, norm_scale=scale):
+        if len(new) and family.writes_residual(name):
+            _fill_residual_mean(family, name, t, place.hidden, new)
+        yield name, t
 
 
-def _fill_residual_mean(family: Family, weights: dict, placed: list[int], hidden: int) -> None:
+def _fill_residual_mean(family: Family, name: str, t: np.ndarray, placed, new: np.ndarray) -> None:
     """LayerNorm families: new residual channels get the mean of the placed
     ones in every tensor that writes the residual stream, so each new channel
     carries the per-token mean. LayerNorm's mean is then unchanged and its
     variance scales by d_S / d_T, which the gain and epsilon scaling undo:
     Expand stays exact (the new channels' gains are zero, nothing reads them)."""
-    new = np.setdiff1d(np.arange(hidden), np.asarray(placed))
-    if len(new) == 0:
-        return
-    for name, t in weights.items():
-        if not family.writes_residual(name):
-            continue
-        axis = family.axes_of(name).index("hidden")
-        mean = np.take(t, np.asarray(placed), axis=axis).mean(axis=axis, keepdims=True)
-        index = [slice(None)] * t.ndim
-        index[axis] = new
-        t[tuple(index)] = np.broadcast_to(mean, t[tuple(index)].shape)
+    axis = family.axes_of(name).index("hidden")
+    mean = np.take(t, np.asarray(placed), axis=axis).mean(axis=axis, keepdims=True)
+    index = [slice(None)] * t.ndim
+    index[axis] = new
+    t[tuple(index)] = np.broadcast_to(mean, t[tuple(index)].shape)
 
 
 def blend(expanded: dict, subsetted: dict, alpha: float) -> dict[str, np.ndarray]:
     """theta_T = alpha * Expand(S) + (1 - alpha) * Subset(B)."""
     if expanded.keys() != subsetted.keys():
         raise CBDError("Expand and Subset produced different parameter sets")
-    a = np.float32(alpha)
-    return {k: a * expanded[k] + (np.float32(1) - a) * subsetted[k] for k in expanded}
+    return {k: blend_tensor(expanded[k], subsetted[k].copy(), alpha) for k in expanded}
+
+
+def blend_tensor(e: np.ndarray, s: np.ndarray, alpha: float) -> np.ndarray:
+    """alpha * e + (1 - alpha) * s, computed in place in ``s``."""
+    if alpha == 1.0:
+        return e
+    if alpha != 0.0:
+        s *= np.float32(1.0 - alpha)
+        s += np.float32(alpha) * e
+    return s

