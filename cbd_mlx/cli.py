@@ -188,7 +188,8 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, out, force, 
         chain_info = {"name": c.name, "manifest": str(c.path), "anchors": [a_big.name, a_small.name]}
         say(f"chain {c.name}: {a_small.name} ({format_size(a_small.params)}) < {format_size(n)} "
             f"< {a_big.name} ({format_size(a_big.params)})")
-    big, small = load_anchor(big_src), load_anchor(small_src)
+    check = alpha == "auto" or calib is not None  # else NaN/Inf are caught in the streamed output
+    big, small = load_anchor(big_src, check_finite=check), load_anchor(small_src, check_finite=check)
     if big.n_params < small.n_params:
         big, small = small, big
     if not small.n_params <= n <= big.n_params:
@@ -205,7 +206,7 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, out, force, 
         raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
     target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed)
     batches = _calibration(big.path, calib, calib_tokens)
-    res = interpolate(big, small, target, alpha, batches, log=say)
+    res = interpolate(big, small, target, alpha, batches, log=say, stream=True)
     say(f"shape: {target} -> {res.n_params:,} parameters ({format_size(res.n_params)}, "
         f"{(res.n_params - n) / n:+.2%} of {size})")
     say(f"alpha: {res.alpha:.4f} (default {res.info['default_alpha']:.4f}), alignment: {res.info['alignment']}")
@@ -226,7 +227,7 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, out, force, 
         "history": [],
         "cbd_mlx": __version__,
     }
-    write_model(out, res.config, res.weights, big.path, prov, force, dtype)
+    write_model(out, res.config, res.weights, big.path, prov, force, dtype, shapes=res.shapes)
     say(f"wrote {out} in {time.time() - t0:.1f}s  (try: mlx_lm.generate --model {out} --prompt 'Hello')")
 
 

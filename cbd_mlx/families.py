@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from .errors import CBDError
 
 WIDTH_AXES = ("hidden", "ffn", "q", "kv", "qkv", "hqkv")
+_AXES_CACHE: dict[tuple[str, str], tuple] = {}
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,12 @@ class Family:
 
     def axes_of(self, name: str) -> tuple:
         local = layer_local_name(self, name)[1]
+        key = (self.name, local)
+        if key in _AXES_CACHE:
+            return _AXES_CACHE[key]
         for pattern, labels in self.axes:
             if re.fullmatch(pattern, local):
+                _AXES_CACHE[key] = labels
                 return labels
         raise CBDError(
             f"parameter '{name}' is not in the {self.name} axis map; "

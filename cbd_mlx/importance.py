@@ -209,7 +209,10 @@ def select(parent: Shape, target: Shape, ranks: dict, required: Selection | None
 
 def placement(parent_sel: Selection, child_lineage: Selection) -> Selection:
     """Where a child's parts sit inside a target selected from the same parent."""
-    pos = lambda full, part: [int(full.index(p)) for p in part]  # noqa: E731
+    def pos(full, part):
+        where = {int(v): i for i, v in enumerate(full)}
+        return [where[int(p)] for p in part]
+
     layer_pos = pos(parent_sel.layers, child_lineage.layers)
     return Selection(
         layer_pos,

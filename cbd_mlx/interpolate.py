@@ -7,6 +7,8 @@ matching when S has none).
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -17,21 +19,22 @@ import numpy as np
 from .errors import CBDError
 from .families import layer_local_name
 from .importance import align, collect_stats, importance, placement, rankings, select, uniform_rankings
-from .models import Anchor, anchor_sha256, model_from_weights
+from .models import Anchor, all_finite, anchor_sha256, model_from_weights
 from .operators import Selection, blend, blend_tensor, expand, iter_expand, iter_subset, subset
-from .shapes import Shape, config_for, count_params
+from .shapes import Shape, config_for, count_params, param_shapes
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
 @dataclass
 class InitResult:
-    weights: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]  # or, when streamed, a sorted (name, array) generator
     config: dict
     shape: Shape
     alpha: float
     n_params: int
     info: dict = field(default_factory=dict)
+    shapes: dict | None = None  # parameter shapes (set when streamed)
 
 
 def check_compatible(big: Anchor, small: Anchor) -> None:
@@ -90,6 +93,37 @@ def lineage_of(small: Anchor, big: Anchor, batches: np.ndarray | None) -> tuple[
     return sel, ranks, "activation-matching"
 
 
+def finite(name: str, t: np.ndarray, big: Anchor, small: Anchor) -> tuple[str, np.ndarray]:
+    """(name, t), refusing NaN/Inf (which can only come from a damaged anchor)."""
+    if not all_finite(t):
+        raise CBDError(
+            f"{name} of the result holds NaN or Inf: '{big.source}' or '{small.source}' is damaged; "
+            "check them with `cbd-mlx eval`"
+        )
+    return name, t
+
+
+def prefetch(gen, depth: int = 2):
+    """Run a generator in a background thread, ``depth`` items ahead (numpy
+    gathers drop the GIL, so Subset and Expand use both cores)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def run():
+        try:
+            for item in gen:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def target_config(big: Anchor, small: Anchor, target: Shape, alpha: float) -> dict:
     """The bigger anchor's config at ``target``. The norms' epsilon is blended
     like a parameter: Expand scales S's epsilon by d_S / d_T, which keeps
@@ -122,8 +156,12 @@ def interpolate(
     alpha: float | str | None = None,
     batches: np.ndarray | None = None,
     log=print,
+    stream: bool = False,
 ) -> InitResult:
-    """Build theta_T for ``target`` from a bigger and a smaller anchor."""
+    """Build theta_T for ``target`` from a bigger and a smaller anchor.
+
+    With ``stream`` (and a numeric alpha) the weights come as a generator of
+    (name, tensor) so a writer can consume them one at a time."""
     t0 = time.time()
     check_compatible(big, small)
     sel_s, ranks, how = lineage_of(small, big, batches)
@@ -146,13 +184,13 @@ def interpolate(
         a = a0 if alpha is None else float(alpha)
         if not 0.0 <= a <= 1.0:
             raise CBDError(f"--alpha {a} is outside [0, 1]")
-        weights = {}  # streamed: one Subset and one Expand tensor alive at a time
-        pairs = zip(
-            iter_subset(big.family, big.weights, big.shape, sel_t),
+        pairs = zip(  # both in sorted name order, a few tensors of each alive at a time
+            prefetch(iter_subset(big.family, big.weights, big.shape, sel_t)),
             iter_expand(small.family, small.weights, small.shape, target, place),
         )
-        for (name, s_t), (_, e_t) in pairs:  # both in sorted name order
-            weights[name] = blend_tensor(e_t, s_t, a)
+        weights = (finite(name, blend_tensor(e_t, s_t, a), big, small) for (name, s_t), (_, e_t) in pairs)
+        if not stream:
+            weights = dict(weights)
     info = {
         "alignment": how,
         "default_alpha": a0,
@@ -160,7 +198,8 @@ def interpolate(
         "selection_in_big": sel_t.to_json(),
         "seconds": round(time.time() - t0, 2),
     }
-    return InitResult(weights, target_config(big, small, target, a), target, a, n_t, info)
+    shapes = param_shapes(big.family, big.template, target)
+    return InitResult(weights, target_config(big, small, target, a), target, a, n_t, info, shapes)
 
 
 def grow(anchor: Anchor, target: Shape) -> tuple[dict[str, np.ndarray], dict]:

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja"]
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def cache_dir() -> Path:
@@ -162,20 +162,52 @@ def _read_json(path: Path, what: str) -> dict:
         raise CBDError(f"{path} is not valid JSON ({e}); restore or re-download the {what}") from None
 
 
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(fp32 arrays, metadata) of a safetensors file, memory-mapped where the
+    file is already fp32 (no copy). Truncated or malformed files raise CBDError."""
+    bad = f"{path} is truncated or corrupt; restore or re-download it"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise CBDError(bad)
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        raise CBDError(bad) from None
+    except OSError as e:
+        raise CBDError(f"cannot read {path}: {e.strerror}") from None
+    meta = header.pop("__metadata__", {}) or {}
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CBDError(f"{path} is truncated ({size} bytes, the header needs {8 + n + end}); restore or re-download it")
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, v in header.items():
+        lo, hi = v["data_offsets"]
+        raw = buf[8 + n + lo : 8 + n + hi]
+        kind = v["dtype"]
+        if kind == "F32":
+            arr = raw.view(np.float32)
+        elif kind == "F16":
+            arr = raw.view(np.float16).astype(np.float32)
+        elif kind == "BF16":
+            arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            return {}, {"unsupported_dtype": kind, **meta}
+        out[name] = arr.reshape(v["shape"])
+    return out, meta
+
+
 def _load_mlx_format(path: Path, config: dict) -> dict[str, np.ndarray] | None:
     """fp32 numpy weights of an unquantized mlx-format directory, without
-    building a model (zero-copy for fp32). None: not mlx format, use mlx-lm."""
+    building a model (memory-mapped for fp32). None: not mlx format, use mlx-lm."""
     weights = {}
     for f in sorted(path.glob("model*.safetensors")):
-        try:
-            arrays, meta = mx.load(str(f), return_metadata=True)
-        except Exception as e:  # mlx raises RuntimeError/ValueError on bad files
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CBDError(f"cannot read {f}: {msg}; the file is truncated or corrupt, restore or re-download it") from None
-        if meta.get("format") != "mlx":
+        arrays, meta = read_safetensors(f)
+        if meta.get("format") != "mlx" or "unsupported_dtype" in meta:
             return None
-        for k, v in arrays.items():
-            weights[k] = np.asarray(v if v.dtype == mx.float32 else v.astype(mx.float32))
+        weights.update(arrays)
     return weights
 
 
@@ -201,8 +233,9 @@ def _check_weights(path: Path, family: Family, shape: Shape, weights: dict) -> N
             )
 
 
-def load_anchor(source: str, revision: str | None = None) -> Anchor:
-    """Load a model directory, GGUF file or hub repo as fp32 numpy weights."""
+def load_anchor(source: str, revision: str | None = None, check_finite: bool = True) -> Anchor:
+    """Load a model directory, GGUF file or hub repo as fp32 numpy weights.
+    ``check_finite=False`` leaves the NaN/Inf check to the caller."""
     path = resolve(source, revision)
     if not (path / "config.json").is_file():
         raise CBDError(f"{path} has no config.json; is it a model directory?")
@@ -215,11 +248,16 @@ def load_anchor(source: str, revision: str | None = None) -> Anchor:
         weights, config = _load_with_mlx_lm(path)
     shape = shape_of(family, config)
     _check_weights(path, family, shape, weights)
-    for k, v in weights.items():
-        if not np.isfinite(v).all():
+    for k, v in weights.items() if check_finite else ():
+        if not all_finite(v):
             raise CBDError(f"{path}: parameter {k} holds NaN or Inf; the checkpoint is damaged")
     prov = _read_json(path / "cbd.json", "cbd.json") if (path / "cbd.json").is_file() else {}
     return Anchor(source, path, config, weights, family, shape, prov)
+
+
+def all_finite(v: np.ndarray) -> bool:
+    """No NaN/Inf in ``v`` (a sum is finite iff every entry is, barring overflow)."""
+    return bool(np.isfinite(v.sum(dtype=np.float64)) or np.isfinite(v).all())
 
 
 def _load_with_mlx_lm(path: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -312,49 +350,110 @@ class atomic_dir:
         return False
 
 
-def save_weights(path: Path, weights: dict[str, np.ndarray], dtype: str = "float32") -> None:
-    """One safetensors file in mlx format, written straight from numpy
-    (bfloat16, which numpy lacks, goes through MLX)."""
-    if dtype == "bfloat16":
-        arrays = {k: mx.array(v).astype(mx.bfloat16) for k, v in weights.items()}
-        mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
-        return
-    from safetensors.numpy import save_file
+SYNC_EVERY = 64 << 20  # bytes written between background fdatasync calls
+SAFETENSORS_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", np.uint16)}
 
-    np_dtype = np.float32 if dtype == "float32" else np.float16
-    save_file({k: np.ascontiguousarray(v, dtype=np_dtype) for k, v in weights.items()}, str(path),
-              metadata={"format": "mlx"})
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (round to nearest even)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def save_weights(path: Path, tensors, dtype: str = "float32", shapes: dict | None = None) -> str:
+    """Write one safetensors file (mlx format) straight from numpy.
+
+    ``tensors`` is a dict or an iterable of (name, array) in sorted name
+    order; with ``shapes`` given the file is streamed, so only one tensor
+    needs to exist at a time. Returns the file's sha256."""
+    code, np_dtype = SAFETENSORS_DTYPES[dtype]
+    items = sorted(tensors.items()) if isinstance(tensors, dict) else tensors
+    if shapes is None:
+        items = list(items)
+        shapes = {k: v.shape for k, v in items}
+    size = np.dtype(np_dtype).itemsize
+    header, offset = {"__metadata__": {"format": "mlx"}}, 0
+    for name in sorted(shapes):
+        n = int(np.prod(shapes[name], dtype=np.int64)) * size
+        header[name] = {"dtype": code, "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (len(blob).to_bytes(8, "little"), blob):
+            f.write(chunk)
+            digest.update(chunk)
+
+        unsynced = [0]
+
+        def write(view) -> None:  # runs in a thread: file I/O and hashing drop the GIL
+            f.write(view)
+            digest.update(view)
+            unsynced[0] += len(view)
+            if unsynced[0] >= SYNC_EVERY:  # flush to disk while the next tensors are computed
+                f.flush()
+                os.fdatasync(f.fileno())
+                unsynced[0] = 0
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for name, arr in items:  # the next tensor is computed while the last is written
+                if tuple(arr.shape) != tuple(shapes[name]):
+                    raise CBDError(f"internal error: {name} has shape {arr.shape}, expected {shapes[name]}")
+                data = _to_bf16_bits(arr) if dtype == "bfloat16" else np.ascontiguousarray(arr, dtype=np_dtype)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(write, memoryview(data).cast("B"))
+            if pending is not None:
+                pending.result()
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
 
 
 def dump_json(obj) -> str:
     """Indented JSON with lists of numbers kept on one line (lineage maps)."""
-    text = json.dumps(obj, indent=2)
-    return re.sub(r"\[\s+([-\d.,e\s]+?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
+    flat: list[str] = []
+
+    def mark(o):
+        if isinstance(o, dict):
+            return {k: mark(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in o):
+                flat.append(json.dumps(list(o), separators=(", ", ": ")))
+                return f"\0{len(flat) - 1}\0"
+            return [mark(v) for v in o]
+        return o
+
+    text = json.dumps(mark(obj), indent=2)
+    return re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: flat[int(m.group(1))], text)
 
 
 def write_model(
     out: Path,
     config: dict,
-    weights: dict[str, np.ndarray],
+    weights,
     tokenizer_dir: Path,
     provenance: dict,
     force: bool = False,
     dtype: str = "float32",
+    shapes: dict | None = None,
 ) -> Path:
-    """Write an mlx-lm model directory (config, safetensors, tokenizer, cbd.json)."""
-    from mlx_lm.utils import save_config
-
+    """Write an mlx-lm model directory (config, safetensors, tokenizer,
+    cbd.json) atomically. ``weights``: a dict, or with ``shapes`` a sorted
+    stream of (name, array)."""
     with atomic_dir(out, force) as tmp:
-        save_weights(tmp / "model.safetensors", weights, dtype)
-        cfg = dict(config)
+        file_hash = save_weights(tmp / "model.safetensors", weights, dtype, shapes)
+        cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
         cfg["torch_dtype"] = dtype
-        save_config(cfg, tmp / "config.json")
+        (tmp / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=4))
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.is_file():
                 shutil.copy(src, tmp / name)
         prov = dict(provenance)
-        prov["weights_sha256"] = weights_sha256(tmp)
+        prov["weights_sha256"] = hashlib.sha256(file_hash.encode()).hexdigest()  # = weights_sha256(tmp)
         (tmp / "cbd.json").write_text(dump_json(prov))
     return out
 

@@ -10,7 +10,7 @@ the bigger model's coordinates (the *lineage* of a pruned child is one).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,7 +31,7 @@ class Selection:
     kv_heads: list[list[int]]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {k: getattr(self, k) for k in ("layers", "hidden", "ffn", "heads", "kv_heads")}
 
     @classmethod
     def from_json(cls, d: dict) -> "Selection":
@@ -134,13 +134,16 @@ def iter_remap(
         src_idx = [np.arange(d) if i is None else i for i, d in zip(src_idx, src.shape)]
         if any(len(a) != len(b) for a, b in zip(dest_idx, src_idx)):
             raise CBDError(f"internal shape mismatch while remapping {name}")
-        if all(len(d) == n for d, n in zip(dest_idx, new_shape)) and all(
-            np.array_equal(d, np.arange(n)) for d, n in zip(dest_idx, new_shape)
-        ):
-            t = src[np.ix_(*src_idx)].astype(np.float32, copy=True)
+        if all(len(d) == n and np.array_equal(d, np.arange(n)) for d, n in zip(dest_idx, new_shape)):
+            t = src
+            for axis, idx in enumerate(src_idx):  # a gather per axis beats np.ix_
+                if not (len(idx) == t.shape[axis] and np.array_equal(idx, np.arange(len(idx)))):
+                    t = np.take(t, idx, axis=axis)
+            t = t.astype(np.float32, copy=t is src)
         else:
             t = np.zeros(new_shape, dtype=np.float32)
-            t[np.ix_(*dest_idx)] = src[np.ix_(*src_idx)]
+            full_src = all(len(i) == n and np.array_equal(i, np.arange(n)) for i, n in zip(src_idx, src.shape))
+            t[np.ix_(*dest_idx)] = src if full_src else src[np.ix_(*src_idx)]
         if norm_scale != 1.0 and family.is_norm(name):
             t *= norm_scale
         yield name, t

@@ -160,6 +160,7 @@ def solve_shape(
     ``fixed`` pins any of layers/hidden/ffn/heads/kv_heads.
     """
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    template = {k: v for k, v in template.items() if layer_local_name(family, k)[0] in (None, 0)}
     group = big.heads // big.kv_heads
     lo = lambda f: min(getattr(small, f), getattr(big, f))  # noqa: E731
     hi = lambda f: max(getattr(small, f), getattr(big, f))  # noqa: E731
