@@ -161,3 +161,26 @@ def test_failed_write_leaves_previous_output(tiny_pair, capsys, tmp_path, monkey
     assert_one_line_error(code, err, "no space left")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_hub_repo_from_local_cache_offline(tokenizer_dir, tmp_path, monkeypatch):
+    """A hub id resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1."""
+    import huggingface_hub.constants as hc
+
+    from cbd_mlx.errors import CBDError
+    from cbd_mlx.models import load_anchor
+
+    cache = tmp_path / "hub"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = cache / "models--someone--tiny" / "snapshots" / rev
+    save_tiny(snap, TINY_CONFIGS["llama"], random_weights(TINY_CONFIGS["llama"]), tokenizer_dir)
+    (cache / "models--someone--tiny" / "refs").mkdir(parents=True)
+    (cache / "models--someone--tiny" / "refs" / "main").write_text(rev)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    a = load_anchor("someone/tiny")
+    assert a.shape.layers == 4 and a.path == snap
+    with pytest.raises(CBDError, match="cannot be reached|not in the local"):
+        load_anchor("someone/absent")

@@ -1,0 +1,132 @@
+"""Token caches: text tokenized once into memory-mapped uint32 files with a
+document-level held-out split, read back as packed fixed-length sequences."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import CBDError
+from .models import atomic_dir, load_tokenizer, resolve, tokenizer_fingerprint
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
+CACHE_META = "meta.json"
+SPLITS = ("train", "heldout")
+
+
+def iter_documents(inputs: list[Path]):
+    """(doc id, text): one per text file, one per jsonl line (its ``text``)."""
+    files = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.suffix == ".jsonl"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise CBDError(f"input {p} does not exist")
+    if not files:
+        raise CBDError("no text files found in the inputs")
+    for f in files:
+        if f.suffix == ".jsonl":
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                for i, line in enumerate(fh):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise CBDError(f"{f}:{i + 1}: each jsonl line needs a 'text' field") from None
+                    yield f"{f}:{i}", str(text)
+        else:
+            yield str(f), f.read_text(encoding="utf-8", errors="replace")
+
+
+def is_heldout(doc_id: str, fraction: float) -> bool:
+    """Deterministic document-level split (by a hash of the document id)."""
+    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "little")
+    return (h % 1_000_000) < fraction * 1_000_000
+
+
+def prepare(inputs: list[Path], tokenizer_src: str, out: Path, heldout_fraction: float = 0.05,
+            force: bool = False) -> dict:
+    """Tokenize ``inputs`` into a cache directory (train.bin, heldout.bin, meta.json)."""
+    if not 0 <= heldout_fraction < 1:
+        raise CBDError("--heldout-fraction must be in [0, 1)")
+    tok_dir = resolve(tokenizer_src)
+    tok = load_tokenizer(tok_dir)
+    eos = tok.eos_token_id
+    counts = {s: 0 for s in SPLITS}
+    docs = {s: 0 for s in SPLITS}
+    with atomic_dir(out, force) as tmp:
+        files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
+        try:
+            for doc_id, text in tqdm(iter_documents(inputs), desc="tokenize", unit="doc"):
+                split = "heldout" if is_heldout(doc_id, heldout_fraction) else "train"
+                ids = tok.encode(text)
+                if ids and tok.bos_token_id is not None and ids[0] == tok.bos_token_id:
+                    ids = ids[1:]
+                if eos is not None:
+                    ids = list(ids) + [eos]
+                files[split].write(np.asarray(ids, dtype=np.uint32).tobytes())
+                counts[split] += len(ids)
+                docs[split] += 1
+        finally:
+            for f in files.values():
+                f.close()
+        meta = {
+            "tokenizer": str(tokenizer_src),
+            "tokenizer_sha256": tokenizer_fingerprint(tok_dir),
+            "vocab_size": len(tok._tokenizer.get_vocab()),
+            "tokens": counts,
+            "documents": docs,
+            "heldout_fraction": heldout_fraction,
+            "inputs": [str(p) for p in inputs],
+        }
+        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def open_cache(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(meta, {split: memory-mapped uint32 tokens})."""
+    path = Path(path)
+    if not (path / CACHE_META).is_file():
+        raise CBDError(f"{path} is not a token cache (no {CACHE_META}); make one with `cbd-mlx data prepare`")
+    meta = json.loads((path / CACHE_META).read_text())
+    arrays = {}
+    for s in SPLITS:
+        f = path / f"{s}.bin"
+        n = f.stat().st_size // 4 if f.exists() else 0
+        if n != meta["tokens"][s]:
+            raise CBDError(f"{f} holds {n} tokens but meta.json says {meta['tokens'][s]}; the cache is damaged, rebuild it")
+        arrays[s] = np.memmap(f, dtype=np.uint32, mode="r") if n else np.zeros(0, np.uint32)
+    return meta, arrays
+
+
+class PackedSequences:
+    """Fixed-length windows of a token stream, visited in a seeded order that
+    a step index fully determines (so a resumed run reads the same batches)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.n = (len(tokens) - 1) // seq_len
+        if self.n < 1:
+            raise CBDError(
+                f"the token cache is too small: {len(tokens)} tokens, need more than {seq_len} per sequence"
+            )
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def batch(self, index: int, batch_size: int) -> np.ndarray:
+        """The ``index``-th batch: (batch_size, seq_len + 1) int32 (inputs and targets)."""
+        rows = []
+        for k in range(index * batch_size, (index + 1) * batch_size):
+            epoch, pos = divmod(k, self.n)
+            start = int(self._order(epoch)[pos]) * self.seq_len
+            rows.append(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int32))
+        return np.stack(rows)
