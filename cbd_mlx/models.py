@@ -447,10 +447,11 @@ def write_model(
     force: bool = False,
     dtype: str = "float32",
     shapes: dict | None = None,
+    extra=None,
 ) -> Path:
     """Write an mlx-lm model directory (config, safetensors, tokenizer,
     cbd.json) atomically. ``weights``: a dict, or with ``shapes`` a sorted
-    stream of (name, array)."""
+    stream of (name, array). ``extra(tmp_dir)`` may add files before the swap."""
     with atomic_dir(out, force) as tmp:
         file_hash = save_weights(tmp / "model.safetensors", weights, dtype, shapes)
         cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
@@ -463,6 +464,8 @@ def write_model(
         prov = dict(provenance)
         prov["weights_sha256"] = hashlib.sha256(file_hash.encode()).hexdigest()  # = weights_sha256(tmp)
         (tmp / "cbd.json").write_text(dump_json(prov))
+        if extra is not None:
+            extra(tmp)
     return out
 
 

@@ -1,0 +1,102 @@
+"""Token caches and the distillation loop on tiny models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from cbd_mlx.data import PackedSequences, open_cache, prepare
+from cbd_mlx.distill import distill, work_dir
+from cbd_mlx.errors import CBDError
+from cbd_mlx.models import load_anchor
+from cbd_mlx.prune import prune
+from cbd_mlx.shapes import config_for
+from cbd_mlx.train import TrainConfig
+
+from conftest import CALIB, DATA, HELDOUT, TINY_CONFIGS, make_tokenizer, random_weights, save_tiny
+
+
+@pytest.fixture
+def setup(tokenizer_dir, tmp_path):
+    cfg = TINY_CONFIGS["llama"]
+    teacher = save_tiny(tmp_path / "teacher", cfg, random_weights(cfg, 3), tokenizer_dir)
+    t = load_anchor(str(teacher))
+    child = replace(t.shape, layers=2, hidden=48, ffn=96)
+    w, lineage = prune(t, child, None)
+    student = save_tiny(tmp_path / "student", config_for(t.family, cfg, child), w, tokenizer_dir,
+                        {"kind": "pruned", "lineage": lineage})
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = CALIB.read_text() + HELDOUT.read_text()
+    for i in range(20):  # 20 documents, so a 25% split holds some out
+        (docs / f"d{i}.txt").write_text(text[i * 4000 : (i + 1) * 4000])
+    cache = tmp_path / "cache"
+    prepare([docs], str(teacher), cache, heldout_fraction=0.25)
+    return teacher, student, cache
+
+
+def cfg(**kw):
+    base = dict(tokens=12 * 4 * 64, batch_size=4, seq_len=64, lr=3e-3, eval_every=4, save_every=4, eval_batches=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_cache_split_is_by_document(setup):
+    _, _, cache = setup
+    meta, splits = open_cache(cache)
+    assert meta["documents"]["heldout"] > 0 and meta["documents"]["train"] > 0
+    assert meta["documents"]["heldout"] + meta["documents"]["train"] == 20
+    assert len(splits["train"]) == meta["tokens"]["train"]
+    seqs = PackedSequences(splits["train"], 64, seed=1)
+    a, b = seqs.batch(3, 4), seqs.batch(3, 4)
+    assert a.shape == (4, 65) and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "forward_kl", "jsd", "ce"])
+def test_distill_lowers_heldout_loss(setup, tmp_path, loss):
+    teacher, student, cache = setup
+    out = tmp_path / f"out-{loss}"
+    rec = distill(str(teacher), str(student), cache, out, cfg(loss=loss), log=lambda *_: None)
+    assert rec["heldout_loss_after"] < rec["heldout_loss_before"]
+    for f in ("model.safetensors", "config.json", "cbd.json", "metrics.jsonl", "loss.png", "tokenizer.json"):
+        assert (out / f).exists(), f
+    prov = json.loads((out / "cbd.json").read_text())
+    assert prov["lineage"]["method"] == "uniform" and prov["history"][-1]["steps"] == 12
+    assert not work_dir(out).exists()
+    load_anchor(str(out))
+
+
+def test_resume_gives_the_same_weights(setup, tmp_path):
+    teacher, student, cache = setup
+    straight = tmp_path / "straight"
+    distill(str(teacher), str(student), cache, straight, cfg(), log=lambda *_: None)
+    resumed = tmp_path / "resumed"
+    r = distill(str(teacher), str(student), cache, resumed, cfg(), log=lambda *_: None, stop_after=6)
+    assert r == {"stopped_at": 6} and (work_dir(resumed) / "checkpoint" / "state.json").exists()
+    state = json.loads((work_dir(resumed) / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4  # the last checkpoint; steps 5-6 are redone
+    distill(str(teacher), str(student), cache, resumed, cfg(), log=lambda *_: None)
+    a, b = load_anchor(str(straight)), load_anchor(str(resumed))
+    for k in a.weights:
+        assert np.array_equal(a.weights[k], b.weights[k]), k
+
+
+def test_cache_from_another_tokenizer_is_refused(setup, tmp_path):
+    teacher, student, _ = setup
+    tok2 = tmp_path / "tok2"
+    make_tokenizer(tok2, HELDOUT)
+    other = save_tiny(tmp_path / "other", TINY_CONFIGS["llama"], random_weights(TINY_CONFIGS["llama"]), tok2)
+    cache2 = tmp_path / "cache2"
+    prepare([DATA / "calib.txt"], str(other), cache2, 0.0)
+    with pytest.raises(CBDError, match="another tokenizer"):
+        distill(str(teacher), str(student), cache2, tmp_path / "o", cfg(), log=lambda *_: None)
+    with pytest.raises(CBDError, match="different tokenizers"):
+        distill(str(other), str(student), cache2, tmp_path / "o", cfg(), log=lambda *_: None)
+
+
+def test_too_small_cache_is_refused(setup, tmp_path):
+    teacher, student, cache = setup
+    with pytest.raises(CBDError, match="too small"):
+        distill(str(teacher), str(student), cache, tmp_path / "o", cfg(seq_len=100_000), log=lambda *_: None)
