@@ -289,6 +289,8 @@ def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, forc
 
     cfg = TrainConfig(loss=loss, temperature=temperature, ce_weight=ce_weight, **train_kw)
     rec = distill(teacher, student, cache, out, cfg, force, log=say)
+    if "rank" in rec:
+        return
     say(f"wrote {out}: held-out ppl {rec['heldout_ppl_before']:.2f} -> {rec['heldout_ppl_after']:.2f} "
         f"after {rec['tokens_seen']:,} tokens in {rec['seconds']:.0f}s"
         if rec.get("heldout_ppl_after") else f"wrote {out}")

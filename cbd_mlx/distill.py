@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from .data import PackedSequences, open_cache
@@ -59,6 +60,8 @@ def distill(
     work = work_dir(out)
     t0 = time.time()
     metrics = train(model, train_data, heldout, cfg, work, t_model, log=log, stop_after=stop_after)
+    if mx.distributed.init().rank() != 0:  # one writer per mlx.launch group
+        return {"rank": mx.distributed.init().rank()}
     if stop_after is not None and metrics and metrics[-1]["step"] < cfg.steps(1):
         return {"stopped_at": metrics[-1]["step"]}
     after = metrics[-1].get("heldout_loss") if metrics else None

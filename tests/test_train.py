@@ -100,3 +100,60 @@ def test_too_small_cache_is_refused(setup, tmp_path):
     teacher, student, cache = setup
     with pytest.raises(CBDError, match="too small"):
         distill(str(teacher), str(student), cache, tmp_path / "o", cfg(seq_len=100_000), log=lambda *_: None)
+
+
+def test_two_processes_equal_one_with_double_accumulation(setup, tmp_path):
+    """mlx.launch -n 2 --backend ring == one process with grad_accum 2."""
+    import shutil
+    import subprocess
+    import sys
+
+    launch = shutil.which("mlx.launch")
+    if launch is None:
+        pytest.fail("mlx.launch is not on PATH (it comes with mlx)")
+    teacher, student, cache = setup
+    common = ["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(cache),
+              "--tokens", str(8 * 2 * 64), "--batch-size", "2", "--seq-len", "64", "--lr", "3e-3",
+              "--eval-every", "4", "--save-every", "100"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "cbd_mlx.cli", *common, "--grad-accum", "2", "--out", str(one)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([launch, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "cbd_mlx.cli",
+                        *common, "--grad-accum", "1", "--out", str(two)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    a, b = load_anchor(str(one)), load_anchor(str(two))
+    for k in a.weights:
+        np.testing.assert_allclose(a.weights[k], b.weights[k], rtol=1e-4, atol=1e-5)
+    ha = json.loads((one / "cbd.json").read_text())["history"][-1]
+    hb = json.loads((two / "cbd.json").read_text())["history"][-1]
+    assert ha["tokens_seen"] == hb["tokens_seen"] and ha["steps"] == hb["steps"]
+
+
+def test_sigkill_then_same_command_resumes_exactly(setup, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    teacher, student, cache = setup
+    args = [sys.executable, "-m", "cbd_mlx.cli", "distill", "--teacher", str(teacher), "--student", str(student),
+            "--data", str(cache), "--tokens", str(60 * 4 * 64), "--batch-size", "4", "--seq-len", "64",
+            "--lr", "3e-3", "--eval-every", "20", "--save-every", "3"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert subprocess.run(args + ["--out", str(straight)], capture_output=True).returncode == 0
+    p = subprocess.Popen(args + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = work_dir(killed) / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not killed.exists(), "killed before the end: no half-written output"
+    r = subprocess.run(args + ["--out", str(killed)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from step" in r.stderr
+    a, b = load_anchor(str(straight)), load_anchor(str(killed))
+    for k in a.weights:
+        assert np.array_equal(a.weights[k], b.weights[k]), k
