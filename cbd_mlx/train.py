@@ -40,6 +40,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_fraction: float = 0.05
     weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    min_warmup_steps: int = 10
     loss: str = "reverse_kl"
     temperature: float = 1.0
     ce_weight: float = 0.0
@@ -76,7 +78,7 @@ def distill_loss(logits: mx.array, targets: mx.array, teacher: mx.array | None, 
 
 
 def schedule(cfg: TrainConfig, steps: int):
-    warmup = max(1, int(steps * cfg.warmup_fraction))
+    warmup = min(max(1, int(steps * cfg.warmup_fraction), cfg.min_warmup_steps), max(1, steps // 2))
     decay = optim.cosine_decay(cfg.lr, max(1, steps - warmup), cfg.lr * cfg.min_lr_ratio)
     return optim.join_schedules([optim.linear_schedule(cfg.lr * 0.01, cfg.lr, warmup), decay], [warmup])
 
@@ -188,6 +190,8 @@ def train(
         if world > 1:
             grads = tree_map(lambda g: mx.distributed.all_sum(g) / world, grads)
             loss_val = float(mx.distributed.all_sum(mx.array(loss_val))) / world
+        if cfg.max_grad_norm > 0:
+            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state)
         if not math.isfinite(loss_val):
