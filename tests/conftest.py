@@ -60,7 +60,9 @@ def random_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def make_tokenizer(out: Path, text: Path = CALIB) -> None:
-    """A real byte-level BPE tokenizer (256 bytes + a few merges + specials)."""
+    """A real byte-level BPE tokenizer (256 bytes + a few merges + specials),
+    trained single-threaded so that every run gets the same merges."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
