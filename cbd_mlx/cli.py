@@ -304,9 +304,12 @@ def train_options(f):
 @click.option("--loss", type=click.Choice(["reverse_kl", "forward_kl", "jsd", "ce"]), default="reverse_kl", show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--ce-weight", type=float, default=0.0, show_default=True, help="Weight of a cross-entropy term beside the KD loss.")
+@click.option("--teacher-cache", type=click.Path(path_type=Path), default=None,
+              help="Keep the teacher's top-k log-probs here (built on first use) and distill from them.")
+@click.option("--cache-k", type=int, default=32, show_default=True, help="k of the teacher cache.")
 @train_options
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, force, **train_kw):
+def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, teacher_cache, cache_k, force, **train_kw):
     """Distill STUDENT from TEACHER on a token cache (reverse KL by default, as
     in the paper). Checkpoints go to OUT.partial; rerunning the same command
     after a crash resumes exactly where it stopped."""
@@ -314,7 +317,7 @@ def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, forc
     from .train import TrainConfig
 
     cfg = TrainConfig(loss=loss, temperature=temperature, ce_weight=ce_weight, **train_kw)
-    rec = distill(teacher, student, cache, out, cfg, force, log=say)
+    rec = distill(teacher, student, cache, out, cfg, force, log=say, teacher_cache=teacher_cache, cache_k=cache_k)
     if "rank" in rec:
         return
     say(f"wrote {out}: held-out ppl {rec['heldout_ppl_before']:.2f} -> {rec['heldout_ppl_after']:.2f} "

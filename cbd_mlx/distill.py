@@ -40,9 +40,14 @@ def distill(
     force: bool = False,
     log=print,
     stop_after: int | None = None,
+    teacher_cache: Path | None = None,
+    cache_k: int = 32,
 ) -> dict:
     """Train the student on the cache (with KD from the teacher when given)
-    and write it to ``out`` with its training record in cbd.json."""
+    and write it to ``out`` with its training record in cbd.json.
+
+    With ``teacher_cache`` the teacher's top-``cache_k`` log-probs are read
+    from that directory (built there first when missing)."""
     if out.exists() and not force:
         raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
     student = load_anchor(student_src)
@@ -59,7 +64,24 @@ def distill(
     before = heldout_loss(model, heldout, cfg)
     work = work_dir(out)
     t0 = time.time()
-    metrics = train(model, train_data, heldout, cfg, work, t_model, log=log, stop_after=stop_after)
+    tc = None
+    if teacher_cache is not None:
+        if teacher is None:
+            raise CBDError("--teacher-cache needs --teacher")
+        from .models import anchor_sha256
+        from .teacher_cache import TeacherCache, build_cache
+
+        world = mx.distributed.init().size()
+        if world > 1:
+            raise CBDError("--teacher-cache is single-process for now; drop it under mlx.launch")
+        n_batches = cfg.steps(1) * cfg.grad_accum
+        if not Path(teacher_cache, "teacher_cache.json").exists():
+            build_cache(t_model, train_data, cfg.batch_size, n_batches, cache_k, Path(teacher_cache),
+                        anchor_sha256(teacher))
+        tc = TeacherCache(teacher_cache)
+        tc.check(cfg.batch_size, cfg.seq_len, cfg.seed, n_batches, anchor_sha256(teacher))
+    metrics = train(model, train_data, heldout, cfg, work, t_model, log=log, stop_after=stop_after,
+                    teacher_cache=tc)
     if mx.distributed.init().rank() != 0:  # one writer per mlx.launch group
         return {"rank": mx.distributed.init().rank()}
     if stop_after is not None and metrics and metrics[-1]["step"] < cfg.steps(1):
@@ -68,6 +90,7 @@ def distill(
     record = {
         "kind": "distill" if teacher else "train",
         "teacher": teacher_src,
+        "teacher_cache": {"path": str(teacher_cache), "k": cache_k} if teacher_cache else None,
         "student": student_src,
         "data": {"cache": str(cache), "tokens": meta["tokens"], "inputs": meta.get("inputs")},
         "config": config_record(cfg),

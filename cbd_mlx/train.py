@@ -187,12 +187,14 @@ def train(
     teacher: nn.Module | None = None,
     log=print,
     stop_after: int | None = None,
+    teacher_cache=None,
 ) -> list[dict]:
     """Train ``model`` in place; checkpoints go to ``work`` (resumed if present).
 
     Each process of an ``mlx.launch`` group reads its own slice of every
     global batch; gradients are averaged with ``mx.distributed.all_sum``.
-    ``stop_after`` ends the run after that many steps (tests use it)."""
+    ``stop_after`` ends the run after that many steps (tests use it).
+    ``teacher_cache`` (a TeacherCache) replaces the teacher's forward pass."""
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     steps = cfg.steps(world)
@@ -218,7 +220,10 @@ def train(
             index = (step * cfg.grad_accum + micro) * world + rank
             b = mx.array(train_data.batch(index, cfg.batch_size))
             x, y = b[:, :-1], b[:, 1:]
-            t_logits = mx.stop_gradient(teacher(x)) if teacher is not None else None
+            if teacher_cache is not None:
+                t_logits = teacher_cache.logits(index)
+            else:
+                t_logits = mx.stop_gradient(teacher(x)) if teacher is not None else None
             loss, grads = loss_and_grad(model, x, y, t_logits)
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             mx.eval(acc, loss)

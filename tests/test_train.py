@@ -221,3 +221,20 @@ def test_fused_kd_matches_autodiff(loss, temperature, ce_weight):
     v2, g2 = mx.value_and_grad(lambda z: distill_loss(z, y, zt, c))(zs)
     assert abs(float(v1) - float(v2)) < 1e-5
     assert float(mx.abs(g1 - g2).max()) < 1e-6
+
+
+def test_teacher_cache_distills_like_the_teacher(setup, trained_teacher, tmp_path):
+    """Distilling from a top-k cache lowers held-out loss too, is reused on a
+    second run, and is refused for another batch layout."""
+    _, student, cache = setup
+    tc = tmp_path / "tcache"
+    rec = distill(str(trained_teacher), str(student), cache, tmp_path / "o1", cfg(), log=lambda *_: None,
+                  teacher_cache=tc, cache_k=16)
+    assert rec["heldout_loss_after"] < rec["heldout_loss_before"] - 0.1
+    assert (tc / "teacher_cache.json").exists()
+    rec2 = distill(str(trained_teacher), str(student), cache, tmp_path / "o2", cfg(), log=lambda *_: None,
+                   teacher_cache=tc, cache_k=16)
+    assert rec2["heldout_loss_after"] == rec["heldout_loss_after"]
+    with pytest.raises(CBDError, match="another --batch-size"):
+        distill(str(trained_teacher), str(student), cache, tmp_path / "o3", cfg(batch_size=2), log=lambda *_: None,
+                teacher_cache=tc)
