@@ -127,6 +127,36 @@ def list_chains() -> list[Chain]:
     return [load_chain(f) for f in files]
 
 
+MANIFEST_BASE = {  # config.json fields a manifest does not hold, per family
+    "llama": dict(model_type="llama", rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", rms_norm_eps=1e-6, tie_word_embeddings=True,
+                  max_position_embeddings=32768, rope_theta=1e6),
+    "gpt2": dict(model_type="gpt2", n_positions=1024, n_ctx=1024, layer_norm_epsilon=1e-5),
+    "gpt_neox": dict(model_type="gpt_neox", layer_norm_eps=1e-5, rotary_pct=0.25, rotary_emb_base=10000,
+                     use_parallel_residual=True, max_position_embeddings=2048),
+}
+
+
+def manifest_config(family: str, shape: Shape) -> dict:
+    """A config.json for a manifest anchor's shape (for counts and solving
+    without downloading it; tie_word_embeddings follows the family default)."""
+    from .shapes import config_for
+
+    return config_for(FAMILIES[family], dict(MANIFEST_BASE[family]), shape) | {"vocab_size": shape.vocab}
+
+
+def round_sizes(lo: int, hi: int, count: int = 3) -> list[int]:
+    """A few round sizes strictly between lo and hi (log-spaced, 2 significant digits)."""
+    out = []
+    for f in [(i + 1) / (count + 1) for i in range(count)]:
+        v = lo * (hi / lo) ** f
+        mag = 10 ** (len(str(int(v))) - 2)
+        r = int(round(v / mag) * mag)
+        if lo < r < hi and r not in out:
+            out.append(r)
+    return out
+
+
 def dump_chain(chain: Chain) -> str:
     """TOML text of a chain (for ``chain build``)."""
     q = lambda s: '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'  # noqa: E731

@@ -86,9 +86,26 @@ def chain_show(name):
     for a in c.anchors:
         src = c.source_of(a) if a.local else a.source
         click.echo(f"  {a.name:<18} {format_size(a.params):>8}  {a.shape}  <- {src}")
+    from .chain import manifest_config, round_sizes
+    from .families import FAMILIES
+    from .models import param_template
+    from .shapes import count_params, solve_shape
+
+    fam = FAMILIES[c.family]
     for big, small in zip(c.anchors, c.anchors[1:]):
         click.echo(f"  init covers {format_size(small.params)} .. {format_size(big.params)} "
-                   f"between {small.name} and {big.name}")
+                   f"between {small.name} and {big.name}:")
+        if big.shape.head_dim != small.shape.head_dim:
+            click.echo("    (head_dim differs: this pair cannot be interpolated)")
+            continue
+        template = param_template(manifest_config(c.family, big.shape))
+        for n in round_sizes(small.params, big.params):
+            try:
+                shape = solve_shape(fam, template, small.shape, big.shape, n)
+                got = count_params(fam, template, shape)
+                click.echo(f"    --size {format_size(n):>7} -> {shape} ({format_size(got)})")
+            except CBDError as e:
+                click.echo(f"    --size {format_size(n):>7} -> not reachable within 1% ({e})")
 
 
 @chain_group.command("build")
@@ -182,10 +199,11 @@ def prune_cmd(parent, size, calib, calib_tokens, out, force, dtype, **fixed):
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (for --alpha auto and anchors without lineage).")
 @click.option("--calib-tokens", type=int, default=2048, show_default=True)
 @shape_options
+@click.option("--extrapolate", is_flag=True, help="Allow sizes outside the anchors: Subset of the smallest below, function-preserving growth of the largest above (no blend).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: ./cbd-init-SIZE].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
-def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, out, force, dtype, **fixed):
+def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate, out, force, dtype, **fixed):
     """Build a model of any size between two adjacent anchors by parameter
     interpolation: alpha * Expand(small) + (1 - alpha) * Subset(big).
     Seconds, no teacher; the output loads with mlx_lm.load."""
@@ -209,7 +227,14 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, out, force, 
         big_src, small_src = anchors
     else:
         c = find_chain(chain_name or "smollm2-mini")
-        a_big, a_small = c.bracket(n)
+        try:
+            a_big, a_small = c.bracket(n)
+        except CBDError:
+            if not extrapolate:
+                raise
+            edge = c.anchors[0] if n > c.anchors[0].params else c.anchors[-1]
+            return _extrapolate(c.source_of(edge), n, out, force, dtype, calib, calib_tokens, fixed,
+                                {"name": c.name, "manifest": str(c.path), "anchors": [edge.name]})
         big_src, small_src = c.source_of(a_big), c.source_of(a_small)
         chain_info = {"name": c.name, "manifest": str(c.path), "anchors": [a_big.name, a_small.name]}
         say(f"chain {c.name}: {a_small.name} ({format_size(a_small.params)}) < {format_size(n)} "
@@ -219,9 +244,12 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, out, force, 
     if big.n_params < small.n_params:
         big, small = small, big
     if not small.n_params <= n <= big.n_params:
+        if extrapolate:
+            edge = big if n > big.n_params else small
+            return _extrapolate(edge.source, n, out, force, dtype, calib, calib_tokens, fixed, None)
         raise CBDError(
             f"{format_size(n)} is outside the anchors' range {format_size(small.n_params)} .. "
-            f"{format_size(big.n_params)}; pick a size in that range"
+            f"{format_size(big.n_params)}; pick a size in that range or pass --extrapolate"
         )
     from .interpolate import check_compatible
 
@@ -323,6 +351,41 @@ def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, teac
     say(f"wrote {out}: held-out ppl {rec['heldout_ppl_before']:.2f} -> {rec['heldout_ppl_after']:.2f} "
         f"after {rec['tokens_seen']:,} tokens in {rec['seconds']:.0f}s"
         if rec.get("heldout_ppl_after") else f"wrote {out}")
+
+
+def _extrapolate(source, n, out, force, dtype, calib, calib_tokens, fixed, chain_info) -> None:
+    """Sizes beyond the chain: Subset of the smallest anchor below it, Expand
+    (function-preserving growth) of the largest above it; no blend."""
+    from dataclasses import replace
+
+    from .interpolate import grow
+    from .models import load_anchor, write_model
+    from .prune import child_shape, prune
+    from .shapes import config_for, count_params, format_size, solve_shape
+
+    a = load_anchor(source)
+    if n < a.n_params:
+        shape = child_shape(a, n, fixed)
+        say(f"warning: {format_size(n)} is below the smallest anchor ({format_size(a.n_params)}): "
+            "Subset of it only, no blend (Weight Selection-style); expect a weaker start than an interpolated size")
+        weights, lineage = prune(a, shape, _calibration(a.path, calib, calib_tokens))
+        cfg, mode, extra = config_for(a.family, a.config, shape), "subset-below", {"lineage": lineage}
+    else:
+        s = a.shape
+        ceiling = replace(s, layers=4 * s.layers, hidden=4 * s.hidden, ffn=4 * s.ffn, heads=4 * s.heads,
+                          kv_heads=4 * s.kv_heads)
+        shape = solve_shape(a.family, a.template, s, ceiling, n, fixed)
+        say(f"warning: {format_size(n)} is above the largest anchor ({format_size(a.n_params)}): "
+            "function-preserving growth of it, no blend; the new capacity starts empty and needs training")
+        weights, cfg = grow(a, shape)
+        mode, extra = "grow-above", {}
+    n_out = count_params(a.family, a.template, shape)
+    say(f"shape: {shape} -> {n_out:,} parameters ({format_size(n_out)})")
+    prov = {"kind": "init", "mode": mode, "chain": chain_info, "anchors": {"edge": {"source": source,
+            "params": a.n_params}}, "shape": shape.as_dict(), "params": n_out, "requested": n,
+            "history": [], "cbd_mlx": __version__, **extra}
+    write_model(out, cfg, weights, a.path, prov, force, dtype)
+    say(f"wrote {out}")
 
 
 @cli.command("eval")

@@ -184,3 +184,25 @@ def test_hub_repo_from_local_cache_offline(tokenizer_dir, tmp_path, monkeypatch)
     assert a.shape.layers == 4 and a.path == snap
     with pytest.raises(CBDError, match="cannot be reached|not in the local"):
         load_anchor("someone/absent")
+
+
+def test_extrapolate_below_and_above(tiny_pair, capsys, tmp_path):
+    import mlx.core as mx
+    import numpy as np
+
+    from cbd_mlx.models import load_anchor, model_from_weights
+
+    big, small = tiny_pair
+    code, _, err = run(capsys, "init", "--size", "900K", "--anchors", big, small, "--out", tmp_path / "x")
+    assert_one_line_error(code, err, "outside", "--extrapolate")
+    code, _, err = run(capsys, "init", "--size", "900K", "--anchors", big, small, "--extrapolate", "--out", tmp_path / "up")
+    assert code == 0, err
+    assert "warning:" in err and "growth" in err
+    b, up = load_anchor(str(big)), load_anchor(str(tmp_path / "up"))
+    assert abs(up.n_params - 900_000) / 900_000 <= 0.01
+    toks = mx.array([[5, 17, 33, 2, 99, 120, 7, 64]])
+    np.testing.assert_allclose(np.array(model_from_weights(up.config, up.weights)(toks)),
+                               np.array(model_from_weights(b.config, b.weights)(toks)), rtol=1e-4, atol=1e-4)
+    code, _, err = run(capsys, "init", "--size", "150K", "--anchors", big, small, "--extrapolate", "--out", tmp_path / "down")
+    assert code == 0, err
+    assert "below the smallest" in err

@@ -7,26 +7,13 @@ from dataclasses import replace
 
 import pytest
 
-from cbd_mlx.chain import find_chain, list_chains
+from cbd_mlx.chain import find_chain, list_chains, manifest_config
 from cbd_mlx.errors import CBDError
 from cbd_mlx.families import FAMILIES, family_of
 from cbd_mlx.models import param_template
 from cbd_mlx.shapes import config_for, count_params, parse_size, shape_of, solve_shape
 
 from conftest import TINY_CONFIGS
-
-MANIFEST_BASE = {
-    "llama": dict(model_type="llama", rms_norm_eps=1e-5, tie_word_embeddings=True),
-    "qwen3": dict(model_type="qwen3", rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6),
-    "gpt2": dict(model_type="gpt2", n_positions=1024, n_ctx=1024, layer_norm_epsilon=1e-5),
-    "gpt_neox": dict(model_type="gpt_neox", layer_norm_eps=1e-5, rotary_pct=0.25, rotary_emb_base=10000,
-                     use_parallel_residual=True, max_position_embeddings=2048),
-}
-
-
-def manifest_config(family, shape):
-    return config_for(FAMILIES[family], dict(MANIFEST_BASE[family]), shape) | {"vocab_size": shape.vocab}
-
 
 @pytest.mark.parametrize("text,value", [("138M", 138_000_000), ("1.2B", 1_200_000_000), ("600k", 600_000), (" 60 M ", 60_000_000)])
 def test_parse_size(text, value):

@@ -238,3 +238,27 @@ def test_teacher_cache_distills_like_the_teacher(setup, trained_teacher, tmp_pat
     with pytest.raises(CBDError, match="another --batch-size"):
         distill(str(trained_teacher), str(student), cache, tmp_path / "o3", cfg(batch_size=2), log=lambda *_: None,
                 teacher_cache=tc)
+
+
+def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
+    import errno
+
+    import mlx.core as mx
+
+    teacher, student, cache = setup
+    out = tmp_path / "o"
+    distill(str(teacher), str(student), cache, out, cfg(), log=lambda *_: None, stop_after=5)
+    state = work_dir(out) / "checkpoint" / "state.json"
+    before = state.read_text()
+    real = mx.save_safetensors
+
+    def full(path, *a, **k):
+        real(path, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    with pytest.raises(CBDError, match="No space left"):
+        distill(str(teacher), str(student), cache, out, cfg(), log=lambda *_: None)
+    assert state.read_text() == before  # the step-4 checkpoint survived
+    assert [p for p in work_dir(out).iterdir() if ".tmp-" in p.name] == []
+    assert not out.exists()
