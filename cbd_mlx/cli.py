@@ -306,6 +306,22 @@ def data_prepare(inputs, tokenizer, out, heldout_fraction, force):
         f"{meta['tokens']['heldout']:,} held-out tokens ({meta['documents']['heldout']} docs)")
 
 
+@data_group.command("fetch")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Corpus directory [default: ~/.cache/cbd-mlx/corpus].")
+@click.option("--source", "sources", multiple=True, type=click.Choice(["python", "linux", "austen"]),
+              help="Which sources (repeatable) [default: all three].")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def data_fetch(out, sources, force):
+    """Real English text offline from Debian packages (python3.11-doc,
+    linux-doc-6.1, r-cran-janeaustenr): cleaned, one document per file, whole
+    documents and whole novels (Persuasion) held out for evaluation."""
+    from .corpus import PACKAGES, fetch
+
+    path = fetch(out, tuple(sources) or tuple(PACKAGES), force)
+    say((path / "README.txt").read_text().strip())
+    say(f"wrote {path}  (next: cbd-mlx data prepare {path}/train --tokenizer MODEL --out CACHE)")
+
+
 def train_options(f):
     """Options shared by distill / recover."""
     opts = [

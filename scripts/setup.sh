@@ -7,10 +7,14 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PIP_ROOT_USER_ACTION=ignore
 if [ "$(uname -s)" = "Linux" ]; then
+  # package lists for `cbd-mlx data fetch` (apt-get download) and OpenBLAS
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >/dev/null 2>&1 || echo "warning: apt-get update failed" >&2
+  fi
   if [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 ] && \
      [ ! -e /usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0 ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-      (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null \
+      apt-get install -y -qq libopenblas0-pthread >/dev/null \
         || echo "warning: could not install libopenblas0-pthread; CPU matmuls will be slow" >&2
     else
       echo "note: install libopenblas0-pthread (Debian/Ubuntu) for ~25x faster CPU matmuls" >&2

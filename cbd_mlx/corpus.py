@@ -1,0 +1,138 @@
+"""Real English text offline, from Debian packages: the Python 3.11 docs
+(reST sources), the Linux 6.1 docs, and Jane Austen's six novels (inside an R
+data file). Cleaned, one document per file, whole documents held out."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import CBDError
+from .models import atomic_dir, cache_dir
+
+PACKAGES = {
+    "python": "python3.11-doc",
+    "linux": "linux-doc-6.1",
+    "austen": "r-cran-janeaustenr",
+}
+HELDOUT_BOOKS = ("persuasion",)  # whole novels kept for evaluation (perplexity, cloze)
+HELDOUT_DOC_FRACTION = 0.05
+
+_ROLE = re.compile(r":[\w:+-]+:`(?:[^`<]*<)?([^`>]+)>?`")
+_LINK = re.compile(r"`([^`<]+?)\s*<[^>]+>`_+")
+_LITERAL = re.compile(r"``([^`]+)``")
+_EMPH = re.compile(r"(?<![\w*])\*{1,2}([^*\n]+?)\*{1,2}(?![\w*])")
+_UNDERLINE = re.compile(r"^\s*([=\-~^\"'`#*+<>_.:])\1{2,}\s*$")
+
+
+def clean_rst(text: str) -> str:
+    """reST -> plain text: directives, option lines, section rules, comments
+    and substitution definitions dropped; roles, links and literals unwrapped."""
+    out, skip_indent = [], None
+    for line in text.splitlines():
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if skip_indent is not None:
+            if stripped and indent <= skip_indent:
+                skip_indent = None
+            else:
+                continue
+        if stripped.startswith(".. "):
+            # directive or comment: drop it and its indented body, except
+            # prose-bearing admonitions, whose body stays
+            if not re.match(r"\.\.\s+(note|warning|versionadded|versionchanged|deprecated|seealso|tip|important)::", stripped):
+                skip_indent = indent
+            continue
+        if _UNDERLINE.match(line) or re.match(r"^\s*:[\w-]+:", line):
+            continue
+        line = _LINK.sub(r"\1", line)
+        line = _ROLE.sub(r"\1", line)
+        line = _LITERAL.sub(r"\1", line)
+        line = _EMPH.sub(r"\1", line)
+        out.append(line.rstrip())
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
+
+
+def _download(package: str, dest: Path) -> Path:
+    """apt-get download + dpkg -x (needs no installation, works as any user)."""
+    for tool in ("apt-get", "dpkg"):
+        if shutil.which(tool) is None:
+            raise CBDError(f"'{tool}' is not available: `data fetch` needs a Debian-based system")
+    r = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise CBDError(f"cannot download Debian package {package}: {msg} (try `apt-get update` first)")
+    deb = next(dest.glob(f"{package}_*.deb"))
+    root = dest / package
+    subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True, capture_output=True)
+    deb.unlink()
+    return root
+
+
+def _is_heldout(name: str) -> bool:
+    from .data import is_heldout
+
+    return is_heldout(name, HELDOUT_DOC_FRACTION)
+
+
+def _write_docs(out: Path, source: str, docs, held: set[str] | None = None) -> dict:
+    counts = {"train": 0, "heldout": 0}
+    for name, text in docs:
+        if len(text) < 200:
+            continue
+        split = "heldout" if (name in held if held is not None else _is_heldout(f"{source}/{name}")) else "train"
+        path = out / split / source / (re.sub(r"[^\w.-]+", "_", name) + ".txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        counts[split] += 1
+    return counts
+
+
+def _python_docs(root: Path):
+    for f in sorted(root.rglob("_sources/**/*.rst.txt")):
+        yield str(f.relative_to(root)).replace("/", "_"), clean_rst(f.read_text(errors="replace"))
+
+
+def _linux_docs(root: Path):
+    for f in sorted(root.rglob("Documentation/**/*.rst.gz")):
+        yield str(f.relative_to(root)).replace("/", "_"), clean_rst(gzip.decompress(f.read_bytes()).decode(errors="replace"))
+
+
+def _austen(root: Path):
+    from .rdata import read_lazyload_db
+
+    base = next(root.rglob("janeaustenr/data/Rdata.rdx")).with_suffix("")
+    for title, lines in read_lazyload_db(base).items():
+        text = "\n".join(line or "" for line in lines)
+        yield title, re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+READERS = {"python": _python_docs, "linux": _linux_docs, "austen": _austen}
+
+
+def fetch(out: Path | None = None, sources: tuple[str, ...] = tuple(PACKAGES), force: bool = False) -> Path:
+    """Build the corpus under ``out`` (default: the user cache): out/train/<source>/*.txt
+    and out/heldout/<source>/*.txt, whole documents (and whole novels) held out."""
+    out = Path(out) if out else cache_dir() / "corpus"
+    unknown = set(sources) - set(PACKAGES)
+    if unknown:
+        raise CBDError(f"unknown corpus source(s) {sorted(unknown)}; choose from {sorted(PACKAGES)}")
+    with tempfile.TemporaryDirectory() as work, atomic_dir(out, force) as tmp:
+        summary = {}
+        for src in tqdm(sources, desc="corpus", unit="package"):
+            root = _download(PACKAGES[src], Path(work))
+            held = set(HELDOUT_BOOKS) if src == "austen" else None
+            summary[src] = _write_docs(tmp, src, READERS[src](root), held)
+            shutil.rmtree(root, ignore_errors=True)
+        lines = [f"{s}: {c['train']} train / {c['heldout']} held-out documents" for s, c in summary.items()]
+        (tmp / "README.txt").write_text(
+            "Corpus made by `cbd-mlx data fetch` from Debian packages "
+            + ", ".join(PACKAGES[s] for s in sources) + ".\n" + "\n".join(lines) + "\n"
+        )
+    return out

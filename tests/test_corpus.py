@@ -1,0 +1,42 @@
+"""The offline corpus: reST cleaning, the R reader, whole novels held out."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from cbd_mlx.corpus import clean_rst, fetch
+
+
+def test_clean_rst_unwraps_markup():
+    src = """Title
+=====
+
+.. index:: single: foo
+
+See :func:`os.path.join` and ``x = 1`` or `the docs <https://x.org>`_, *really*.
+
+.. code-block:: python
+
+   print("dropped")
+
+.. note::
+
+   Notes stay.
+"""
+    out = clean_rst(src)
+    assert "See os.path.join and x = 1 or the docs, really." in out
+    assert "=====" not in out and "index::" not in out and "dropped" not in out
+    assert "Notes stay." in out
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs a Debian-based system")
+def test_fetch_austen_holds_out_a_whole_novel(tmp_path):
+    out = fetch(tmp_path / "corpus", ("austen",))
+    train = sorted(p.stem for p in (out / "train" / "austen").iterdir())
+    held = sorted(p.stem for p in (out / "heldout" / "austen").iterdir())
+    assert held == ["persuasion"]
+    assert train == ["emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility"]
+    text = (out / "heldout" / "austen" / "persuasion.txt").read_text()
+    assert "Sir Walter Elliot" in text and len(text) > 400_000
