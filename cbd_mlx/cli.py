@@ -240,7 +240,10 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
         say(f"chain {c.name}: {a_small.name} ({format_size(a_small.params)}) < {format_size(n)} "
             f"< {a_big.name} ({format_size(a_big.params)})")
     check = alpha == "auto" or calib is not None  # else NaN/Inf are caught in the streamed output
-    big, small = load_anchor(big_src, check_finite=check), load_anchor(small_src, check_finite=check)
+    if anchors:
+        big, small = load_anchor(big_src, check_finite=check), load_anchor(small_src, check_finite=check)
+    else:
+        big, small = (load_chain_anchor(c, a, check) for a in (a_big, a_small))
     if big.n_params < small.n_params:
         big, small = small, big
     if not small.n_params <= n <= big.n_params:
@@ -367,6 +370,20 @@ def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, teac
     say(f"wrote {out}: held-out ppl {rec['heldout_ppl_before']:.2f} -> {rec['heldout_ppl_after']:.2f} "
         f"after {rec['tokens_seen']:,} tokens in {rec['seconds']:.0f}s"
         if rec.get("heldout_ppl_after") else f"wrote {out}")
+
+
+def load_chain_anchor(chain, entry, check_finite: bool = True):
+    """A chain's anchor, pinned to the manifest's revision and checked against
+    its sha256 when the manifest records one."""
+    from .models import anchor_sha256, load_anchor
+
+    a = load_anchor(chain.source_of(entry), revision=entry.revision, check_finite=check_finite)
+    if entry.sha256 and anchor_sha256(a) != entry.sha256:
+        raise CBDError(
+            f"anchor {entry.name} ({a.path}) does not match the sha256 in {chain.path}; "
+            "it was modified or replaced: restore it or rebuild the chain"
+        )
+    return a
 
 
 def _extrapolate(source, n, out, force, dtype, calib, calib_tokens, fixed, chain_info) -> None:

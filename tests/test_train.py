@@ -262,3 +262,21 @@ def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(setup, tmp_path
     assert state.read_text() == before  # the step-4 checkpoint survived
     assert [p for p in work_dir(out).iterdir() if ".tmp-" in p.name] == []
     assert not out.exists()
+
+
+def test_chain_anchor_with_wrong_sha256_is_refused(setup, tmp_path, capsys):
+    from cbd_mlx.chainbuild import build_chain
+    from cbd_mlx.cli import main
+
+    teacher, _, cache = setup
+    big = load_anchor(str(teacher))
+    out = tmp_path / "chain"
+    chain = build_chain(str(teacher), [int(big.n_params * 0.7)], cache, out, cfg(tokens=2 * 4 * 64),
+                        log=lambda *_: None)
+    manifest = out / "chain.toml"
+    manifest.write_text(manifest.read_text().replace(chain.anchors[1].sha256, "0" * 64))
+    target = (chain.anchors[0].params + chain.anchors[1].params) // 2
+    with pytest.raises(SystemExit):
+        main(["init", "--size", f"{target / 1e3:.1f}K", "--chain", str(out), "--out", str(tmp_path / "m")])
+    assert "does not match the sha256" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
