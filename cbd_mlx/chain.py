@@ -122,6 +122,50 @@ def find_chain(name_or_path: str) -> Chain:
     raise CBDError(f"unknown chain '{name_or_path}'; known chains: {names} (or give a chain.toml path)")
 
 
+DEFAULT_ONLINE = "smollm2"  # the public chain, when its anchors are cached or the hub answers
+DEFAULT_OFFLINE = "smollm2-mini"  # the chain embedded in the repository
+
+
+def _hub_available(repo: str, revision: str | None) -> tuple[bool, str]:
+    """(usable, why): cached locally, or the hub answers (unless offline)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return True, "cached locally"
+    if constants.HF_HUB_OFFLINE:
+        return False, "not cached and HF_HUB_OFFLINE is set"
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(repo, revision=revision, timeout=5)
+        return True, "the hub is reachable"
+    except Exception as e:  # noqa: BLE001 - any failure means: not usable now
+        return False, f"the hub is unreachable ({type(e).__name__})"
+
+
+def default_chain(n: int) -> tuple[Chain, str]:
+    """The chain ``init`` uses without --chain, and why: the public smollm2
+    chain when both anchors around ``n`` are cached or downloadable, else the
+    embedded offline chain."""
+    online = find_chain(DEFAULT_ONLINE)
+    try:
+        big, small = online.bracket(n)
+        checks = [_hub_available(a.source[len(HUB_PREFIX):], a.revision) for a in (big, small) if not a.local]
+        if all(ok for ok, _ in checks):
+            return online, f"{checks[0][1]}" if checks else "local anchors"
+        reason = next(why for ok, why in checks if not ok)
+    except CBDError:
+        reason = f"{n / 1e6:.0f}M is outside its range"
+    try:
+        return find_chain(DEFAULT_OFFLINE), f"'{DEFAULT_ONLINE}' is not usable: {reason}"
+    except CBDError:
+        raise CBDError(
+            f"no default chain is usable: '{DEFAULT_ONLINE}' ({reason}) and the embedded "
+            f"'{DEFAULT_OFFLINE}' is not in {CHAINS_DIR}; pass --chain PATH or --anchors BIG SMALL"
+        ) from None
+
+
 def list_chains() -> list[Chain]:
     files = sorted(CHAINS_DIR.glob("*.toml")) + sorted(CHAINS_DIR.glob(f"*/{MANIFEST_NAME}"))
     return [load_chain(f) for f in files]

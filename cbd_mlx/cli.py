@@ -226,7 +226,13 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
     if anchors:
         big_src, small_src = anchors
     else:
-        c = find_chain(chain_name or "smollm2-mini")
+        if chain_name:
+            c = find_chain(chain_name)
+        else:
+            from .chain import default_chain
+
+            c, why = default_chain(n)
+            say(f"using chain '{c.name}' ({why}); pass --chain to choose another")
         try:
             a_big, a_small = c.bracket(n)
         except CBDError:

@@ -280,3 +280,39 @@ def test_chain_anchor_with_wrong_sha256_is_refused(setup, tmp_path, capsys):
         main(["init", "--size", f"{target / 1e3:.1f}K", "--chain", str(out), "--out", str(tmp_path / "m")])
     assert "does not match the sha256" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_default_chain_resolution(setup, tmp_path, monkeypatch, tokenizer_dir):
+    import shutil as sh
+
+    import huggingface_hub.constants as hc
+
+    import cbd_mlx.chain as chain_mod
+    from cbd_mlx.chainbuild import build_chain
+
+    teacher, _, cache = setup
+    chains = tmp_path / "chains"
+    chains.mkdir()
+    sh.copy(chain_mod.CHAINS_DIR / "smollm2.toml", chains / "smollm2.toml")
+    monkeypatch.setattr(chain_mod, "CHAINS_DIR", chains)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(hub))
+    # offline, nothing cached, no embedded chain: one clear error
+    with pytest.raises(CBDError, match="no default chain is usable"):
+        chain_mod.default_chain(200_000_000)
+    # the embedded chain is used offline
+    big = load_anchor(str(teacher))
+    build_chain(str(teacher), [int(big.n_params * 0.7)], cache, chains / "smollm2-mini", cfg(tokens=2 * 4 * 64),
+                log=lambda *_: None)
+    c, why = chain_mod.default_chain(200_000_000)
+    assert c.name == "smollm2-mini" and "HF_HUB_OFFLINE" in why
+    # with both public anchors in the local hub cache, the public chain wins
+    for repo in ("HuggingFaceTB/SmolLM2-360M", "HuggingFaceTB/SmolLM2-135M"):
+        d = hub / f"models--{repo.replace('/', '--')}"
+        (d / "snapshots" / ("a" * 40)).mkdir(parents=True)
+        (d / "snapshots" / ("a" * 40) / "config.json").write_text("{}")
+        (d / "refs").mkdir()
+        (d / "refs" / "main").write_text("a" * 40)
+    c, why = chain_mod.default_chain(200_000_000)
+    assert c.name == "smollm2" and why == "cached locally"
