@@ -433,9 +433,12 @@ def _extrapolate(source, n, out, force, dtype, calib, calib_tokens, fixed, chain
 @click.option("--max-tokens", type=int, default=16384, show_default=True, help="Evaluate at most this many tokens.")
 @click.option("--seq-len", type=int, default=512, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--cloze", type=int, default=0, show_default=True,
+              help="Also score N last-word cloze items (LAMBADA-style) built from --data.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
-def eval_cmd(model, data, max_tokens, seq_len, batch_size, as_json):
-    """Held-out perplexity and tokens/s of MODEL on a text file."""
+def eval_cmd(model, data, max_tokens, seq_len, batch_size, cloze, as_json):
+    """Held-out perplexity and tokens/s of MODEL on a text file (and, with
+    --cloze N, last-word cloze accuracy on the same text)."""
     from .evaluate import perplexity, tokenize_file
     from .models import load_anchor, load_tokenizer, model_from_weights
 
@@ -444,10 +447,17 @@ def eval_cmd(model, data, max_tokens, seq_len, batch_size, as_json):
     m = model_from_weights(a.config, a.weights)
     r = perplexity(m, tokens, seq_len, batch_size, progress=not as_json)
     r.update(model=str(model), params=a.n_params, data=str(data))
+    if cloze:
+        from .cloze import build_items, cloze_accuracy
+        from .evaluate import read_text
+
+        items = build_items(read_text(data), load_tokenizer(a.path), cloze)
+        r.update(cloze_acc=cloze_accuracy(m, items), cloze_items=len(items))
     if as_json:
         click.echo(json.dumps(r))
     else:
-        click.echo(f"{model}: ppl {r['ppl']:.3f} on {r['tokens']:,} tokens ({r['tokens_per_s']:.0f} tokens/s)")
+        extra = f", cloze {r['cloze_acc']:.1%} of {r['cloze_items']}" if cloze else ""
+        click.echo(f"{model}: ppl {r['ppl']:.3f} on {r['tokens']:,} tokens ({r['tokens_per_s']:.0f} tokens/s){extra}")
 
 
 def main(argv=None):

@@ -77,3 +77,16 @@ def test_prune_then_init_end_to_end(smollm2_gguf, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert np.isfinite(res["ppl"]) and res["tokens"] > 1000
+
+
+def test_cloze_on_real_model(smollm2):
+    from cbd_mlx.cloze import build_items, cloze_accuracy
+
+    tok = load_tokenizer(smollm2.path)
+    items = build_items(HELDOUT.read_text(), tok, 40)
+    assert len(items) >= 20
+    for ctx, word in items:
+        assert len(ctx) == 128 and 1 <= len(word) <= 4
+        assert tok.decode(word).startswith(" ")
+    acc = cloze_accuracy(model_from_weights(smollm2.config, smollm2.weights), items)
+    assert 0.05 < acc < 0.95  # a real model gets some, not all (measured ~0.2-0.4)
