@@ -4,6 +4,7 @@ the chain's manifest (the expensive, once-per-chain part of CBD)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,6 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
                 write_model(pruned, config_for(prev.family, prev.config, shape), w, prev.path, prov, force=True)
             log(f"[chain] {name_i}: distill from {prev_name} on {cfg.tokens:,} tokens")
             distill(str(anchors_dir / prev_name), str(pruned), cache, final, cfg, force=True, log=log)
-            import shutil
-
             shutil.rmtree(pruned, ignore_errors=True)
         cur = load_anchor(str(final))
         entries.append(_entry(name_i, cur, prev_name))

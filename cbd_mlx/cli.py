@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import BLAS, __version__
+from . import __version__
 from .errors import CBDError
 
 SHAPE_OPTIONS = ("layers", "hidden", "ffn", "heads", "kv_heads")

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 from .errors import CBDError
 
-WIDTH_AXES = ("hidden", "ffn", "q", "kv", "qkv", "hqkv")
 _AXES_CACHE: dict[tuple[str, str], tuple] = {}
 
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from cbd_mlx.cli import main
-from cbd_mlx.shapes import config_for, shape_of
-from cbd_mlx.families import family_of
 
 from conftest import CALIB, HELDOUT, TINY_CONFIGS, make_tokenizer, random_weights, save_tiny
 

@@ -10,12 +10,12 @@ import pytest
 
 from cbd_mlx.evaluate import tokenize_file
 from cbd_mlx.families import family_of
-from cbd_mlx.importance import align, calibration_batches, placement, select
+from cbd_mlx.importance import align, calibration_batches, placement
 from cbd_mlx.interpolate import default_alpha, interpolate
 from cbd_mlx.models import load_anchor, load_tokenizer, model_from_weights
 from cbd_mlx.operators import Selection, expand, subset
 from cbd_mlx.prune import prune
-from cbd_mlx.shapes import config_for, count_params, shape_of, solve_shape
+from cbd_mlx.shapes import config_for, count_params, solve_shape
 
 from conftest import CALIB, HELDOUT, TINY_CONFIGS, random_weights, save_tiny
 
@@ -97,7 +97,6 @@ def test_paper_alpha_example():
 
 
 def test_alpha_auto_never_worse_than_endpoints(pair, tokenizer_dir):
-    from cbd_mlx.interpolate import calib_loss, target_config
 
     big, small = pair
     mid = replace(big.shape, layers=3)
