@@ -15,6 +15,7 @@ from . import __version__
 from .errors import CBDError
 
 SHAPE_OPTIONS = ("layers", "hidden", "ffn", "heads", "kv_heads")
+DEFAULT_CALIB = Path(__file__).parent / "assets" / "calib.txt"
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
 
 
@@ -151,7 +152,7 @@ def convert_cmd(model, out, force, dtype):
 @cli.command("prune")
 @click.option("--from", "parent", required=True, help="Parent model: directory, .gguf file or hub repo id.")
 @click.option("--size", required=True, help="Child size, e.g. 60M.")
-@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for activation importance (else uniform selection).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for activation importance [default: a built-in English excerpt].")
 @click.option("--calib-tokens", type=int, default=4096, show_default=True, help="Calibration tokens to use.")
 @shape_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model directory.")
@@ -175,9 +176,10 @@ def prune_cmd(parent, size, calib, calib_tokens, out, force, dtype, **fixed):
     n_child = count_params(p.family, p.template, shape)
     say(f"parent {p.source}: {format_size(p.n_params)} ({p.shape})")
     say(f"child shape: {shape} -> {n_child:,} parameters ({format_size(n_child)})")
+    if calib is None:
+        calib = DEFAULT_CALIB
+        say(f"calibration text: the built-in {DEFAULT_CALIB.name} (Python tutorial excerpt); pass --calib FILE for your domain")
     batches = _calibration(p.path, calib, calib_tokens)
-    if batches is None:
-        say("no --calib given: uniform selection (pass --calib FILE for activation importance)")
     weights, lineage = prune(p, shape, batches)
     prov = {
         "kind": "pruned",
@@ -196,7 +198,7 @@ def prune_cmd(parent, size, calib, calib_tokens, out, force, dtype, **fixed):
 @click.option("--chain", "chain_name", help="Chain name or path (see `cbd-mlx chains`).")
 @click.option("--anchors", nargs=2, help="BIG SMALL: two anchors (dirs, .gguf files or hub ids) instead of a chain.")
 @click.option("--alpha", default=None, help="Blend weight of the smaller anchor: a number in [0,1] or 'auto' (default: parameter distance).")
-@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (for --alpha auto and anchors without lineage).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for --alpha auto and for aligning anchors without lineage [default: a built-in English excerpt].")
 @click.option("--calib-tokens", type=int, default=2048, show_default=True)
 @shape_options
 @click.option("--extrapolate", is_flag=True, help="Allow sizes outside the anchors: Subset of the smallest below, function-preserving growth of the largest above (no blend).")
@@ -268,6 +270,9 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
     if not same_tokenizer(big.path, small.path):
         raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
     target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed)
+    if calib is None and (alpha == "auto" or not _has_lineage(small, big)):
+        calib = DEFAULT_CALIB
+        say(f"calibration text: the built-in {DEFAULT_CALIB.name} (Python tutorial excerpt); pass --calib FILE for your domain")
     batches = _calibration(big.path, calib, calib_tokens)
     res = interpolate(big, small, target, alpha, batches, log=say, stream=True)
     say(f"shape: {target} -> {res.n_params:,} parameters ({format_size(res.n_params)}, "
@@ -376,6 +381,13 @@ def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, teac
     say(f"wrote {out}: held-out ppl {rec['heldout_ppl_before']:.2f} -> {rec['heldout_ppl_after']:.2f} "
         f"after {rec['tokens_seen']:,} tokens in {rec['seconds']:.0f}s"
         if rec.get("heldout_ppl_after") else f"wrote {out}")
+
+
+def _has_lineage(small, big) -> bool:
+    from .models import anchor_sha256
+
+    lin = small.lineage
+    return bool(lin and lin.get("parent_sha256") == anchor_sha256(big))
 
 
 def load_chain_anchor(chain, entry, check_finite: bool = True):

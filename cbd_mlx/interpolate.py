@@ -85,8 +85,8 @@ def lineage_of(small: Anchor, big: Anchor, batches: np.ndarray | None) -> tuple[
             )
     if batches is None:
         raise CBDError(
-            f"'{small.source}' has no lineage relative to '{big.source}'; pass --calib FILE "
-            "(plain text) so their channels can be aligned by activation matching"
+            f"'{small.source}' has no lineage relative to '{big.source}'; calibration text is needed "
+            "to align their channels by activation matching"
         )
     sel = align(small, big, batches)
     ranks = rankings(importance(big.family, big.shape, collect_stats(big, batches)))

@@ -203,3 +203,20 @@ def test_extrapolate_below_and_above(tiny_pair, capsys, tmp_path):
     code, _, err = run(capsys, "init", "--size", "150K", "--anchors", big, small, "--extrapolate", "--out", tmp_path / "down")
     assert code == 0, err
     assert "below the smallest" in err
+
+
+def test_init_without_lineage_aligns_on_builtin_text(tokenizer_dir, tmp_path, capsys):
+    """Two checkpoints with no lineage (as public ones): init aligns them by
+    activation matching on the built-in calibration text, no flag needed."""
+    from cbd_mlx.shapes import config_for, shape_of
+    from cbd_mlx.families import family_of
+    from dataclasses import replace
+
+    cfg = CLI_CONFIG
+    fam = family_of(cfg)
+    big = save_tiny(tmp_path / "big", cfg, random_weights(cfg, 1), tokenizer_dir)
+    small_cfg = config_for(fam, cfg, replace(shape_of(fam, cfg), layers=2, hidden=96, ffn=160))
+    small = save_tiny(tmp_path / "small", small_cfg, random_weights(small_cfg, 2), tokenizer_dir)
+    code, _, err = run(capsys, "init", "--size", "450K", "--anchors", big, small, "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "built-in calib.txt" in err and "alignment: activation-matching" in err
