@@ -220,3 +220,49 @@ def test_init_without_lineage_aligns_on_builtin_text(tokenizer_dir, tmp_path, ca
     code, _, err = run(capsys, "init", "--size", "450K", "--anchors", big, small, "--out", tmp_path / "o")
     assert code == 0, err
     assert "built-in calib.txt" in err and "alignment: activation-matching" in err
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda t: t.replace('family = "llama"', 'family = "llama"\ncolour = "red"'), ["unknown key"]),
+    (lambda t: t.replace("params = 134515008", 'params = "many"'), ["positive integer"]),
+    (lambda t: t.replace('source = "hf:HuggingFaceTB/SmolLM2-135M"', 'source = "../../etc/passwd"'), ["inside the chain"]),
+    (lambda t: t.replace('source = "hf:HuggingFaceTB/SmolLM2-135M"', 'source = "/etc/passwd"'), ["inside the chain"]),
+    (lambda t: t + "[[anchors]\n", ["not valid toml"]),
+])
+def test_bad_manifests(capsys, tmp_path, edit, words):
+    from cbd_mlx.chain import CHAINS_DIR
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(edit((CHAINS_DIR / "smollm2.toml").read_text()))
+    code, _, err = run(capsys, "chain", "show", bad)
+    assert_one_line_error(code, err, *words)
+
+
+def test_symlinked_anchor_outside_chain_is_refused(capsys, tmp_path):
+    chain = tmp_path / "c"
+    (chain / "anchors").mkdir(parents=True)
+    (chain / "anchors" / "a1").symlink_to(tmp_path)
+    text = """name = "c"\nfamily = "llama"\ntokenizer = "x"\n"""
+    for name, src, p in (("a0", "hf:o/r", 200), ("a1", "anchors/a1", 100)):
+        text += (f'[[anchors]]\nname = "{name}"\nsource = "{src}"\nparams = {p}\nlayers = 1\nhidden = 8\n'
+                 "ffn = 8\nheads = 1\nkv_heads = 1\nhead_dim = 8\nvocab = 10\n")
+    (chain / "chain.toml").write_text(text)
+    code, _, err = run(capsys, "chain", "show", chain)
+    assert_one_line_error(code, err, "outside the chain")
+
+
+def test_nan_weights_are_refused(tiny_pair, capsys, tmp_path):
+    import numpy as np
+
+    from cbd_mlx.models import read_safetensors, save_weights
+
+    big, small = tiny_pair
+    w, _ = read_safetensors(big / "model.safetensors")
+    w = {k: np.array(v) for k, v in w.items()}
+    w["model.norm.weight"][3] = np.nan
+    save_weights(big / "model.safetensors", w)
+    code, _, err = run(capsys, "eval", big, "--data", HELDOUT)
+    assert_one_line_error(code, err, "NaN")
+    code, _, err = run(capsys, "init", "--size", "450K", "--anchors", big, small, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "NaN")
+    assert not (tmp_path / "o").exists()
