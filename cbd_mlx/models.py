@@ -318,6 +318,18 @@ def tokenizer_fingerprint(path: Path) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
 
+def _remove_stale(out: Path) -> None:
+    """Temp dirs of earlier writers of ``out`` that were killed (dead pid)."""
+    for d in out.parent.glob(f".{out.name}.tmp-*-*"):
+        try:
+            pid = int(d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError, IndexError):
+            continue
+
+
 class atomic_dir:
     """Write a directory atomically: build it in a sibling temp dir, then swap.
 
@@ -334,7 +346,8 @@ class atomic_dir:
             raise CBDError(f"{self.out} already exists; choose another --out or pass --force to replace it")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+            _remove_stale(self.out)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
         except OSError as e:
             raise CBDError(f"cannot write to {self.out.parent}: {e.strerror}") from None
         return self.tmp

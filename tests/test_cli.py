@@ -266,3 +266,29 @@ def test_nan_weights_are_refused(tiny_pair, capsys, tmp_path):
     code, _, err = run(capsys, "init", "--size", "450K", "--anchors", big, small, "--out", tmp_path / "o")
     assert_one_line_error(code, err, "NaN")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
+def test_sigkill_during_init_keeps_previous_output(tiny_pair, tmp_path, delay):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    big, small = tiny_pair
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "cbd_mlx.cli", "init", "--size", "450K", "--anchors", str(big), str(small),
+           "--out", str(out), "--force"]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    p = subprocess.Popen(cmd[:-1] + ["--force", "--alpha", "0.3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    after = {q.name: q.read_bytes() for q in out.iterdir()}
+    if after != before:  # the kill came after the swap: then the new output is whole
+        assert set(after) == set(before) and json.loads(after["cbd.json"])["alpha"] == 0.3
+    # the next writer clears what the killed one left behind
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert [q.name for q in tmp_path.iterdir() if ".tmp-" in q.name] == []
