@@ -108,6 +108,6 @@ def distill(
     weights = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     title = f"{record['kind']}: {Path(student_src).name}"
     write_model(out, student.config, weights, student.path, prov, force,
-                extra=lambda tmp: write_training_outputs(tmp, metrics, title))
+                extra=lambda tmp: write_training_outputs(tmp, metrics, title, before))
     remove_work(work)
     return record

@@ -259,8 +259,11 @@ def train(
     return metrics
 
 
-def write_training_outputs(out_tmp: Path, metrics: list[dict], title: str) -> None:
-    """metrics.jsonl and loss.png beside the trained model."""
+def write_training_outputs(out_tmp: Path, metrics: list[dict], title: str, heldout_before: float | None = None) -> None:
+    """metrics.jsonl and loss.png beside the trained model (the held-out loss
+    before training, when known, is the curve's first point)."""
+    if heldout_before is not None:
+        metrics = [{"step": 0, "tokens": 0, "heldout_loss": heldout_before}] + metrics
     with open(out_tmp / "metrics.jsonl", "w") as f:
         for m in metrics:
             f.write(json.dumps(m) + "\n")
