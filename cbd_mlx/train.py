@@ -72,7 +72,10 @@ def _fused_kd(mode: str, ce_weight: float):
     @mx.custom_function
     def rows(zs, zt, y):
         ps, lse_s = _softmax_lse(zs)
-        pt, lse_t = _softmax_lse(zt)
+        if mode == "reverse_kl":  # only the teacher's normalizer is needed
+            pt, lse_t = mx.zeros((1,)), mx.logsumexp(zt, axis=-1, keepdims=True)
+        else:
+            pt, lse_t = _softmax_lse(zt)
         d = (zs - zt) - (lse_s - lse_t)  # log p_s - log p_t
         kl = (ps * d).sum(-1) if mode == "reverse_kl" else -(pt * d).sum(-1)
         loss = kl
@@ -228,13 +231,16 @@ def train(
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             mx.eval(acc, loss)
             loss_sum += float(loss)
-        grads = tree_map(lambda g: g / cfg.grad_accum, acc)
         loss_val = loss_sum / cfg.grad_accum
         if world > 1:
-            grads = tree_map(lambda g: mx.distributed.all_sum(g) / world, grads)
+            acc = tree_map(mx.distributed.all_sum, acc)
             loss_val = float(mx.distributed.all_sum(mx.array(loss_val))) / world
+        # mean over micro-batches and processes, and global-norm clipping, in one pass
+        scale = 1.0 / (cfg.grad_accum * world)
         if cfg.max_grad_norm > 0:
-            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+            sq = sum(mx.sum(mx.square(g)) for _, g in tree_flatten(acc))
+            scale = mx.minimum(scale, cfg.max_grad_norm / (mx.sqrt(sq) + 1e-6))
+        grads = tree_map(lambda g: g * scale, acc)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state)
         if not math.isfinite(loss_val):
