@@ -209,9 +209,9 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
     """Build a model of any size between two adjacent anchors by parameter
     interpolation: alpha * Expand(small) + (1 - alpha) * Subset(big).
     Seconds, no teacher; the output loads with mlx_lm.load."""
-    from .chain import find_chain
-    from .interpolate import interpolate
-    from .models import load_anchor, write_model
+    from .chain import default_chain, find_chain
+    from .interpolate import check_compatible, interpolate
+    from .models import load_anchor, same_tokenizer, write_model
     from .shapes import format_size, parse_size, solve_shape
 
     n = parse_size(size)
@@ -231,8 +231,6 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
         if chain_name:
             c = find_chain(chain_name)
         else:
-            from .chain import default_chain
-
             c, why = default_chain(n)
             say(f"using chain '{c.name}' ({why}); pass --chain to choose another")
         try:
@@ -262,11 +260,7 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
             f"{format_size(n)} is outside the anchors' range {format_size(small.n_params)} .. "
             f"{format_size(big.n_params)}; pick a size in that range or pass --extrapolate"
         )
-    from .interpolate import check_compatible
-
     check_compatible(big, small)
-    from .models import same_tokenizer
-
     if not same_tokenizer(big.path, small.path):
         raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
     target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed)

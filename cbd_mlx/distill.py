@@ -82,8 +82,9 @@ def distill(
         tc.check(cfg.batch_size, cfg.seq_len, cfg.seed, n_batches, anchor_sha256(teacher))
     metrics = train(model, train_data, heldout, cfg, work, t_model, log=log, stop_after=stop_after,
                     teacher_cache=tc)
-    if mx.distributed.init().rank() != 0:  # one writer per mlx.launch group
-        return {"rank": mx.distributed.init().rank()}
+    rank = mx.distributed.init().rank()
+    if rank != 0:  # one writer per mlx.launch group
+        return {"rank": rank}
     if stop_after is not None and metrics and metrics[-1]["step"] < cfg.steps(1):
         return {"stopped_at": metrics[-1]["step"]}
     after = metrics[-1].get("heldout_loss") if metrics else None

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .errors import CBDError
 from .families import Family, family_of
@@ -480,11 +480,3 @@ def write_model(
         if extra is not None:
             extra(tmp)
     return out
-
-
-def flat_params(model: nn.Module) -> dict[str, mx.array]:
-    return dict(tree_flatten(model.parameters()))
-
-
-def set_params(model: nn.Module, params: dict[str, mx.array]) -> None:
-    model.update(tree_unflatten(list(params.items())))
