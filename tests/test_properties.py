@@ -51,7 +51,7 @@ def config(fam, shape):
     return config_for(fam, base, shape)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(shapes(), st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
 def test_identities_counts_and_finiteness(case, alpha, seed):
     fam, big, small = case
