@@ -13,7 +13,7 @@ from .chain import MANIFEST_NAME, Chain, ChainAnchor, dump_chain
 from .data import open_cache
 from .distill import distill
 from .errors import CBDError
-from .importance import CALIB_SEQ_LEN, CALIB_TOKENS
+from .importance import CALIB_SEQ_LEN, CALIB_TOKENS, calibration_batches
 from .models import Anchor, anchor_sha256, load_anchor, write_model
 from .prune import child_shape, prune
 from .shapes import config_for, format_size
@@ -23,10 +23,9 @@ from .train import TrainConfig
 def cache_calibration(cache: Path, tokens: int = CALIB_TOKENS, seq_len: int = CALIB_SEQ_LEN) -> np.ndarray:
     """Calibration batches from the start of a cache's training split."""
     _, splits = open_cache(cache)
-    n = min(tokens, len(splits["train"])) // seq_len
-    if n == 0:
+    if len(splits["train"]) < seq_len:
         raise CBDError("the token cache is too small for calibration")
-    return np.asarray(splits["train"][: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    return calibration_batches(np.asarray(splits["train"][:tokens]), seq_len, tokens)
 
 
 def _entry(name: str, a: Anchor, parent: str | None) -> ChainAnchor:

@@ -210,7 +210,7 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
     interpolation: alpha * Expand(small) + (1 - alpha) * Subset(big).
     Seconds, no teacher; the output loads with mlx_lm.load."""
     from .chain import default_chain, find_chain
-    from .interpolate import check_compatible, interpolate
+    from .interpolate import check_compatible, has_lineage, interpolate
     from .models import load_anchor, same_tokenizer, write_model
     from .shapes import format_size, parse_size, solve_shape
 
@@ -264,7 +264,7 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
     if not same_tokenizer(big.path, small.path):
         raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
     target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed)
-    if calib is None and (alpha == "auto" or not _has_lineage(small, big)):
+    if calib is None and (alpha == "auto" or not has_lineage(small, big)):
         calib = DEFAULT_CALIB
         say(f"calibration text: the built-in {DEFAULT_CALIB.name} (Python tutorial excerpt); pass --calib FILE for your domain")
     batches = _calibration(big.path, calib, calib_tokens)
@@ -375,13 +375,6 @@ def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, teac
     say(f"wrote {out}: held-out ppl {rec['heldout_ppl_before']:.2f} -> {rec['heldout_ppl_after']:.2f} "
         f"after {rec['tokens_seen']:,} tokens in {rec['seconds']:.0f}s"
         if rec.get("heldout_ppl_after") else f"wrote {out}")
-
-
-def _has_lineage(small, big) -> bool:
-    from .models import anchor_sha256
-
-    lin = small.lineage
-    return bool(lin and lin.get("parent_sha256") == anchor_sha256(big))
 
 
 def load_chain_anchor(chain, entry, check_finite: bool = True):

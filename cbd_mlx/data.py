@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import CBDError
+from .evaluate import encode_text
 from .models import atomic_dir, load_tokenizer, resolve, tokenizer_fingerprint
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
@@ -66,11 +67,9 @@ def prepare(inputs: list[Path], tokenizer_src: str, out: Path, heldout_fraction:
         try:
             for doc_id, text in tqdm(iter_documents(inputs), desc="tokenize", unit="doc"):
                 split = "heldout" if is_heldout(doc_id, heldout_fraction) else "train"
-                ids = tok.encode(text)
-                if ids and tok.bos_token_id is not None and ids[0] == tok.bos_token_id:
-                    ids = ids[1:]
+                ids = encode_text(tok, text)
                 if eos is not None:
-                    ids = list(ids) + [eos]
+                    ids.append(eos)
                 files[split].write(np.asarray(ids, dtype=np.uint32).tobytes())
                 counts[split] += len(ids)
                 docs[split] += 1

@@ -27,10 +27,16 @@ def read_text(path: Path) -> str:
         raise CBDError(f"cannot read {p}: {e.strerror}") from None
 
 
-def tokenize_file(tokenizer, path: Path, max_tokens: int | None = None) -> list[int]:
-    ids = tokenizer.encode(read_text(path))
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of running text (no leading BOS)."""
+    ids = list(tokenizer.encode(text))
     if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
         ids = ids[1:]
+    return ids
+
+
+def tokenize_file(tokenizer, path: Path, max_tokens: int | None = None) -> list[int]:
+    ids = encode_text(tokenizer, read_text(path))
     return ids[:max_tokens] if max_tokens else ids
 
 

@@ -18,7 +18,7 @@ Axis labels:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import CBDError
 
@@ -36,7 +36,6 @@ class Family:
     norm_kind: str = "rms"  # "rms" or "layer"
     tied_attention_width: bool = False  # hidden == heads * head_dim
     ffn_multiple: int | None = None  # ffn == ffn_multiple * hidden
-    residual_outputs: tuple[str, ...] = field(default=())  # zeroed -> identity layer
     eps_key: str = "rms_norm_eps"  # config key of the norms' epsilon
     residual_writers: str | None = None  # LayerNorm families: tensors that write the residual stream
 
@@ -105,7 +104,6 @@ FAMILIES: dict[str, Family] = {
         config_keys=_LLAMA_KEYS,
         axes=_LLAMA_AXES,
         norms=_LLAMA_NORMS,
-        residual_outputs=(r"self_attn\.o_proj\..*", r"mlp\.down_proj\..*"),
     ),
     "qwen3": Family(
         name="qwen3",
@@ -114,7 +112,6 @@ FAMILIES: dict[str, Family] = {
         config_keys=_LLAMA_KEYS,
         axes=_LLAMA_AXES,
         norms=_LLAMA_NORMS,
-        residual_outputs=(r"self_attn\.o_proj\..*", r"mlp\.down_proj\..*"),
     ),
     "gpt2": Family(
         name="gpt2",
@@ -144,7 +141,6 @@ FAMILIES: dict[str, Family] = {
         norm_kind="layer",
         tied_attention_width=True,
         ffn_multiple=4,
-        residual_outputs=(r"attn\.c_proj\..*", r"mlp\.c_proj\..*"),
         eps_key="layer_norm_epsilon",
         residual_writers=r"model\.wte\.weight|model\.wpe\.weight|(attn|mlp)\.c_proj\.(weight|bias)",
     ),
@@ -177,7 +173,6 @@ FAMILIES: dict[str, Family] = {
         norm_kind="layer",
         tied_attention_width=True,
         ffn_multiple=4,
-        residual_outputs=(r"attention\.dense\..*", r"mlp\.dense_4h_to_h\..*"),
         eps_key="layer_norm_eps",
         residual_writers=r"model\.embed_in\.weight|attention\.dense\.(weight|bias)|mlp\.dense_4h_to_h\.(weight|bias)",
     ),

@@ -68,13 +68,17 @@ def default_alpha(n_big: int, n_small: int, n_target: int) -> float:
     return float(np.clip((n_big - n_target) / (n_big - n_small), 0.0, 1.0))
 
 
+def has_lineage(small: Anchor, big: Anchor) -> bool:
+    """Whether ``small`` was pruned from exactly ``big`` (by weights sha256)."""
+    lin = small.lineage
+    return bool(lin and lin.get("parent_sha256") and lin["parent_sha256"] == anchor_sha256(big))
+
+
 def lineage_of(small: Anchor, big: Anchor, batches: np.ndarray | None) -> tuple[Selection, dict, str]:
     """(lineage of S in B, B's rankings, how it was obtained)."""
     lin = small.lineage
     if lin is not None:
-        parent_hash = lin.get("parent_sha256")
-        big_hash = anchor_sha256(big)
-        if parent_hash and parent_hash == big_hash:
+        if has_lineage(small, big):
             sel = Selection.from_json(lin)
             ranks = lin.get("parent_ranking") or uniform_rankings(big.shape)
             return sel, ranks, "lineage"

@@ -207,7 +207,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     return out, meta
 
 
-def _load_mlx_format(path: Path, config: dict) -> dict[str, np.ndarray] | None:
+def _load_mlx_format(path: Path) -> dict[str, np.ndarray] | None:
     """fp32 numpy weights of an unquantized mlx-format directory, without
     building a model (memory-mapped for fp32). None: not mlx format, use mlx-lm."""
     weights = {}
@@ -251,7 +251,7 @@ def load_anchor(source: str, revision: str | None = None, check_finite: bool = T
     family = family_of(config)
     if not list(path.glob("model*.safetensors")):
         raise CBDError(f"{path} has no model*.safetensors weights")
-    weights = None if "quantization" in config else _load_mlx_format(path, config)
+    weights = None if "quantization" in config else _load_mlx_format(path)
     if weights is None:
         weights, config = _load_with_mlx_lm(path)
     shape = shape_of(family, config)
