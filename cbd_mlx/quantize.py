@@ -1,0 +1,114 @@
+"""Quantization through mlx-lm: round-to-nearest (optionally a mixed-precision
+recipe), AWQ and GPTQ on local calibration tokens; checked inputs and an
+atomic mlx-lm model directory as output."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .errors import CBDError
+from .models import TOKENIZER_FILES, Anchor, atomic_dir, dump_json, model_from_weights, weights_sha256
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+METHODS = ("rtn", "awq", "gptq")
+CALIB_SEQS = 32  # calibration sequences for awq / gptq
+CALIB_SEQ_LEN = 256
+
+
+def is_quantized(path: Path) -> dict | None:
+    """The ``quantization`` block of a model directory's config, if any."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return cfg.get("quantization") or cfg.get("quantization_config")
+
+
+def check_group_size(model: nn.Module, group_size: int) -> None:
+    """Every quantizable layer's input dimension must be a multiple of ``group_size``."""
+    bad = [(k, m.weight.shape[-1]) for k, m in model.named_modules()
+           if hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size]
+    if bad:
+        name, dim = bad[0]
+        fits = [g for g in GROUP_SIZES if all(d % g == 0 for _, d in bad) and g < group_size] or [32]
+        raise CBDError(
+            f"group size {group_size} does not divide {len(bad)} layer(s) (e.g. {name}, input dim {dim}); "
+            f"use --group-size {fits[-1]}"
+        )
+
+
+def quantize_anchor(
+    a: Anchor, bits: int, group_size: int, method: str = "rtn", recipe: str | None = None,
+    calib: np.ndarray | None = None,
+) -> tuple[nn.Module, dict]:
+    """(quantized mlx-lm model, its config) for a full-precision anchor."""
+    if bits not in BITS:
+        raise CBDError(f"--bits must be one of {BITS}")
+    if method not in METHODS:
+        raise CBDError(f"--method must be one of {METHODS}")
+    model = model_from_weights(a.config, a.weights)
+    check_group_size(model, group_size)
+    config = dict(a.config)
+    if method == "rtn":
+        from mlx_lm.convert import mixed_quant_predicate_builder
+        from mlx_lm.utils import quantize_model
+
+        pred = mixed_quant_predicate_builder(recipe, model, group_size) if recipe else None
+        with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints its own bits/weight line
+            model, config = quantize_model(model, config, group_size, bits, quant_predicate=pred)
+        return model, config
+    if recipe:
+        raise CBDError("--recipe goes with --method rtn (awq/gptq choose their own precision)")
+    if calib is None:
+        raise CBDError(f"--method {method} needs calibration text: pass --calib FILE")
+    inputs = mx.array(calib)
+    if method == "awq":
+        from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
+
+        awq_cfg = AWQ_MODEL_CONFIGS.get(config["model_type"])
+        if awq_cfg is None:
+            raise CBDError(f"AWQ does not support model_type '{config['model_type']}'; use --method gptq or rtn")
+        awq_quantize(model, inputs, awq_cfg, group_size=group_size, bits=bits,
+                     embed_group_size=group_size, embed_bits=max(bits, 4))
+        config = update_config(model, config)
+        config["quantization"].update(group_size=group_size, bits=bits)
+    else:
+        from mlx_lm.quant.gptq import gptq_quantize
+
+        model, config["quantization"] = gptq_quantize(model, inputs, bits, group_size, max(bits, 6), group_size)
+    config["quantization_config"] = config["quantization"]
+    return model, config
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Stored bits per parameter (weights, scales and biases together)."""
+    from mlx_lm.utils import compute_bits_per_weight
+
+    return float(compute_bits_per_weight(model))
+
+
+def write_quantized(out: Path, model: nn.Module, config: dict, tokenizer_dir: Path, provenance: dict,
+                    force: bool = False, extra=None) -> Path:
+    """An mlx-lm quantized model directory, written atomically (with cbd.json)."""
+    from mlx_lm.utils import save_config
+
+    with atomic_dir(out, force) as tmp:
+        weights = dict(tree_flatten(model.parameters()))
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        save_config(dict(config), tmp / "config.json")
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+        prov = dict(provenance)
+        prov["weights_sha256"] = weights_sha256(tmp)
+        (tmp / "cbd.json").write_text(dump_json(prov))
+        if extra is not None:
+            extra(tmp)
+    return out
