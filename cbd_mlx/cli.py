@@ -431,6 +431,47 @@ def _extrapolate(source, n, out, force, dtype, calib, calib_tokens, fixed, chain
     say(f"wrote {out}")
 
 
+@cli.command("export")
+@click.argument("model")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model directory.")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "awq", "gptq"]), default="rtn", show_default=True,
+              help="rtn: round to nearest; awq / gptq: learned from calibration text.")
+@click.option("--recipe", type=click.Choice(["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]), default=None,
+              help="Mixed precision (rtn): more bits for v/down projections of some layers and the head.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration text for awq/gptq [default: the built-in English excerpt]; never the network.")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+              help="Held-out text: perplexity before/after quantization goes into the model card.")
+@click.option("--eval-tokens", type=int, default=8192, show_default=True)
+@click.option("--gguf", "gguf_type", type=click.Choice(["f16", "q8_0"]), default=None,
+              help="Also write a llama.cpp GGUF (llama family) of this precision.")
+@click.option("--package", is_flag=True, help="Also write OUT.tar.gz: model, MANIFEST.json (sha256), model card.")
+@click.option("--force", is_flag=True, help="Replace --out (and the tarball) if they exist.")
+def export_cmd(model, out, bits, group_size, method, recipe, calib, eval_data, eval_tokens, gguf_type, package, force):
+    """Quantize MODEL for the edge: an mlx-lm quantized directory (loads in
+    mlx_lm.generate), optionally a GGUF for llama.cpp and a release tarball."""
+    import numpy as np
+
+    from .evaluate import tokenize_file
+    from .export import export
+    from .importance import calibration_batches
+    from .models import load_tokenizer, resolve
+    from .quantize import CALIB_SEQ_LEN, CALIB_SEQS
+
+    tok = load_tokenizer(resolve(model))
+    batches = None
+    if method != "rtn":
+        calib = calib or DEFAULT_CALIB
+        batches = calibration_batches(tokenize_file(tok, calib), CALIB_SEQ_LEN, CALIB_SEQS * CALIB_SEQ_LEN)
+    ev = np.array(tokenize_file(tok, eval_data, eval_tokens), dtype=np.int32) if eval_data else None
+    info = export(model, out, int(bits), int(group_size), method, recipe, batches, ev,
+                  str(eval_data) if eval_data else None, gguf_type, package, force, log=say)
+    say(f"wrote {out} ({info['size_bytes'] / 1e6:.1f} MB, {info['bits_per_weight']:.2f} bits/weight)"
+        + (f" and {info['package']}" if package else "") + f" in {info['seconds']:.1f}s")
+
+
 @cli.command("eval")
 @click.argument("model")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Held-out text file.")

@@ -167,3 +167,102 @@ def gguf_to_model_dir(path: Path, out_dir: Path) -> None:
     tokenizer_from_gguf(meta, out_dir)
     prov = {"kind": "converted", "source": str(path), "weights_sha256": weights_sha256(out_dir)}
     (out_dir / "cbd.json").write_text(json.dumps(prov, indent=2))
+
+
+GGUF_TYPES = ("f16", "q8_0")  # what `export --gguf` writes (llama.cpp requantizes further)
+HF_TO_GGUF = {v: k for k, v in NAME_MAP.items()}
+
+
+def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face Q/K rows -> llama.cpp's RoPE layout (inverse of ``unpermute_rope``)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf: str) -> str:
+    """mlx-lm/Hugging Face parameter name -> llama.cpp tensor name."""
+    base = hf.removesuffix(".weight")
+    if base.startswith("model.layers."):
+        _, _, i, rest = base.split(".", 3)
+        return f"blk.{i}.{HF_TO_GGUF[rest]}.weight"
+    return f"{HF_TO_GGUF[base]}.weight"
+
+
+def _bpe_vocab(model_dir: Path) -> tuple[list[str], list[int], list[str], dict]:
+    """(tokens, token types, merges, special ids) of a byte-level BPE tokenizer.json."""
+    data = json.loads((Path(model_dir) / "tokenizer.json").read_text())
+    if data.get("model", {}).get("type") != "BPE":
+        raise CBDError("GGUF export supports byte-level BPE tokenizers (tokenizer.json model 'BPE') only")
+    vocab = dict(data["model"]["vocab"])
+    added = {t["content"]: t for t in data.get("added_tokens", [])}
+    for t in added.values():
+        vocab.setdefault(t["content"], t["id"])
+    tokens = [""] * (max(vocab.values()) + 1)
+    for t, i in vocab.items():
+        tokens[i] = t
+    types = [TOKEN_TYPE_CONTROL if t in added and added[t].get("special") else
+             TOKEN_TYPE_USER_DEFINED if t in added else 1 for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+    cfg_path = Path(model_dir) / "tokenizer_config.json"
+    tcfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    special = {k: vocab.get(tcfg.get(f"{k}_token") if isinstance(tcfg.get(f"{k}_token"), str) else None)
+               for k in ("bos", "eos", "unk", "pad")}
+    return tokens, types, merges, special | {"chat_template": tcfg.get("chat_template")}
+
+
+def write_gguf(config: dict, weights: dict[str, np.ndarray], model_dir: Path, path: Path, qtype: str = "f16",
+               name: str = "cbd-mlx") -> None:
+    """A llama.cpp GGUF of a llama-family model (``qtype`` f16 or q8_0 for 2-D
+    weights; norms stay f32), written with llama.cpp's own ``gguf`` package."""
+    import gguf
+
+    if config.get("model_type") not in ("llama", "mistral"):
+        raise CBDError(f"GGUF export supports the llama family, not '{config.get('model_type')}'")
+    if qtype not in GGUF_TYPES:
+        raise CBDError(f"--gguf-type must be one of {GGUF_TYPES}")
+    n_head, hidden = config["num_attention_heads"], config["hidden_size"]
+    n_kv = config.get("num_key_value_heads", n_head)
+    tokens, types, merges, special = _bpe_vocab(model_dir)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(hidden)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(int(config.get("head_dim") or hidden // n_head))
+    w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
+    w.add_vocab_size(len(tokens))
+    ftype = gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
+    w.add_file_type(ftype)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
+                     ("pad", w.add_pad_token_id)):
+        if special.get(key) is not None:
+            add(int(special[key]))
+    if special.get("chat_template"):
+        w.add_chat_template(special["chat_template"])
+    for k in sorted(weights):
+        v = np.asarray(weights[k], dtype=np.float32)
+        if k.endswith("q_proj.weight"):
+            v = permute_rope(v, n_head)
+        elif k.endswith("k_proj.weight"):
+            v = permute_rope(v, n_kv)
+        if v.ndim == 1:
+            w.add_tensor(gguf_name(k), v)
+        elif qtype == "q8_0" and v.shape[-1] % 32 == 0:
+            q = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(gguf_name(k), gguf.quants.quantize(v, q), raw_dtype=q)
+        else:
+            w.add_tensor(gguf_name(k), v.astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -48,7 +48,9 @@ def quantize_anchor(
     a: Anchor, bits: int, group_size: int, method: str = "rtn", recipe: str | None = None,
     calib: np.ndarray | None = None,
 ) -> tuple[nn.Module, dict]:
-    """(quantized mlx-lm model, its config) for a full-precision anchor."""
+    """(quantized mlx-lm model, its config) for a full-precision anchor.
+    Quantization runs in fp32; scales, biases and unquantized tensors are then
+    stored in float16 (0.5 instead of 1 extra bit per weight at group 64)."""
     if bits not in BITS:
         raise CBDError(f"--bits must be one of {BITS}")
     if method not in METHODS:
@@ -63,7 +65,7 @@ def quantize_anchor(
         pred = mixed_quant_predicate_builder(recipe, model, group_size) if recipe else None
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints its own bits/weight line
             model, config = quantize_model(model, config, group_size, bits, quant_predicate=pred)
-        return model, config
+        return _half(model, config)
     if recipe:
         raise CBDError("--recipe goes with --method rtn (awq/gptq choose their own precision)")
     if calib is None:
@@ -84,7 +86,13 @@ def quantize_anchor(
 
         model, config["quantization"] = gptq_quantize(model, inputs, bits, group_size, max(bits, 6), group_size)
     config["quantization_config"] = config["quantization"]
-    return model, config
+    return _half(model, config)
+
+
+def _half(model: nn.Module, config: dict) -> tuple[nn.Module, dict]:
+    model.set_dtype(mx.float16)
+    mx.eval(model.parameters())
+    return model, config | {"torch_dtype": "float16"}
 
 
 def bits_per_weight(model: nn.Module) -> float:

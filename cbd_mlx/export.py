@@ -1,0 +1,144 @@
+"""`export`: a quantized mlx-lm model directory, optionally a llama.cpp GGUF
+and a release tarball (files + sha256 manifest + model card)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import CBDError
+from .models import file_sha256, load_anchor, model_from_weights, resolve
+
+CARD_NAME = "README.md"
+MANIFEST_NAME = "MANIFEST.json"
+
+
+def _eval_ppl(model, tokens: np.ndarray | None) -> float | None:
+    """Held-out perplexity; a quantized model is scored through a dequantized
+    copy (the same function: MLX's CPU quantized matmul is ~20x slower)."""
+    import copy
+
+    from mlx_lm.utils import dequantize_model
+
+    from .evaluate import perplexity
+
+    if tokens is None:
+        return None
+    if any(hasattr(m, "bits") for _, m in model.named_modules()):
+        model = dequantize_model(copy.deepcopy(model))
+        model.set_dtype(mx.float32)  # CPU half-precision matmuls are slow
+    return perplexity(model, tokens, seq_len=512, batch_size=4, progress=False)["ppl"]
+
+
+def model_card(info: dict) -> str:
+    """A short Markdown model card from the export record."""
+    q = info["quantization"]
+    ppl = info.get("heldout_ppl") or {}
+    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in ppl.items() if v is not None)
+    chain = info.get("chain") or {}
+    lines = [
+        f"# {info['name']}",
+        "",
+        "Exported by cbd-mlx (Chain-based Distillation on MLX).",
+        "",
+        f"- parameters: {info['params']:,}",
+        f"- quantization: {q['bits']}-bit, group {q['group_size']}, method {q['method']}"
+        + (f", recipe {q['recipe']}" if q.get("recipe") else ""),
+        f"- bits per weight: {info['bits_per_weight']:.3f}",
+        f"- size on disk: {info['size_bytes'] / 1e6:.1f} MB",
+        f"- chain: {chain.get('name', 'n/a')}" + (f" (anchors {', '.join(chain['anchors'])})" if chain.get("anchors")
+                                                 else ""),
+        f"- origin: {info['origin']}",
+    ]
+    if rows:
+        lines += ["", f"Held-out perplexity on `{info.get('eval_data')}` ({info.get('eval_tokens'):,} tokens):", "",
+                  "| model | ppl |", "|---|---|", rows]
+    lines += ["", "Use: `mlx_lm.generate --model . --prompt 'Hello'`"
+              + (f"; llama.cpp: `{info['gguf']}`" if info.get("gguf") else ""), ""]
+    return "\n".join(lines)
+
+
+def _manifest(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): file_sha256(f) for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def write_tarball(folder: Path, dest: Path, force: bool) -> Path:
+    """``folder`` as a .tar.gz, written to a temp file and renamed into place."""
+    if dest.exists() and not force:
+        raise CBDError(f"{dest} already exists; pass --force to replace it")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent)
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:  # quantized weights barely compress
+            tar.add(folder, arcname=dest.name.removesuffix(".tar.gz"))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except OSError as e:
+        os.unlink(tmp)
+        raise CBDError(f"writing {dest} failed: {e.strerror or e}; nothing was changed") from None
+    return dest
+
+
+def export(src: str, out: Path, bits: int, group_size: int, method: str = "rtn", recipe: str | None = None,
+           calib: np.ndarray | None = None, eval_tokens: np.ndarray | None = None, eval_name: str | None = None,
+           gguf_type: str | None = None, package: bool = False, force: bool = False, log=print) -> dict:
+    """Quantize ``src`` into ``out`` (mlx-lm format, cbd.json, model card,
+    sha256 manifest); optionally a GGUF inside it and ``out``.tar.gz beside it."""
+    from .gguf import write_gguf
+    from .quantize import bits_per_weight, is_quantized, quantize_anchor, write_quantized
+
+    path = resolve(src)
+    q = is_quantized(path) if (path / "config.json").is_file() else None
+    if q:
+        raise CBDError(f"{src} is already quantized ({q.get('bits')}-bit); export from the full-precision model")
+    out = Path(out)
+    tar_path = out.with_name(out.name + ".tar.gz")
+    if out.exists() and not force:
+        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if package and tar_path.exists() and not force:
+        raise CBDError(f"{tar_path} already exists; choose another --out or pass --force to replace it")
+    t0 = time.time()
+    a = load_anchor(src)
+    if gguf_type and a.config.get("model_type") not in ("llama", "mistral"):
+        raise CBDError(f"--gguf supports the llama family, not '{a.config.get('model_type')}'")
+    ppl_fp = _eval_ppl(model_from_weights(a.config, a.weights), eval_tokens)
+    model, qconfig = quantize_anchor(a, bits, group_size, method, recipe, calib)
+    bpw = bits_per_weight(model)
+    ppl_q = _eval_ppl(model, eval_tokens)
+    log(f"quantized: {bits}-bit {method}{' ' + recipe if recipe else ''}, {bpw:.3f} bits/weight"
+        + (f"; held-out ppl {ppl_fp:.3f} -> {ppl_q:.3f} ({(ppl_q - ppl_fp) / ppl_fp:+.2%})" if ppl_q else ""))
+    gguf_name = f"{out.name}-{gguf_type}.gguf" if gguf_type else None
+    info = {
+        "name": out.name, "origin": str(src), "params": a.n_params, "bits_per_weight": bpw,
+        "quantization": {"bits": bits, "group_size": group_size, "method": method, "recipe": recipe},
+        "heldout_ppl": {"full precision (fp32)": ppl_fp, f"{bits}-bit {method}": ppl_q} if ppl_q else None,
+        "eval_data": eval_name, "eval_tokens": int(eval_tokens.size) if eval_tokens is not None else None,
+        "chain": a.provenance.get("chain"), "gguf": gguf_name,
+    }
+    prov = dict(a.provenance)
+    prov.pop("weights_sha256", None)
+    prov["history"] = list(prov.get("history", [])) + [{"kind": "export", **{k: v for k, v in info.items()
+                                                                             if k not in ("name", "chain")}}]
+
+    def extra(tmp: Path) -> None:
+        if gguf_name:
+            write_gguf(a.config, a.weights, a.path, tmp / gguf_name, gguf_type, name=out.name)
+        info["size_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        (tmp / CARD_NAME).write_text(model_card(info))
+        (tmp / MANIFEST_NAME).write_text(json.dumps({"sha256": _manifest(tmp)}, indent=2))
+
+    write_quantized(out, model, qconfig, a.path, prov, force, extra=extra)
+    if package:
+        write_tarball(out, tar_path, force)
+        info["package"] = str(tar_path)
+        info["package_sha256"] = hashlib.sha256(tar_path.read_bytes()).hexdigest()
+    info["seconds"] = time.time() - t0
+    return info
