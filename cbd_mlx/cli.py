@@ -349,14 +349,16 @@ def data_fetch(out, sources, force):
     say(f"wrote {path}  (next: cbd-mlx data prepare {path}/train --tokenizer MODEL --out CACHE)")
 
 
-def train_options(f):
-    """Options shared by distill / recover."""
+def train_options(f=None, lr: float = 1e-3):
+    """Options shared by distill / recover (``@train_options`` or ``@train_options(lr=...)``)."""
+    if f is None:
+        return lambda g: train_options(g, lr)
     opts = [
         click.option("--tokens", type=int, required=True, help="Training tokens (all processes together)."),
         click.option("--batch-size", type=int, default=8, show_default=True),
         click.option("--seq-len", type=int, default=256, show_default=True),
         click.option("--grad-accum", type=int, default=1, show_default=True),
-        click.option("--lr", type=float, default=1e-3, show_default=True),
+        click.option("--lr", type=float, default=lr, show_default=True),
         click.option("--weight-decay", type=float, default=0.01, show_default=True),
         click.option("--eval-every", type=int, default=50, show_default=True, help="Held-out loss every N steps."),
         click.option("--save-every", type=int, default=50, show_default=True, help="Checkpoint every N steps."),
@@ -429,6 +431,61 @@ def _extrapolate(source, n, out, force, dtype, calib, calib_tokens, fixed, chain
             "history": [], "cbd_mlx": __version__, **extra}
     write_model(out, cfg, weights, a.path, prov, force, dtype)
     say(f"wrote {out}")
+
+
+@cli.command("recover")
+@click.argument("model")
+@click.option("--data", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="A token cache, or text / jsonl files and folders (tokenized once into the user cache). Repeatable.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--kd-from", default=None,
+              help="Also distill from this model; 'auto' = the bigger anchor the init was blended from.")
+@click.option("--ce-weight", type=float, default=1.0, show_default=True, help="Weight of CE beside KD (with --kd-from).")
+@train_options(lr=3e-4)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def recover_cmd(model, data, out, kd_from, ce_weight, force, **train_kw):
+    """Short recovery of an init: every parameter trains (embeddings and norms
+    too, unlike mlx-lm's full fine-tune), CE on your text, optional KD from an
+    anchor. Checkpoints and resume as in distill; prints held-out loss before/after."""
+    from .recover import recover
+    from .train import TrainConfig
+
+    loss = "forward_kl" if kd_from else "ce"
+    cfg = TrainConfig(loss=loss, ce_weight=ce_weight if kd_from else 0.0, **train_kw)
+    rec = recover(model, list(data), out, cfg, kd_from, force, log=say)
+    if "rank" in rec:
+        return
+    say(f"wrote {out}: held-out loss {rec['heldout_loss_before']:.4f} -> {rec['heldout_loss_after']:.4f} "
+        f"(ppl {rec['heldout_ppl_before']:.2f} -> {rec['heldout_ppl_after']:.2f}) after {rec['tokens_seen']:,} tokens")
+
+
+@cli.command("finetune")
+@click.argument("model")
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Folder with train.jsonl (+ valid.jsonl): mlx-lm's text, chat or completions format.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--dora", is_flag=True, help="DoRA instead of LoRA.")
+@click.option("--full", is_flag=True, help="Full fine-tune of the transformer layers (writes a standalone model).")
+@click.option("--fuse", is_flag=True, help="Fuse the adapters into a standalone model.")
+@click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--max-seq-length", type=int, default=512, show_default=True)
+@click.option("--num-layers", type=int, default=-1, show_default=True, help="Layers to adapt, from the top (-1: all).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def finetune_cmd(model, data, out, lora_rank, dora, full, fuse, iters, batch_size, lr, max_seq_length, num_layers,
+                 force):
+    """Quick local fine-tune through mlx-lm's tuner. Without --fuse, OUT holds
+    adapters: mlx_lm.generate --model MODEL --adapter-path OUT."""
+    from .finetune import finetune
+
+    if full and dora:
+        raise CBDError("--full and --dora exclude each other")
+    mode = "full" if full else "dora" if dora else "lora"
+    finetune(model, data, out, mode, lora_rank, iters, batch_size, lr, max_seq_length, num_layers, fuse, force,
+             log=say)
+    say(f"wrote {out}" + ("" if fuse or full else f"  (adapters: mlx_lm.generate --model {model} --adapter-path {out})"))
 
 
 @cli.command("export")

@@ -1,0 +1,117 @@
+"""`finetune`: a quick local fine-tune through mlx-lm's tuner (LoRA, DoRA or
+full) on its jsonl formats, optionally fused into a standalone model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+from .errors import CBDError
+from .models import atomic_dir, dump_json, resolve, weights_sha256
+
+FORMATS = {"text": ("text",), "chat": ("messages",), "completions": ("prompt", "completion")}
+
+
+def data_format(data_dir: Path) -> str:
+    """The mlx-lm jsonl format of ``data_dir``/train.jsonl (text, chat or completions)."""
+    f = Path(data_dir) / "train.jsonl"
+    if not f.is_file():
+        raise CBDError(f"{data_dir} has no train.jsonl (mlx-lm format: one JSON object per line)")
+    try:
+        first = json.loads(f.open().readline())
+    except json.JSONDecodeError as e:
+        raise CBDError(f"{f}: the first line is not JSON ({e.msg})") from None
+    for name, keys in FORMATS.items():
+        if isinstance(first, dict) and all(k in first for k in keys):
+            return name
+    keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+    raise CBDError(f"{f}: unknown format (keys {keys}); use 'text', 'messages', or 'prompt' + 'completion'")
+
+
+def _split_valid(data_dir: Path, tmp: Path) -> Path:
+    """mlx-lm needs valid.jsonl: without one, the last 10% of train.jsonl."""
+    if (Path(data_dir) / "valid.jsonl").is_file():
+        return Path(data_dir)
+    lines = (Path(data_dir) / "train.jsonl").read_text().splitlines()
+    if len(lines) < 2:
+        raise CBDError(f"{data_dir}/train.jsonl needs at least 2 lines (or add valid.jsonl)")
+    n = max(1, len(lines) // 10)
+    d = tmp / "data"
+    d.mkdir()
+    (d / "train.jsonl").write_text("\n".join(lines[:-n]) + "\n")
+    (d / "valid.jsonl").write_text("\n".join(lines[-n:]) + "\n")
+    return d
+
+
+def finetune(model_src: str, data_dir: Path, out: Path, mode: str = "lora", rank: int = 8, iters: int = 100,
+             batch_size: int = 4, lr: float = 1e-4, max_seq_length: int = 512, num_layers: int = -1,
+             fuse: bool = False, force: bool = False, log=print) -> dict:
+    """Fine-tune with mlx-lm; ``out`` holds adapters (loadable with
+    ``--adapter-path``) or, with ``fuse`` / full mode, a standalone model."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+    from mlx_lm.lora import CONFIG_DEFAULTS, train_model
+    from mlx_lm.tuner.datasets import load_local_dataset
+    from mlx_lm.tuner.trainer import evaluate
+    from mlx_lm.utils import load, save
+
+    fmt = data_format(data_dir)
+    if out.exists() and not force:
+        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    path = resolve(model_src)
+    model, tokenizer, config = load(str(path), return_config=True)
+    n_layers = len(model.layers) if num_layers < 0 else min(num_layers, len(model.layers))
+    with atomic_dir(out, force) as tmp:
+        args = SimpleNamespace(**{**CONFIG_DEFAULTS, "optimizer_config": {"adam": {}}})
+        args.__dict__.update(
+            model=str(path), data=str(_split_valid(data_dir, tmp)), train=True, fine_tune_type=mode,
+            num_layers=n_layers, batch_size=batch_size, iters=iters, learning_rate=lr,
+            max_seq_length=max_seq_length, steps_per_eval=max(iters, 1), steps_per_report=max(1, iters // 10),
+            save_every=max(iters, 1), val_batches=-1, adapter_path=str(tmp / "adapters"),
+            lora_parameters={"rank": rank, "dropout": 0.0, "scale": 20.0},
+        )
+        train_set, valid_set, _ = load_local_dataset(Path(args.data), tokenizer, args)
+        if len(train_set) == 0 or len(valid_set) == 0:
+            raise CBDError(f"{data_dir}: empty train or valid split")
+        if len(train_set) < batch_size:
+            raise CBDError(f"{data_dir}: {len(train_set)} training examples, fewer than --batch-size {batch_size}")
+        from mlx_lm.tuner.datasets import CacheDataset
+
+        def val_loss() -> float:
+            return float(evaluate(model, CacheDataset(valid_set), batch_size=min(batch_size, len(valid_set)),
+                                  num_batches=-1, max_seq_length=max_seq_length))
+
+        before = val_loss()
+        train_model(args, model, train_set, valid_set)
+        after = val_loss()
+        record = {"kind": "finetune", "mode": mode, "format": fmt, "data": str(data_dir), "iters": iters,
+                  "rank": rank if mode != "full" else None, "lr": lr, "valid_loss_before": before,
+                  "valid_loss_after": after, "fused": bool(fuse or mode == "full")}
+        log(f"valid loss {before:.3f} -> {after:.3f} ({fmt} data, {mode}, {iters} iters)")
+        prov_path = path / "cbd.json"
+        prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {"kind": "external", "source": model_src}
+        prov.pop("weights_sha256", None)
+        prov["history"] = list(prov.get("history", [])) + [record]
+        if fuse or mode == "full":
+            fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+            if fused:
+                model.update_modules(tree_unflatten(fused))
+            mx.eval(model.parameters())
+            final = tmp / "model"
+            save(final, str(path), model, tokenizer, config, donate_model=False)
+            shutil.rmtree(tmp / "adapters", ignore_errors=True)
+            shutil.rmtree(tmp / "data", ignore_errors=True)
+            for f in final.iterdir():
+                f.rename(tmp / f.name)
+            final.rmdir()
+            prov["weights_sha256"] = weights_sha256(tmp)
+        else:
+            for f in (tmp / "adapters").iterdir():
+                f.rename(tmp / f.name)
+            (tmp / "adapters").rmdir()
+            shutil.rmtree(tmp / "data", ignore_errors=True)
+            record["base"] = str(path)
+        (tmp / "cbd.json").write_text(dump_json(prov))
+    return record

@@ -1,0 +1,67 @@
+"""`recover`: short full-parameter training of an init (embeddings and norms
+included), optionally with KD from the nearest larger anchor of its chain."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .data import prepare
+from .distill import distill
+from .errors import CBDError
+from .models import cache_dir, load_anchor, resolve
+from .train import TrainConfig
+
+
+def data_cache(data: list[Path], model: str, log=print) -> Path:
+    """A token cache: ``data`` itself when it is one, else the text files
+    tokenized once with ``model``'s tokenizer into the user cache."""
+    if len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
+        return Path(data[0])
+    for p in data:
+        if not Path(p).exists():
+            raise CBDError(f"--data {p} does not exist; give a token cache or text/jsonl files")
+    from .models import tokenizer_fingerprint
+
+    key = hashlib.sha256("|".join(
+        [tokenizer_fingerprint(resolve(model))]
+        + [f"{Path(p).resolve()}:{Path(p).stat().st_size}:{Path(p).stat().st_mtime_ns}" for p in data]
+    ).encode()).hexdigest()[:16]
+    out = cache_dir() / "data" / key
+    if not (out / "meta.json").is_file():
+        log(f"tokenizing {len(data)} input(s) into {out}")
+        prepare([Path(p) for p in data], model, out, force=True)
+    return out
+
+
+def kd_teacher(model: str, kd_from: str | None) -> str | None:
+    """The teacher for --kd-from: a model, or 'auto' = the bigger anchor the
+    init was blended from (recorded in its cbd.json)."""
+    if kd_from != "auto":
+        return kd_from
+    a = load_anchor(model)
+    big = (a.provenance.get("anchors") or {}).get("big") or (a.provenance.get("anchors") or {}).get("edge")
+    chain = a.provenance.get("chain") or {}
+    if chain.get("manifest") and chain.get("anchors"):
+        from .chain import find_chain
+
+        c = find_chain(chain["manifest"])
+        entry = next((e for e in c.anchors if e.name == chain["anchors"][0]), None)
+        if entry is not None:
+            return c.source_of(entry)
+    if big and big.get("source"):
+        return big["source"]
+    raise CBDError(f"{model} records no anchors in its cbd.json; pass --kd-from MODEL instead of auto")
+
+
+def recover(model: str, data: list[Path], out: Path, cfg: TrainConfig, kd_from: str | None = None,
+            force: bool = False, log=print) -> dict:
+    """Train every parameter of ``model`` on ``data`` (CE, plus KD when a
+    teacher is given) and write it to ``out``; returns the training record."""
+    if out.exists() and not force:
+        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    teacher = kd_teacher(model, kd_from)
+    if teacher:
+        log(f"KD from {teacher}")
+    cache = data_cache(data, model, log)
+    return distill(teacher, model, cache, out, cfg, force, log=log)
