@@ -87,11 +87,13 @@ def _reference(source: str) -> str | None:
 
 
 def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str | None = None,
-               force: bool = False, log=print) -> Chain:
+               force: bool = False, method: str = "rtn", calib_text: Path | None = None, log=print) -> Chain:
     """A shippable copy of a built chain: the source anchor referenced by name
     (packaged model or hub id, checked by sha256) instead of copied, the other
     anchors quantized; lineage records follow their packed parents' hashes."""
-    from .quantize import bits_per_weight, quantize_anchor, write_quantized
+    from .evaluate import tokenize_file
+    from .models import load_tokenizer
+    from .quantize import CALIB_SEQ_LEN, CALIB_SEQS, bits_per_weight, quantize_anchor, write_quantized
 
     entries, renamed = [], {}
     with atomic_dir(out, force) as tmp:
@@ -110,8 +112,13 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
             lin = prov.get("lineage")
             if lin and lin.get("parent_sha256") in renamed:
                 lin["parent_sha256"] = renamed[lin["parent_sha256"]]
-            prov["packed"] = {"bits": bits, "group_size": group_size, "recipe": recipe, "from_sha256": old_sha}
-            model, cfg = quantize_anchor(a, bits, group_size, "rtn", recipe)
+            prov["packed"] = {"bits": bits, "group_size": group_size, "recipe": recipe, "method": method,
+                              "from_sha256": old_sha}
+            calib = None
+            if method != "rtn":
+                ids = tokenize_file(load_tokenizer(a.path), calib_text)
+                calib = calibration_batches(np.array(ids), CALIB_SEQ_LEN, CALIB_SEQS * CALIB_SEQ_LEN)
+            model, cfg = quantize_anchor(a, bits, group_size, method, recipe, calib)
             dest = tmp / "anchors" / e.name
             write_quantized(dest, model, cfg, a.path, prov)
             renamed[old_sha] = json.loads((dest / "cbd.json").read_text())["weights_sha256"]

@@ -141,15 +141,18 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, loss, batch_si
 @click.option("--bits", type=click.Choice(["4", "5", "6", "8"]), default="4", show_default=True)
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
 @click.option("--recipe", type=click.Choice(["mixed_3_6", "mixed_4_6"]), default=None, help="Mixed precision (rtn).")
+@click.option("--method", type=click.Choice(["rtn", "awq", "gptq"]), default="rtn", show_default=True,
+              help="awq / gptq calibrate on the built-in English text.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def chain_pack(chain_path, out, bits, group_size, recipe, force):
+def chain_pack(chain_path, out, bits, group_size, recipe, method, force):
     """Make a built chain small enough to ship: the source anchor is referenced
     by name (a packaged model or hub id, checked by sha256), the distilled
     anchors are quantized; lineage stays valid, so `init --chain OUT` blends them."""
     from .chain import find_chain
     from .chainbuild import pack_chain
 
-    packed = pack_chain(find_chain(chain_path), out, int(bits), int(group_size), recipe, force, log=say)
+    packed = pack_chain(find_chain(chain_path), out, int(bits), int(group_size), recipe, force, method,
+                        DEFAULT_CALIB, log=say)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     say(f"wrote {packed.path}: {len(packed.anchors)} anchors, {size / 1e6:.1f} MB on disk")
 
