@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CBDError
-from .models import file_sha256, load_anchor, model_from_weights, resolve
+from .models import file_sha256, load_anchor, model_from_weights, remove_stale, resolve
 
 CARD_NAME = "README.md"
 MANIFEST_NAME = "MANIFEST.json"
@@ -74,6 +74,7 @@ def write_tarball(folder: Path, dest: Path, force: bool) -> Path:
     """``folder`` as a .tar.gz, written to a temp file and renamed into place."""
     if dest.exists() and not force:
         raise CBDError(f"{dest} already exists; pass --force to replace it")
+    remove_stale(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent)
     os.close(fd)
     try:

@@ -34,6 +34,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja"]
+LOW_SPACE = 1 << 20  # free bytes below which a failed write is reported as a full disk
 
 
 def cache_dir() -> Path:
@@ -318,14 +319,17 @@ def tokenizer_fingerprint(path: Path) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
 
-def _remove_stale(out: Path) -> None:
-    """Temp dirs of earlier writers of ``out`` that were killed (dead pid)."""
+def remove_stale(out: Path) -> None:
+    """Temp dirs/files of earlier writers of ``out`` that were killed (dead pid)."""
     for d in out.parent.glob(f".{out.name}.tmp-*-*"):
         try:
             pid = int(d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
             os.kill(pid, 0)
         except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
         except (ValueError, PermissionError, IndexError):
             continue
 
@@ -346,7 +350,7 @@ class atomic_dir:
             raise CBDError(f"{self.out} already exists; choose another --out or pass --force to replace it")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale(self.out)
+            remove_stale(self.out)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
         except OSError as e:
             raise CBDError(f"cannot write to {self.out.parent}: {e.strerror}") from None
@@ -354,10 +358,14 @@ class atomic_dir:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
+            # MLX's own writers (mx.save_safetensors) raise RuntimeError on I/O errors
+            io_error = isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower())
+            full = io_error and shutil.disk_usage(self.tmp).free < LOW_SPACE
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and not isinstance(exc, CBDError):
+            if io_error and not isinstance(exc, CBDError):
+                reason = "no space left on device" if full else getattr(exc, "strerror", None) or str(exc)
                 raise CBDError(
-                    f"writing {self.out} failed: {exc.strerror or exc}; nothing was changed "
+                    f"writing {self.out} failed: {reason}; nothing was changed "
                     "(free some space or choose another --out)"
                 ) from None
             return False

@@ -1,0 +1,138 @@
+"""Faults for every writing command: SIGKILL in the middle of the write and a
+full disk (a small tmpfs). Expectation: the previous output is intact, no
+half-written output or temp directory survives the next run, and a full disk
+gives one clear error line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import CALIB, HELDOUT, TINY_CONFIGS, random_weights, save_tiny
+from test_cli import assert_one_line_error
+
+from cbd_mlx.data import prepare
+from cbd_mlx.models import load_anchor
+from cbd_mlx.prune import prune
+from cbd_mlx.shapes import config_for
+
+CFG = dict(TINY_CONFIGS["llama"], hidden_size=128, intermediate_size=256, num_attention_heads=8,
+           num_key_value_heads=4)
+CLI = [sys.executable, "-m", "cbd_mlx.cli"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tokenizer_dir):
+    d = tmp_path_factory.mktemp("faults")
+    big = save_tiny(d / "big", CFG, random_weights(CFG, 3), tokenizer_dir)
+    b = load_anchor(str(big))
+    shape = replace(b.shape, layers=2, hidden=64, ffn=128, heads=4, kv_heads=2)
+    w, lineage = prune(b, shape, None)
+    small = save_tiny(d / "small", config_for(b.family, CFG, shape), w, tokenizer_dir,
+                      {"kind": "pruned", "lineage": lineage})
+    docs = d / "docs"
+    docs.mkdir()
+    text = CALIB.read_text() + HELDOUT.read_text()
+    for i in range(20):
+        (docs / f"d{i}.txt").write_text(text[i * 4000 : (i + 1) * 4000])
+    cache = d / "cache"
+    prepare([docs], str(big), cache, heldout_fraction=0.25)
+    ft = d / "ft"
+    ft.mkdir()
+    words = CALIB.read_text().split()
+    (ft / "train.jsonl").write_text("\n".join(json.dumps({"text": " ".join(words[i * 40:(i + 1) * 40])})
+                                              for i in range(20)) + "\n")
+    chain = d / "chain"
+    chain.mkdir()
+    (chain / "anchors").mkdir()
+    shutil.copytree(big, chain / "anchors" / "big")
+    shutil.copytree(small, chain / "anchors" / "small")
+    lines = ['name = "t"', 'family = "llama"', 'tokenizer = "tiny"']
+    for name, a in (("big", b), ("small", load_anchor(str(small)))):
+        lines += ["[[anchors]]", f'name = "{name}"', f'source = "anchors/{name}"', f"params = {a.n_params}"]
+        lines += [f"{k} = {getattr(a.shape, k)}" for k in ("layers", "hidden", "ffn", "heads", "kv_heads",
+                                                           "head_dim", "vocab")]
+    (chain / "chain.toml").write_text("\n".join(lines) + "\n")
+    mid = (b.n_params + load_anchor(str(small)).n_params) // 2
+    train = ["--tokens", "1024", "--batch-size", "4", "--seq-len", "64", "--eval-every", "100"]
+    return {
+        "convert": ["convert", big],
+        "prune": ["prune", "--from", big, "--size", f"{b.n_params * 0.6 / 1e3:.1f}K"],
+        "init": ["init", "--size", f"{mid / 1e3:.1f}K", "--anchors", big, small],
+        "data prepare": ["data", "prepare", docs, "--tokenizer", big],
+        "distill": ["distill", "--teacher", big, "--student", small, "--data", cache, *train],
+        "recover": ["recover", small, "--data", cache, *train],
+        "export": ["export", big, "--bits", "8", "--group-size", "32", "--package"],
+        "chain pack": ["chain", "pack", chain, "--bits", "8", "--group-size", "32"],
+        "finetune": ["finetune", big, "--data", ft, "--iters", "4", "--fuse", "--batch-size", "2"],
+    }
+
+
+def tree_hash(path: Path) -> dict:
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.glob(f".{out.name}*"))
+
+
+COMMANDS = ["convert", "prune", "init", "data prepare", "distill", "recover", "export", "chain pack", "finetune"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_sigkill_while_writing_keeps_the_previous_output(assets, tmp_path, command):
+    out = tmp_path / "out"
+    args = [*CLI, *map(str, assets[command]), "--out", str(out)]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = tree_hash(out)
+    # again with --force, killed the moment its temp output appears (mid-write)
+    p = subprocess.Popen([*args, "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while p.poll() is None and time.time() < deadline:
+        if any(".tmp-" in n for n in leftovers(out)):
+            os.kill(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    p.wait()
+    if p.returncode == -signal.SIGKILL:
+        assert tree_hash(out) == before, "a killed writer changed the previous output"
+    else:  # finished before the poll saw its temp dir: a complete new output
+        assert p.returncode == 0 and set(tree_hash(out)) == set(before)
+    # the next run succeeds and clears the killed writer's temp dir
+    r = subprocess.run([*args, "--force"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not [n for n in leftovers(out) if ".tmp-" in n or ".old-" in n], leftovers(out)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("command", ["convert", "init", "export", "data prepare", "chain pack"])
+def test_full_disk_gives_one_clear_line_and_keeps_the_previous_output(assets, small_disk, command):
+    out = small_disk / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"previous": true}')  # a previous output that must survive
+    r = subprocess.run([*CLI, *map(str, assets[command]), "--out", str(out), "--force"], capture_output=True,
+                       text=True, timeout=600)
+    assert_one_line_error(r.returncode, r.stderr, "space")
+    assert (out / "config.json").read_text() == '{"previous": true}' and sorted(os.listdir(out)) == ["config.json"]
+    assert sorted(os.listdir(small_disk)) == ["out"], "temp files left behind on the full disk"
