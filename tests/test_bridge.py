@@ -1,0 +1,70 @@
+"""Bridge distillation across architectures and vocabularies (tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import CALIB, HELDOUT, TINY_CONFIGS, make_tokenizer, random_weights, save_tiny
+from test_cli import assert_one_line_error, run
+
+from cbd_mlx.models import load_anchor, same_tokenizer
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory):
+    """A second real BPE vocabulary (trained on other text)."""
+    d = tmp_path_factory.mktemp("tok2")
+    make_tokenizer(d, HELDOUT)
+    return d
+
+
+@pytest.mark.parametrize("source_family,chain_family", [("llama", "gpt2"), ("qwen3", "llama")])
+def test_bridge_feeds_a_chain_of_another_family_and_vocabulary(tokenizer_dir, other_tokenizer, tmp_path, capsys,
+                                                              source_family, chain_family):
+    src_cfg, chain_cfg = TINY_CONFIGS[source_family], TINY_CONFIGS[chain_family]
+    source = save_tiny(tmp_path / "source", src_cfg, random_weights(src_cfg, 7), tokenizer_dir)
+    student = save_tiny(tmp_path / "student", chain_cfg, random_weights(chain_cfg, 1), other_tokenizer)
+    assert not same_tokenizer(source, student)
+    out = tmp_path / "bridge"
+    code, _, err = run(capsys, "bridge", "--source", source, "--student", student, "--prompt-data", CALIB,
+                       "--num-prompts", "16", "--max-new-tokens", "48", "--gen-batch", "8", "--init", "random",
+                       "--tokens", str(12 * 4 * 32), "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3",
+                       "--eval-every", "6", "--out", out)
+    assert code == 0, err
+    a = load_anchor(str(out))
+    assert a.family.name == chain_family and same_tokenizer(out, student)
+    prov = json.loads((out / "cbd.json").read_text())
+    assert prov["bridge"]["source_model_type"] == src_cfg["model_type"]
+    assert prov["bridge"]["generation"]["new_tokens"] > 0
+    rec = prov["history"][-1]
+    assert rec["kind"] == "train" and rec["heldout_loss_after"] < rec["heldout_loss_before"]
+    assert not (tmp_path / "bridge.bridge").exists()  # work dir removed after success
+
+
+def test_bridge_bad_input(tokenizer_dir, tmp_path, capsys):
+    cfg = TINY_CONFIGS["llama"]
+    source = save_tiny(tmp_path / "source", cfg, random_weights(cfg, 7), tokenizer_dir)
+    student = save_tiny(tmp_path / "student", cfg, random_weights(cfg, 1), tokenizer_dir)
+    base = ["bridge", "--source", source, "--student", student, "--tokens", "256", "--out", tmp_path / "b"]
+    # prompts longer than the source's context (512)
+    (tmp_path / "long.txt").write_text(" ".join(["word"] * 2000) + "\n")
+    code, _, err = run(capsys, *base, "--prompts", tmp_path / "long.txt")
+    assert_one_line_error(code, err, "exceed the source's context")
+    # a source without tokenizer files cannot generate
+    (source / "tokenizer.json").unlink()
+    (source / "tokenizer_config.json").unlink()
+    code, _, err = run(capsys, *base, "--prompt-data", CALIB)
+    assert_one_line_error(code, err, "source")
+    # no prompts at all
+    code, _, err = run(capsys, "bridge", "--source", student, "--student", student, "--tokens", "256",
+                       "--out", tmp_path / "b")
+    assert_one_line_error(code, err, "--prompts")
+    # an unsupported source architecture
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "config.json").write_text('{"model_type": "no_such_arch"}')
+    (tmp_path / "weird" / "model.safetensors").write_bytes(b"")
+    code, _, err = run(capsys, "bridge", "--source", tmp_path / "weird", "--student", student, "--tokens", "256",
+                       "--prompt-data", CALIB, "--out", tmp_path / "b")
+    assert_one_line_error(code, err, "source")
+    assert not (tmp_path / "b").exists()
