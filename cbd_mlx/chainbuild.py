@@ -35,15 +35,30 @@ def _entry(name: str, a: Anchor, parent: str | None) -> ChainAnchor:
 
 
 def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: TrainConfig,
-                name: str | None = None, log=print) -> Chain:
-    """Build (or resume building) a chain under ``out``; returns its manifest."""
+                name: str | None = None, log=print, bridge: dict | None = None) -> Chain:
+    """Build (or resume building) a chain under ``out``; returns its manifest.
+    With ``bridge`` (keys: source, prompts, size, max_new_tokens), A0 is a
+    bridge anchor shaped after ``source`` and trained from ``bridge['source']``."""
+    from dataclasses import replace as dc_replace
+
     out.mkdir(parents=True, exist_ok=True)
     anchors_dir = out / "anchors"
-    src = load_anchor(source)
+    if bridge:
+        from .bridge import bridge as run_bridge
+
+        a0_dir = anchors_dir / "a0-bridge"
+        if not (a0_dir / "cbd.json").exists():
+            log(f"[chain] a0-bridge: bridge distillation from {bridge['source']} into {source}'s family")
+            run_bridge(bridge["source"], source, a0_dir, dc_replace(cfg, loss="ce"), bridge["prompts"],
+                       bridge.get("max_new_tokens", 128), size=bridge.get("size"), force=True, log=log)
+        src = load_anchor(str(a0_dir))
+        a0_name = a0_dir.name
+    else:
+        src = load_anchor(source)
+        a0_name = f"a0-{format_size(src.n_params)}"
+        a0_dir = anchors_dir / a0_name
     if sorted(sizes, reverse=True) != sizes or sizes[0] >= src.n_params:
         raise CBDError("--sizes must be decreasing and below the source's size")
-    a0_name = f"a0-{format_size(src.n_params)}"
-    a0_dir = anchors_dir / a0_name
     if not (a0_dir / "cbd.json").exists():
         log(f"[chain] copying the source into {a0_dir}")
         write_model(a0_dir, src.config, src.weights, src.path, {"kind": "source", "source": source}, force=True)

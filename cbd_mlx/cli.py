@@ -122,7 +122,14 @@ def chain_show(name):
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--save-every", type=int, default=50, show_default=True)
-def chain_build(source, sizes, cache, tokens_per_step, out, name, loss, batch_size, seq_len, grad_accum, lr, save_every):
+@click.option("--bridge-from", default=None,
+              help="Start the chain from a bridge anchor trained from this source (another architecture/vocabulary); "
+                   "--source then gives the chain's family and tokenizer.")
+@click.option("--bridge-size", default=None, help="Size of the bridge anchor [default: --source's].")
+@click.option("--prompt-data", multiple=True, type=click.Path(path_type=Path), help="Text to draw bridge prompts from.")
+@click.option("--num-prompts", type=int, default=256, show_default=True)
+def chain_build(source, sizes, cache, tokens_per_step, out, name, loss, batch_size, seq_len, grad_accum, lr, save_every,
+                bridge_from, bridge_size, prompt_data, num_prompts):
     """Build a chain: each anchor is pruned from the previous one (lineage
     recorded) and distilled from it; writes OUT/chain.toml for `init --chain OUT`."""
     from .chainbuild import build_chain
@@ -131,7 +138,16 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, loss, batch_si
 
     cfg = TrainConfig(tokens=tokens_per_step, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                       lr=lr, loss=loss, save_every=save_every)
-    chain = build_chain(source, [parse_size(s) for s in sizes.split(",")], cache, out, cfg, name, log=say)
+    bridge = None
+    if bridge_from:
+        from .bridge import prompts_from
+
+        if not prompt_data:
+            raise CBDError("--bridge-from needs --prompt-data TEXT to draw prompts from")
+        bridge = {"source": bridge_from, "prompts": prompts_from(None, list(prompt_data), num_prompts),
+                  "size": parse_size(bridge_size) if bridge_size else None}
+    chain = build_chain(source, [parse_size(s) for s in sizes.split(",")], cache, out, cfg, name, log=say,
+                        bridge=bridge)
     say(f"wrote {chain.path} with {len(chain.anchors)} anchors")
 
 

@@ -68,3 +68,28 @@ def test_bridge_bad_input(tokenizer_dir, tmp_path, capsys):
                        "--prompt-data", CALIB, "--out", tmp_path / "b")
     assert_one_line_error(code, err, "source")
     assert not (tmp_path / "b").exists()
+
+
+def test_chain_build_starts_from_a_bridge_anchor(tokenizer_dir, other_tokenizer, tmp_path, capsys):
+    from cbd_mlx.chain import find_chain
+    from cbd_mlx.data import prepare
+
+    qcfg, lcfg = TINY_CONFIGS["qwen3"], TINY_CONFIGS["llama"]
+    source = save_tiny(tmp_path / "source", qcfg, random_weights(qcfg, 7), tokenizer_dir)
+    family = save_tiny(tmp_path / "family", lcfg, random_weights(lcfg, 1), other_tokenizer)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = CALIB.read_text()
+    for i in range(8):
+        (docs / f"d{i}.txt").write_text(text[i * 4000:(i + 1) * 4000])
+    prepare([docs], str(family), tmp_path / "cache", heldout_fraction=0.25)
+    big = load_anchor(str(family)).n_params
+    code, _, err = run(capsys, "chain", "build", "--source", family, "--bridge-from", source, "--prompt-data", CALIB,
+                       "--num-prompts", "8", "--sizes", f"{big * 0.7 / 1e3:.1f}K", "--data", tmp_path / "cache",
+                       "--tokens-per-step", str(4 * 4 * 32), "--batch-size", "4", "--seq-len", "32",
+                       "--out", tmp_path / "chain")
+    assert code == 0, err
+    chain = find_chain(str(tmp_path / "chain"))
+    assert chain.anchors[0].name == "a0-bridge" and len(chain.anchors) == 2
+    a0 = load_anchor(str(tmp_path / "chain" / chain.anchors[0].source))
+    assert a0.provenance["bridge"]["source"] == str(source)
