@@ -136,3 +136,57 @@ def test_full_disk_gives_one_clear_line_and_keeps_the_previous_output(assets, sm
     assert_one_line_error(r.returncode, r.stderr, "space")
     assert (out / "config.json").read_text() == '{"previous": true}' and sorted(os.listdir(out)) == ["config.json"]
     assert sorted(os.listdir(small_disk)) == ["out"], "temp files left behind on the full disk"
+
+
+def _damaged(kind: str, assets_dir: Path, tmp: Path) -> Path:
+    """A copy of the tiny big anchor damaged in one way."""
+    import numpy as np
+
+    from cbd_mlx.gguf import write_gguf
+    from cbd_mlx.models import save_weights
+
+    big = Path(assets_dir)
+    d = tmp / kind
+    shutil.copytree(big, d)
+    st = d / "model.safetensors"
+    if kind == "corrupt-header":
+        data = bytearray(st.read_bytes())
+        data[:8] = (10**12).to_bytes(8, "little")
+        st.write_bytes(bytes(data))
+    elif kind == "flipped-bytes":
+        data = bytearray(st.read_bytes())
+        n = int.from_bytes(data[:8], "little")
+        data[8 + n // 2] ^= 0xFF  # inside the JSON header
+        st.write_bytes(bytes(data))
+    elif kind == "inf-weights":
+        a = load_anchor(str(big))
+        w = dict(a.weights)
+        w["model.norm.weight"] = np.full_like(w["model.norm.weight"], np.inf)
+        save_weights(st, w)
+        (d / "cbd.json").unlink()
+    elif kind == "no-tokenizer":
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (d / f).unlink()
+    elif kind == "truncated-gguf":
+        a = load_anchor(str(big))
+        g = tmp / "m.gguf"
+        write_gguf(a.config, a.weights, a.path, g, "f16")
+        g.write_bytes(g.read_bytes()[: g.stat().st_size // 2])
+        return g
+    return d
+
+
+@pytest.mark.parametrize("kind", ["corrupt-header", "flipped-bytes", "inf-weights", "no-tokenizer",
+                                  "truncated-gguf"])
+def test_damaged_inputs_give_one_clear_line(assets, tmp_path, capsys, kind):
+    from test_cli import run
+
+    big = Path(assets["convert"][1])
+    bad = _damaged(kind, big, tmp_path)
+    small = Path(assets["init"][5])
+    size = assets["init"][2]
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "init", "--size", size, "--anchors", bad, small, "--out", out)
+    words = {"no-tokenizer": "tokenizer", "inf-weights": "nan or inf", "truncated-gguf": "gguf"}.get(kind, "")
+    assert_one_line_error(code, err, words)
+    assert not out.exists()
