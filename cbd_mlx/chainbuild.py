@@ -101,6 +101,48 @@ def _reference(source: str) -> str | None:
     return None
 
 
+def pad_widths(a: Anchor, multiple: int) -> tuple[Anchor, dict | None]:
+    """``a`` grown function-preservingly (zero channels appended at the end,
+    norm gains/epsilon rescaled) so that hidden and ffn are multiples of
+    ``multiple`` (MLX quantizes groups of 32/64/128 along the input axis). The
+    lineage names the parent channels the new ones stand for (next by the
+    parent's importance ranking). Returns (anchor, {axis: [old, new]} or None)."""
+    from dataclasses import replace as dc_replace
+
+    from .interpolate import grow
+
+    s = a.shape
+    up = lambda n: -(-n // multiple) * multiple  # noqa: E731
+    t = dc_replace(s, hidden=up(s.hidden), ffn=up(s.ffn))
+    if t == s:
+        return a, None
+    weights, cfg = grow(a, t)
+    prov = copy.deepcopy(a.provenance)
+    lin = prov.get("lineage")
+    if lin:
+        rank = lin["parent_ranking"]
+        used = set(lin["hidden"])
+        lin["hidden"] = lin["hidden"] + [c for c in rank["hidden"] if c not in used][: t.hidden - s.hidden]
+        lin["ffn"] = [f + [c for c in rank["ffn"][p] if c not in set(f)][: t.ffn - s.ffn]
+                      for f, p in zip(lin["ffn"], lin["layers"])]
+        if len(lin["hidden"]) < t.hidden or any(len(f) < t.ffn for f in lin["ffn"]):
+            raise CBDError(f"cannot pad {a.source} to multiples of {multiple}: its parent is too narrow")
+    padded = {"hidden": [s.hidden, t.hidden], "ffn": [s.ffn, t.ffn]}
+    prov["padded"] = padded
+    return Anchor(a.source, a.path, cfg, weights, a.family, t, prov), padded
+
+
+def _extend_parent_ranking(lin: dict, padded: dict) -> None:
+    """A child's record of its parent's ranking after the parent was padded:
+    the new (zero) channels rank last."""
+    rank = lin.get("parent_ranking")
+    if not rank:
+        return
+    (h0, h1), (f0, f1) = padded["hidden"], padded["ffn"]
+    rank["hidden"] = list(rank["hidden"]) + list(range(h0, h1))
+    rank["ffn"] = [list(r) + list(range(f0, f1)) for r in rank["ffn"]]
+
+
 def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str | None = None,
                force: bool = False, method: str = "rtn", calib_text: Path | None = None, log=print) -> Chain:
     """A shippable copy of a built chain: the source anchor referenced by name
@@ -110,7 +152,7 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
     from .models import load_tokenizer
     from .quantize import CALIB_SEQ_LEN, CALIB_SEQS, bits_per_weight, quantize_anchor, write_quantized
 
-    entries, renamed = [], {}
+    entries, renamed, padded_parents = [], {}, {}
     with atomic_dir(out, force) as tmp:
         for e in chain.anchors:
             a = load_chain_anchor(chain, e)
@@ -123,8 +165,14 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
                 log(f"[pack] {e.name}: referenced as {ref}")
                 entries.append(replace(e, source=ref, local=False, sha256=old_sha))
                 continue
+            a, pad = pad_widths(a, group_size)
+            if pad:
+                log(f"[pack] {e.name}: widths padded for {group_size}-groups: "
+                    + ", ".join(f"{k} {o}->{n}" for k, (o, n) in pad.items() if o != n))
             prov = copy.deepcopy(a.provenance)
             lin = prov.get("lineage")
+            if lin and lin.get("parent_sha256") in padded_parents:
+                _extend_parent_ranking(lin, padded_parents[lin["parent_sha256"]])
             if lin and lin.get("parent_sha256") in renamed:
                 lin["parent_sha256"] = renamed[lin["parent_sha256"]]
             prov["packed"] = {"bits": bits, "group_size": group_size, "recipe": recipe, "method": method,
@@ -133,13 +181,16 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
             if method != "rtn":
                 ids = tokenize_file(load_tokenizer(a.path), calib_text)
                 calib = calibration_batches(np.array(ids), CALIB_SEQ_LEN, CALIB_SEQS * CALIB_SEQ_LEN)
-            model, cfg = quantize_anchor(a, bits, group_size, method, recipe, calib)
+            model, cfg = quantize_anchor(a, bits, group_size, method, recipe, calib, fallback_bits=bits)
             dest = tmp / "anchors" / e.name
             write_quantized(dest, model, cfg, a.path, prov)
             renamed[old_sha] = json.loads((dest / "cbd.json").read_text())["weights_sha256"]
+            if pad:
+                padded_parents[old_sha] = pad
             size = sum(f.stat().st_size for f in dest.glob("*.safetensors"))
             log(f"[pack] {e.name}: {bits_per_weight(model):.2f} bits/weight, {size / 1e6:.1f} MB")
-            entries.append(replace(e, source=f"anchors/{e.name}", local=True, sha256=renamed[old_sha]))
+            entries.append(replace(e, source=f"anchors/{e.name}", local=True, sha256=renamed[old_sha],
+                                   params=a.n_params, shape=a.shape))
         packed = Chain(chain.name, chain.family, chain.tokenizer, Path(out) / MANIFEST_NAME, entries,
                        chain.description + f" (packed: {bits}-bit, group {group_size}{', ' + recipe if recipe else ''})")
         (tmp / MANIFEST_NAME).write_text(dump_chain(packed))

