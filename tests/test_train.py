@@ -372,7 +372,7 @@ def test_chain_pack_pads_widths_for_quantization_groups(setup, tmp_path):
     import mlx.core as mx
 
     from cbd_mlx.chain import find_chain, load_chain_anchor
-    from cbd_mlx.chainbuild import build_chain, pack_chain
+    from cbd_mlx.chainbuild import pack_chain
     from cbd_mlx.interpolate import has_lineage
     from cbd_mlx.models import model_from_weights
 
