@@ -474,6 +474,9 @@ def recover_cmd(model, data, out, kd_from, ce_weight, force, **train_kw):
     rec = recover(model, list(data), out, cfg, kd_from, force, log=say)
     if "rank" in rec:
         return
+    if rec.get("heldout_loss_after") is None:
+        say(f"wrote {out} after {rec['tokens_seen']:,} tokens (no held-out split in the data: nothing to compare)")
+        return
     say(f"wrote {out}: held-out loss {rec['heldout_loss_before']:.4f} -> {rec['heldout_loss_after']:.4f} "
         f"(ppl {rec['heldout_ppl_before']:.2f} -> {rec['heldout_ppl_after']:.2f}) after {rec['tokens_seen']:,} tokens")
 

@@ -20,18 +20,20 @@ SPLITS = ("train", "heldout")
 
 
 def iter_documents(inputs: list[Path]):
-    """(doc id, text): one per text file, one per jsonl line (its ``text``)."""
-    files = []
+    """(doc id, text): one per text file, one per jsonl line (its ``text``).
+    Ids are relative to the input, so a corpus splits the same wherever it lives."""
+    files = []  # (file, its id: the path inside the input folder, or the file name)
     for p in map(Path, inputs):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.suffix == ".jsonl"))
+            files += [(f, str(f.relative_to(p))) for f in sorted(p.rglob("*"))
+                      if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.suffix == ".jsonl")]
         elif p.is_file():
-            files.append(p)
+            files.append((p, p.name))
         else:
             raise CBDError(f"input {p} does not exist")
     if not files:
         raise CBDError("no text files found in the inputs")
-    for f in files:
+    for f, doc_id in files:
         if f.suffix == ".jsonl":
             with open(f, encoding="utf-8", errors="replace") as fh:
                 for i, line in enumerate(fh):
@@ -41,9 +43,9 @@ def iter_documents(inputs: list[Path]):
                         text = json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError):
                         raise CBDError(f"{f}:{i + 1}: each jsonl line needs a 'text' field") from None
-                    yield f"{f}:{i}", str(text)
+                    yield f"{doc_id}:{i}", str(text)
         else:
-            yield str(f), f.read_text(encoding="utf-8", errors="replace")
+            yield doc_id, f.read_text(encoding="utf-8", errors="replace")
 
 
 def is_heldout(doc_id: str, fraction: float) -> bool:

@@ -30,7 +30,7 @@ def data_cache(data: list[Path], model: str, log=print) -> Path:
     out = cache_dir() / "data" / key
     if not (out / "meta.json").is_file():
         log(f"tokenizing {len(data)} input(s) into {out}")
-        prepare([Path(p) for p in data], model, out, force=True)
+        prepare([Path(p) for p in data], model, out, heldout_fraction=0.1, force=True)
     return out
 
 

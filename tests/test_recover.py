@@ -3,40 +3,26 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-
 import numpy as np
 import pytest
-from conftest import CALIB, HELDOUT, TINY_CONFIGS, random_weights, save_tiny
+from conftest import CALIB, TINY_CONFIGS, random_weights, save_tiny, tiny_anchor_pair, write_docs
 from test_cli import assert_one_line_error, run
 
 from cbd_mlx.models import load_anchor
-from cbd_mlx.prune import prune
-from cbd_mlx.shapes import config_for
 
 CFG = TINY_CONFIGS["llama"]
 
 
 @pytest.fixture
 def docs(tmp_path):
-    d = tmp_path / "docs"
-    d.mkdir()
-    text = CALIB.read_text() + HELDOUT.read_text()
-    for i in range(20):
-        (d / f"d{i}.txt").write_text(text[i * 4000 : (i + 1) * 4000])
-    return d
+    return write_docs(tmp_path / "docs")
 
 
 @pytest.fixture
 def init_model(tokenizer_dir, tmp_path, capsys):
     """An init blended from two tiny anchors (lineage), as `init` writes it."""
-    big = save_tiny(tmp_path / "big", CFG, random_weights(CFG, 3), tokenizer_dir)
-    b = load_anchor(str(big))
-    shape = replace(b.shape, layers=2, hidden=32, ffn=64, heads=2, kv_heads=1)
-    w, lineage = prune(b, shape, None)
-    small = save_tiny(tmp_path / "small", config_for(b.family, CFG, shape), w, tokenizer_dir,
-                      {"kind": "pruned", "lineage": lineage})
-    mid = (b.n_params + load_anchor(str(small)).n_params) // 2
+    big, small = tiny_anchor_pair(tmp_path, CFG, tokenizer_dir, layers=2, hidden=32, ffn=64, heads=2, kv_heads=1)
+    mid = (load_anchor(str(big)).n_params + load_anchor(str(small)).n_params) // 2
     code, _, err = run(capsys, "init", "--size", f"{mid / 1e3:.1f}K", "--anchors", big, small, "--out",
                        tmp_path / "init")
     assert code == 0, err

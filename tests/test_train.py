@@ -16,7 +16,7 @@ from cbd_mlx.prune import prune
 from cbd_mlx.shapes import config_for
 from cbd_mlx.train import TrainConfig
 
-from conftest import CALIB, DATA, HELDOUT, TINY_CONFIGS, make_tokenizer, random_weights, save_tiny
+from conftest import DATA, HELDOUT, TINY_CONFIGS, make_tokenizer, random_weights, save_tiny, write_docs
 
 
 @pytest.fixture
@@ -28,11 +28,7 @@ def setup(tokenizer_dir, tmp_path):
     w, lineage = prune(t, child, None)
     student = save_tiny(tmp_path / "student", config_for(t.family, cfg, child), w, tokenizer_dir,
                         {"kind": "pruned", "lineage": lineage})
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    text = CALIB.read_text() + HELDOUT.read_text()
-    for i in range(20):  # 20 documents, so a 25% split holds some out
-        (docs / f"d{i}.txt").write_text(text[i * 4000 : (i + 1) * 4000])
+    docs = write_docs(tmp_path / "docs")
     cache = tmp_path / "cache"
     prepare([docs], str(teacher), cache, heldout_fraction=0.25)
     return teacher, student, cache
