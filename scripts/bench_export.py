@@ -25,9 +25,8 @@ VARIANTS = [  # (label, export args or None for the model as it is)
     ("fp32", None),
     ("8-bit rtn", ["--bits", "8"]),
     ("4-bit rtn", ["--bits", "4"]),
-    ("4-bit awq", ["--bits", "4", "--method", "awq"]),
-    ("4-bit gptq", ["--bits", "4", "--method", "gptq"]),
 ]
+LEARNED = ("awq", "gptq")
 
 
 def gen_speed(model_dir: Path, tokens: int) -> float:
@@ -48,8 +47,11 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--group-size", default="64")
+    ap.add_argument("--learned", default="gptq", help="learned 4-bit methods to include (awq is slow on CPU)")
     ap.add_argument("--out", type=Path, default=Path("export-bench"))
     args = ap.parse_args()
+    variants = VARIANTS + [(f"4-bit {m}", ["--bits", "4", "--method", m]) for m in args.learned.split(",")
+                           if m in LEARNED]
     from cbd_mlx.evaluate import perplexity, tokenize_file
     from cbd_mlx.models import load_anchor, load_tokenizer, model_from_weights, resolve
 
@@ -57,7 +59,7 @@ def main() -> None:
     src = load_anchor(args.model)
     ids = tokenize_file(load_tokenizer(src.path), args.heldout, args.eval_tokens)
     rows = []
-    for label, extra in VARIANTS:
+    for label, extra in variants:
         if extra is None:
             d = resolve(args.model)
             ppl = perplexity(model_from_weights(src.config, src.weights), ids, 512, 4, progress=False)["ppl"]
