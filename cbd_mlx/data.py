@@ -19,10 +19,10 @@ CACHE_META = "meta.json"
 SPLITS = ("train", "heldout")
 
 
-def iter_documents(inputs: list[Path]):
-    """(doc id, text): one per text file, one per jsonl line (its ``text``).
-    Ids are relative to the input, so a corpus splits the same wherever it lives."""
-    files = []  # (file, its id: the path inside the input folder, or the file name)
+def document_files(inputs: list[Path]) -> list[tuple[Path, str]]:
+    """(file, id) of every text/jsonl file in ``inputs``; ids are relative to
+    the input, so a corpus splits the same wherever it lives."""
+    files = []
     for p in map(Path, inputs):
         if p.is_dir():
             files += [(f, str(f.relative_to(p))) for f in sorted(p.rglob("*"))
@@ -33,6 +33,12 @@ def iter_documents(inputs: list[Path]):
             raise CBDError(f"input {p} does not exist")
     if not files:
         raise CBDError("no text files found in the inputs")
+    return files
+
+
+def iter_documents(inputs: list[Path] | list[tuple[Path, str]]):
+    """(doc id, text): one per text file, one per jsonl line (its ``text``)."""
+    files = inputs if inputs and isinstance(inputs[0], tuple) else document_files(inputs)
     for f, doc_id in files:
         if f.suffix == ".jsonl":
             with open(f, encoding="utf-8", errors="replace") as fh:
@@ -46,6 +52,15 @@ def iter_documents(inputs: list[Path]):
                     yield f"{doc_id}:{i}", str(text)
         else:
             yield doc_id, f.read_text(encoding="utf-8", errors="replace")
+
+
+def forced_heldout(files: list[tuple[Path, str]], fraction: float) -> set[str]:
+    """With a held-out fraction > 0 and 2+ text files of which the hash split
+    holds none out, the one with the smallest hash (never an empty split)."""
+    ids = [i for f, i in files if f.suffix != ".jsonl"]
+    if fraction <= 0 or len(ids) < 2 or any(is_heldout(i, fraction) for i in ids):
+        return set()
+    return {min(ids, key=lambda i: hashlib.sha256(i.encode()).digest())}
 
 
 def is_heldout(doc_id: str, fraction: float) -> bool:
@@ -66,9 +81,11 @@ def prepare(inputs: list[Path], tokenizer_src: str, out: Path, heldout_fraction:
     docs = {s: 0 for s in SPLITS}
     with atomic_dir(out, force) as tmp:
         files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
+        listed = document_files(inputs)
+        forced = forced_heldout(listed, heldout_fraction)
         try:
-            for doc_id, text in tqdm(iter_documents(inputs), desc="tokenize", unit="doc"):
-                split = "heldout" if is_heldout(doc_id, heldout_fraction) else "train"
+            for doc_id, text in tqdm(iter_documents(listed), desc="tokenize", unit="doc"):
+                split = "heldout" if is_heldout(doc_id, heldout_fraction) or doc_id in forced else "train"
                 ids = encode_text(tok, text)
                 if eos is not None:
                     ids.append(eos)
