@@ -550,7 +550,8 @@ def bridge_cmd(source, student, size, init, prompts, prompt_data, num_prompts, m
 @click.argument("model")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model directory.")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="4", show_default=True)
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--group-size", type=click.Choice(["auto", "32", "64", "128"]), default="auto", show_default=True,
+              help="auto: 64 when it divides every layer, else 32.")
 @click.option("--method", type=click.Choice(["rtn", "awq", "gptq"]), default="rtn", show_default=True,
               help="rtn: round to nearest; awq / gptq: learned from calibration text.")
 @click.option("--recipe", type=click.Choice(["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]), default=None,
@@ -581,7 +582,7 @@ def export_cmd(model, out, bits, group_size, method, recipe, calib, eval_data, e
         calib = calib or DEFAULT_CALIB
         batches = calibration_batches(tokenize_file(tok, calib), CALIB_SEQ_LEN, CALIB_SEQS * CALIB_SEQ_LEN)
     ev = np.array(tokenize_file(tok, eval_data, eval_tokens), dtype=np.int32) if eval_data else None
-    info = export(model, out, int(bits), int(group_size), method, recipe, batches, ev,
+    info = export(model, out, int(bits), None if group_size == "auto" else int(group_size), method, recipe, batches, ev,
                   str(eval_data) if eval_data else None, gguf_type, package, force, log=say)
     say(f"wrote {out} ({info['size_bytes'] / 1e6:.1f} MB, {info['bits_per_weight']:.2f} bits/weight)"
         + (f" and {info['package']}" if package else "") + f" in {info['seconds']:.1f}s")

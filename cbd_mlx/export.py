@@ -88,7 +88,7 @@ def write_tarball(folder: Path, dest: Path, force: bool) -> Path:
     return dest
 
 
-def export(src: str, out: Path, bits: int, group_size: int, method: str = "rtn", recipe: str | None = None,
+def export(src: str, out: Path, bits: int, group_size: int | None, method: str = "rtn", recipe: str | None = None,
            calib: np.ndarray | None = None, eval_tokens: np.ndarray | None = None, eval_name: str | None = None,
            gguf_type: str | None = None, package: bool = False, force: bool = False, log=print) -> dict:
     """Quantize ``src`` into ``out`` (mlx-lm format, cbd.json, model card,
@@ -111,6 +111,10 @@ def export(src: str, out: Path, bits: int, group_size: int, method: str = "rtn",
     if gguf_type and a.config.get("model_type") not in ("llama", "mistral"):
         raise CBDError(f"--gguf supports the llama family, not '{a.config.get('model_type')}'")
     ppl_fp = _eval_ppl(model_from_weights(a.config, a.weights), eval_tokens)
+    if group_size is None:
+        from .quantize import auto_group_size
+
+        group_size = auto_group_size(a)
     model, qconfig = quantize_anchor(a, bits, group_size, method, recipe, calib)
     bpw = bits_per_weight(model)
     ppl_q = _eval_ppl(model, eval_tokens)

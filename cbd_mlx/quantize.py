@@ -44,8 +44,18 @@ def check_group_size(model: nn.Module, group_size: int) -> None:
         )
 
 
+def auto_group_size(a: Anchor) -> int:
+    """The largest of 64 and 32 that divides every quantizable input dimension
+    (64: mlx-lm's default)."""
+    dims = {v.shape[-1] for k, v in a.weights.items() if v.ndim == 2}
+    for g in (64, 32):
+        if all(d % g == 0 for d in dims):
+            return g
+    return 64  # check_group_size then names the layers and the fix
+
+
 def quantize_anchor(
-    a: Anchor, bits: int, group_size: int, method: str = "rtn", recipe: str | None = None,
+    a: Anchor, bits: int, group_size: int | None, method: str = "rtn", recipe: str | None = None,
     calib: np.ndarray | None = None, fallback_bits: int | None = None,
 ) -> tuple[nn.Module, dict]:
     """(quantized mlx-lm model, its config) for a full-precision anchor.
@@ -58,6 +68,7 @@ def quantize_anchor(
     if method not in METHODS:
         raise CBDError(f"--method must be one of {METHODS}")
     model = model_from_weights(a.config, a.weights)
+    group_size = group_size or auto_group_size(a)
     check_group_size(model, group_size)
     config = dict(a.config)
     if method == "rtn":
