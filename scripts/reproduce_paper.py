@@ -233,9 +233,10 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "step0.png", dpi=100)
     plt.close(fig)
-    if any("recovery" in r for r in rows):
-        fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
-        for ax, s in zip(axes[0], sizes):
+    rec_sizes = [s for s in sizes if any(r["size"] == s and r.get("recovery") for r in rows)]
+    if rec_sizes:
+        fig, axes = plt.subplots(1, len(rec_sizes), figsize=(5 * len(rec_sizes), 4), squeeze=False)
+        for ax, s in zip(axes[0], rec_sizes):
             for r in rows:
                 if r["size"] == s and r.get("recovery") and r["density"] == "dense":
                     ax.plot([p["tokens"] for p in r["recovery"]], [p["heldout_loss"] for p in r["recovery"]],
