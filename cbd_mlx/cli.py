@@ -52,8 +52,10 @@ def cli():
     \b
     Typical use:
       cbd-mlx chains                          # the chains you can init from
-      cbd-mlx init --size 138M --chain smollm2 --out my-138m
-      cbd-mlx eval my-138m --data heldout.txt
+      cbd-mlx init --size 80M                 # offline: the embedded chain
+      cbd-mlx eval cbd-init-80M --data heldout.txt
+      cbd-mlx recover cbd-init-80M --data my-texts/ --tokens 200000 --out my-80m
+      cbd-mlx export my-80m --bits 4 --method gptq --out my-80m-4bit --package
     """
 
 
@@ -70,7 +72,7 @@ def chains_cmd():
 
 @cli.group("chain")
 def chain_group():
-    """Inspect chains."""
+    """Inspect, build and pack chains."""
 
 
 @chain_group.command("show")
