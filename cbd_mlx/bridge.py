@@ -19,6 +19,7 @@ from .models import resolve
 
 PROMPT_WORDS = 24  # words per prompt drawn from text files
 GEN_DIR = "generated"
+HELDOUT_FRACTION = 0.1  # of the generated documents
 
 
 def prompts_from(prompts_file: Path | None, texts: list[Path], n: int, seed: int = 0,
@@ -149,6 +150,15 @@ def student_init(student: str, size: int | None, init: str, out: Path, seed: int
     return out
 
 
+def train_documents(docs_dir: Path) -> list[str]:
+    """The generated documents of the cache's train split, in cache order."""
+    from .data import document_files, forced_heldout, is_heldout, iter_documents
+
+    listed = document_files([docs_dir])
+    forced = forced_heldout(listed, HELDOUT_FRACTION)
+    return [t for i, t in iter_documents(listed) if not (is_heldout(i, HELDOUT_FRACTION) or i in forced)]
+
+
 def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_new_tokens: int = 128,
            gen_batch: int = 8, temperature: float = 0.8, top_p: float = 0.95, size: int | None = None,
            init: str = "prune", force: bool = False, log=print) -> dict:
@@ -172,12 +182,25 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
     context = int(src_cfg.get("max_position_embeddings") or src_cfg.get("n_positions") or 2048)
     stats = generate(model, tok, prompts, work / GEN_DIR, max_new_tokens, gen_batch, temperature, top_p,
                      cfg.seed, context, log)
-    del model
-    gc.collect()
     if not (work / "cache" / "meta.json").exists():
         n = write_documents(work / GEN_DIR, work / "docs")
         log(f"tokenizing {n} generated documents with {student}'s tokenizer")
-        prepare([work / "docs"], student, work / "cache", heldout_fraction=0.1, force=True)
+        prepare([work / "docs"], student, work / "cache", heldout_fraction=HELDOUT_FRACTION, force=True)
+    xvocab = None
+    if cfg.xvocab_weight > 0:
+        from .data import open_cache
+        from .models import load_tokenizer
+        from .uld import XVocabTargets, build_targets
+
+        if not (work / "uld" / "uld_mask.npy").exists():
+            stok = load_tokenizer(resolve(student))
+            _, splits = open_cache(work / "cache")
+            frac = build_targets(model, tok, stok, train_documents(work / "docs"), stok.eos_token_id,
+                                 len(splits["train"]), work / "uld")
+            log(f"ULD targets: {frac:.0%} of the student's positions share a token boundary with the source")
+        xvocab = XVocabTargets(work / "uld")
+    del model
+    gc.collect()
     init_dir = work / "init"
     if not (init_dir / "cbd.json").exists():
         student_init(student, size, init, init_dir, cfg.seed)
@@ -187,7 +210,7 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
                           "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                           "generation": stats}
         (init_dir / "cbd.json").write_text(dump_json(prov))
-    rec = distill(None, str(init_dir), work / "cache", out, cfg, force, log=log)
+    rec = distill(None, str(init_dir), work / "cache", out, cfg, force, log=log, xvocab=xvocab)
     if "rank" not in rec and "stopped_at" not in rec:
         shutil.rmtree(work, ignore_errors=True)
     return rec

@@ -525,11 +525,14 @@ def finetune_cmd(model, data, out, lora_rank, dora, full, fuse, iters, batch_siz
 @click.option("--gen-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts generated together.")
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--xvocab-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the cross-tokenizer logit loss (ULD: sorted top-32 probabilities at shared token "
+                   "boundaries) beside CE.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @train_options(lr=1e-3)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def bridge_cmd(source, student, size, init, prompts, prompt_data, num_prompts, max_new_tokens, gen_batch, temperature,
-               top_p, out, force, **train_kw):
+               top_p, xvocab_weight, out, force, **train_kw):
     """Bridge distillation: the source writes continuations of prompts; a
     bridge anchor of the chain's family learns them (CE, sequence-level KD) in
     its own tokenizer. Rerun to resume (generation and training)."""
@@ -539,7 +542,7 @@ def bridge_cmd(source, student, size, init, prompts, prompt_data, num_prompts, m
 
     if prompts is None and not prompt_data:
         raise CBDError("give --prompts FILE or --prompt-data TEXT to draw prompts from")
-    cfg = TrainConfig(loss="ce", **train_kw)
+    cfg = TrainConfig(loss="ce", xvocab_weight=xvocab_weight, **train_kw)
     ps = prompts_from(prompts, list(prompt_data), num_prompts, train_kw["seed"])
     rec = bridge(source, student, out, cfg, ps, max_new_tokens, gen_batch, temperature, top_p,
                  parse_size(size) if size else None, init, force, log=say)

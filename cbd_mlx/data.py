@@ -141,11 +141,15 @@ class PackedSequences:
             self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
         return self._perm
 
-    def batch(self, index: int, batch_size: int) -> np.ndarray:
-        """The ``index``-th batch: (batch_size, seq_len + 1) int32 (inputs and targets)."""
-        rows = []
+    def starts(self, index: int, batch_size: int) -> list[int]:
+        """Stream positions of the ``index``-th batch's windows."""
+        out = []
         for k in range(index * batch_size, (index + 1) * batch_size):
             epoch, pos = divmod(k, self.n)
-            start = int(self._order(epoch)[pos]) * self.seq_len
-            rows.append(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int32))
-        return np.stack(rows)
+            out.append(int(self._order(epoch)[pos]) * self.seq_len)
+        return out
+
+    def batch(self, index: int, batch_size: int) -> np.ndarray:
+        """The ``index``-th batch: (batch_size, seq_len + 1) int32 (inputs and targets)."""
+        return np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int32)
+                         for s in self.starts(index, batch_size)])

@@ -42,6 +42,7 @@ def distill(
     stop_after: int | None = None,
     teacher_cache: Path | None = None,
     cache_k: int = 32,
+    xvocab=None,
 ) -> dict:
     """Train the student on the cache (with KD from the teacher when given)
     and write it to ``out`` with its training record in cbd.json.
@@ -81,7 +82,7 @@ def distill(
         tc = TeacherCache(teacher_cache)
         tc.check(cfg.batch_size, cfg.seq_len, cfg.seed, n_batches, anchor_sha256(teacher))
     metrics = train(model, train_data, heldout, cfg, work, t_model, log=log, stop_after=stop_after,
-                    teacher_cache=tc)
+                    teacher_cache=tc, xvocab=xvocab)
     rank = mx.distributed.init().rank()
     if rank != 0:  # one writer per mlx.launch group
         return {"rank": rank}

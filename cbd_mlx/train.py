@@ -45,6 +45,7 @@ class TrainConfig:
     loss: str = "reverse_kl"
     temperature: float = 1.0
     ce_weight: float = 0.0
+    xvocab_weight: float = 0.0  # ULD cross-tokenizer loss (bridge), with targets passed to train()
     eval_every: int = 50
     eval_batches: int = 4
     save_every: int = 50
@@ -191,13 +192,15 @@ def train(
     log=print,
     stop_after: int | None = None,
     teacher_cache=None,
+    xvocab=None,
 ) -> list[dict]:
     """Train ``model`` in place; checkpoints go to ``work`` (resumed if present).
 
     Each process of an ``mlx.launch`` group reads its own slice of every
     global batch; gradients are averaged with ``mx.distributed.all_sum``.
     ``stop_after`` ends the run after that many steps (tests use it).
-    ``teacher_cache`` (a TeacherCache) replaces the teacher's forward pass."""
+    ``teacher_cache`` (a TeacherCache) replaces the teacher's forward pass.
+    ``xvocab`` (uld.XVocabTargets) adds ``cfg.xvocab_weight`` x the ULD loss."""
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     steps = cfg.steps(world)
@@ -210,8 +213,14 @@ def train(
     if teacher is not None:
         teacher.freeze()
 
-    def loss_fn(m, x, y, t):
-        return distill_loss(m(x), y, t, cfg)
+    def loss_fn(m, x, y, t, u):
+        logits = m(x)
+        loss = distill_loss(logits, y, t, cfg)
+        if u is not None:
+            from .uld import uld_loss
+
+            loss = loss + cfg.xvocab_weight * uld_loss(logits, *u)
+        return loss
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
@@ -227,7 +236,8 @@ def train(
                 t_logits = teacher_cache.logits(index)
             else:
                 t_logits = mx.stop_gradient(teacher(x)) if teacher is not None else None
-            loss, grads = loss_and_grad(model, x, y, t_logits)
+            u = xvocab.window(train_data.starts(index, cfg.batch_size), cfg.seq_len) if xvocab else None
+            loss, grads = loss_and_grad(model, x, y, t_logits, u)
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             mx.eval(acc, loss)
             loss_sum += float(loss)

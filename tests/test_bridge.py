@@ -93,3 +93,41 @@ def test_chain_build_starts_from_a_bridge_anchor(tokenizer_dir, other_tokenizer,
     assert chain.anchors[0].name == "a0-bridge" and len(chain.anchors) == 2
     a0 = load_anchor(str(tmp_path / "chain" / chain.anchors[0].source))
     assert a0.provenance["bridge"]["source"] == str(source)
+
+
+def test_uld_alignment_and_loss(tokenizer_dir, other_tokenizer):
+    import mlx.core as mx
+    import numpy as np
+
+    from cbd_mlx.models import load_tokenizer
+    from cbd_mlx.uld import align, token_ends, uld_loss
+
+    a, b = load_tokenizer(tokenizer_dir), load_tokenizer(other_tokenizer)
+    text = "Classes provide a means of bundling data and functionality together."
+    ia, ea = token_ends(a, text)
+    ib, eb = token_ends(b, text)
+    assert ia != ib and ea[-1] == eb[-1] == len(text)  # two vocabularies, one text
+    pairs = align(ea, eb)
+    assert pairs and all(ea[i] == eb[j] for i, j in pairs.items())
+    # the loss ignores which vocabulary entries hold the mass: a permuted distribution costs 0
+    logits = mx.array(np.random.default_rng(0).standard_normal((1, 3, 50)).astype(np.float32))
+    p = np.array(mx.softmax(logits, axis=-1))
+    sorted_top = mx.array(-np.sort(-p[..., ::-1], axis=-1)[..., :8])
+    mask = mx.ones((1, 3))
+    assert float(uld_loss(logits, sorted_top, mask)) < 1e-5
+    assert float(uld_loss(logits, mx.zeros((1, 3, 8)), mask)) > 0.1
+    assert float(uld_loss(logits, mx.zeros((1, 3, 8)), mx.zeros((1, 3)))) == 0.0
+
+
+def test_bridge_with_cross_tokenizer_loss(tokenizer_dir, other_tokenizer, tmp_path, capsys):
+    src_cfg, chain_cfg = TINY_CONFIGS["llama"], TINY_CONFIGS["llama"]
+    source = save_tiny(tmp_path / "source", src_cfg, random_weights(src_cfg, 7), tokenizer_dir)
+    student = save_tiny(tmp_path / "student", chain_cfg, random_weights(chain_cfg, 1), other_tokenizer)
+    code, _, err = run(capsys, "bridge", "--source", source, "--student", student, "--prompt-data", CALIB,
+                       "--num-prompts", "16", "--max-new-tokens", "48", "--init", "random", "--xvocab-weight", "0.5",
+                       "--tokens", str(8 * 4 * 32), "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3",
+                       "--out", tmp_path / "bridge")
+    assert code == 0, err
+    assert "ULD targets:" in err
+    rec = json.loads((tmp_path / "bridge" / "cbd.json").read_text())["history"][-1]
+    assert rec["config"]["xvocab_weight"] == 0.5 and rec["heldout_loss_after"] < rec["heldout_loss_before"]
