@@ -152,11 +152,9 @@ def student_init(student: str, size: int | None, init: str, out: Path, seed: int
 
 def train_documents(docs_dir: Path) -> list[str]:
     """The generated documents of the cache's train split, in cache order."""
-    from .data import document_files, forced_heldout, is_heldout, iter_documents
+    from .data import split_documents
 
-    listed = document_files([docs_dir])
-    forced = forced_heldout(listed, HELDOUT_FRACTION)
-    return [t for i, t in iter_documents(listed) if not (is_heldout(i, HELDOUT_FRACTION) or i in forced)]
+    return [text for split, _, text in split_documents([docs_dir], HELDOUT_FRACTION) if split == "train"]
 
 
 def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_new_tokens: int = 128,

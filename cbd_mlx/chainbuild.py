@@ -16,7 +16,7 @@ from .data import open_cache
 from .distill import distill
 from .errors import CBDError
 from .importance import CALIB_SEQ_LEN, CALIB_TOKENS, calibration_batches
-from .models import Anchor, anchor_sha256, atomic_dir, load_anchor, write_model
+from .models import Anchor, anchor_sha256, atomic_dir, is_hub_id, load_anchor, write_model
 from .prune import child_shape, prune
 from .shapes import config_for, format_size
 from .train import TrainConfig
@@ -39,8 +39,6 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
     """Build (or resume building) a chain under ``out``; returns its manifest.
     With ``bridge`` (keys: source, prompts, size, max_new_tokens), A0 is a
     bridge anchor shaped after ``source`` and trained from ``bridge['source']``."""
-    from dataclasses import replace as dc_replace
-
     out.mkdir(parents=True, exist_ok=True)
     anchors_dir = out / "anchors"
     if bridge:
@@ -49,7 +47,7 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
         a0_dir = anchors_dir / "a0-bridge"
         if not (a0_dir / "cbd.json").exists():
             log(f"[chain] a0-bridge: bridge distillation from {bridge['source']} into {source}'s family")
-            run_bridge(bridge["source"], source, a0_dir, dc_replace(cfg, loss="ce"), bridge["prompts"],
+            run_bridge(bridge["source"], source, a0_dir, replace(cfg, loss="ce"), bridge["prompts"],
                        bridge.get("max_new_tokens", 128), size=bridge.get("size"), force=True, log=log)
         src = load_anchor(str(a0_dir))
         a0_name = a0_dir.name
@@ -96,7 +94,7 @@ def _reference(source: str) -> str | None:
 
     if source in PACKAGED_MODELS:
         return PKG_PREFIX + source
-    if source.count("/") == 1 and not Path(source).exists() and not source.startswith((".", "/", "~")):
+    if is_hub_id(source):
         return HUB_PREFIX + source
     return None
 
@@ -107,13 +105,11 @@ def pad_widths(a: Anchor, multiple: int) -> tuple[Anchor, dict | None]:
     ``multiple`` (MLX quantizes groups of 32/64/128 along the input axis). The
     lineage names the parent channels the new ones stand for (next by the
     parent's importance ranking). Returns (anchor, {axis: [old, new]} or None)."""
-    from dataclasses import replace as dc_replace
-
     from .interpolate import grow
 
     s = a.shape
     up = lambda n: -(-n // multiple) * multiple  # noqa: E731
-    t = dc_replace(s, hidden=up(s.hidden), ffn=up(s.ffn))
+    t = replace(s, hidden=up(s.hidden), ffn=up(s.ffn))
     if t == s:
         return a, None
     weights, cfg = grow(a, t)

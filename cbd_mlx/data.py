@@ -36,9 +36,12 @@ def document_files(inputs: list[Path]) -> list[tuple[Path, str]]:
     return files
 
 
-def iter_documents(inputs: list[Path] | list[tuple[Path, str]]):
+def iter_documents(inputs: list[Path]):
     """(doc id, text): one per text file, one per jsonl line (its ``text``)."""
-    files = inputs if inputs and isinstance(inputs[0], tuple) else document_files(inputs)
+    yield from _read_documents(document_files(inputs))
+
+
+def _read_documents(files: list[tuple[Path, str]]):
     for f, doc_id in files:
         if f.suffix == ".jsonl":
             with open(f, encoding="utf-8", errors="replace") as fh:
@@ -52,6 +55,14 @@ def iter_documents(inputs: list[Path] | list[tuple[Path, str]]):
                     yield f"{doc_id}:{i}", str(text)
         else:
             yield doc_id, f.read_text(encoding="utf-8", errors="replace")
+
+
+def split_documents(inputs: list[Path], fraction: float):
+    """(split, doc id, text) of every document: the cache's train/held-out rule."""
+    files = document_files(inputs)
+    forced = forced_heldout(files, fraction)
+    for doc_id, text in _read_documents(files):
+        yield ("heldout" if is_heldout(doc_id, fraction) or doc_id in forced else "train"), doc_id, text
 
 
 def forced_heldout(files: list[tuple[Path, str]], fraction: float) -> set[str]:
@@ -81,11 +92,8 @@ def prepare(inputs: list[Path], tokenizer_src: str, out: Path, heldout_fraction:
     docs = {s: 0 for s in SPLITS}
     with atomic_dir(out, force) as tmp:
         files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
-        listed = document_files(inputs)
-        forced = forced_heldout(listed, heldout_fraction)
         try:
-            for doc_id, text in tqdm(iter_documents(listed), desc="tokenize", unit="doc"):
-                split = "heldout" if is_heldout(doc_id, heldout_fraction) or doc_id in forced else "train"
+            for split, _, text in tqdm(split_documents(inputs, heldout_fraction), desc="tokenize", unit="doc"):
                 ids = encode_text(tok, text)
                 if eos is not None:
                     ids.append(eos)

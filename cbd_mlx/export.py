@@ -94,7 +94,7 @@ def export(src: str, out: Path, bits: int, group_size: int | None, method: str =
     """Quantize ``src`` into ``out`` (mlx-lm format, cbd.json, model card,
     sha256 manifest); optionally a GGUF inside it and ``out``.tar.gz beside it."""
     from .gguf import write_gguf
-    from .quantize import bits_per_weight, is_quantized, quantize_anchor, write_quantized
+    from .quantize import auto_group_size, bits_per_weight, is_quantized, quantize_anchor, write_quantized
 
     path = resolve(src)
     q = is_quantized(path) if (path / "config.json").is_file() else None
@@ -110,11 +110,8 @@ def export(src: str, out: Path, bits: int, group_size: int | None, method: str =
     a = load_anchor(src)
     if gguf_type and a.config.get("model_type") not in ("llama", "mistral"):
         raise CBDError(f"--gguf supports the llama family, not '{a.config.get('model_type')}'")
-    ppl_fp = _eval_ppl(model_from_weights(a.config, a.weights), eval_tokens)
-    if group_size is None:
-        from .quantize import auto_group_size
-
-        group_size = auto_group_size(a)
+    ppl_fp = _eval_ppl(model_from_weights(a.config, a.weights), eval_tokens) if eval_tokens is not None else None
+    group_size = group_size or auto_group_size(a)
     model, qconfig = quantize_anchor(a, bits, group_size, method, recipe, calib)
     bpw = bits_per_weight(model)
     ppl_q = _eval_ppl(model, eval_tokens)

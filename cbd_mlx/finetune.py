@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .errors import CBDError
-from .models import atomic_dir, dump_json, resolve, weights_sha256
+from .models import atomic_dir, dump_json, read_provenance, resolve, weights_sha256
 
 FORMATS = {"text": ("text",), "chat": ("messages",), "completions": ("prompt", "completion")}
 
@@ -61,6 +61,7 @@ def finetune(model_src: str, data_dir: Path, out: Path, mode: str = "lora", rank
     if out.exists() and not force:
         raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
     path = resolve(model_src)
+    prov = read_provenance(path) or {"kind": "external", "source": model_src}  # read before hours of training
     model, tokenizer, config = load(str(path), return_config=True)
     n_layers = len(model.layers) if num_layers < 0 else min(num_layers, len(model.layers))
     with atomic_dir(out, force) as tmp:
@@ -90,8 +91,6 @@ def finetune(model_src: str, data_dir: Path, out: Path, mode: str = "lora", rank
                   "rank": rank if mode != "full" else None, "lr": lr, "valid_loss_before": before,
                   "valid_loss_after": after, "fused": bool(fuse or mode == "full")}
         log(f"valid loss {before:.3f} -> {after:.3f} ({fmt} data, {mode}, {iters} iters)")
-        prov_path = path / "cbd.json"
-        prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {"kind": "external", "source": model_src}
         prov.pop("weights_sha256", None)
         prov["history"] = list(prov.get("history", [])) + [record]
         if fuse or mode == "full":

@@ -73,28 +73,8 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
     arch = meta.get("general.architecture")
     if arch != "llama":
         return read_gguf_any(path)
-    g = lambda k, d=None: _scalar(meta, f"llama.{k}", d)  # noqa: E731
-    n_head = int(g("attention.head_count"))
-    n_kv = int(g("attention.head_count_kv", n_head))
-    hidden = int(g("embedding_length"))
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-    config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "intermediate_size": int(g("feed_forward_length")),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": n_kv,
-        "num_hidden_layers": int(g("block_count")),
-        "head_dim": int(g("rope.dimension_count", hidden // n_head)),
-        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(g("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(g("context_length", 2048)),
-        "vocab_size": int(g("vocab_size", len(tokens))),
-        "tie_word_embeddings": "output.weight" not in raw,
-        "bos_token_id": _scalar(meta, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _scalar(meta, "tokenizer.ggml.eos_token_id"),
-    }
+    config = gguf_config(arch, lambda k: _scalar(meta, k), "output.weight" in raw)
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     weights = {}
     bases = sorted({k.rsplit(".", 1)[0] for k in raw})
     for base in bases:
@@ -190,6 +170,34 @@ def _field(reader, key: str, default=None):
     return f.contents()
 
 
+def gguf_config(arch: str, get, has_output: bool) -> dict:
+    """config.json of a llama or gemma3 GGUF from its metadata (``get(key)``
+    returns a value or None; ``has_output``: an untied output matrix)."""
+    def g(k, d=None):
+        v = get(f"{arch}.{k}")
+        return d if v is None else v
+
+    n_head, hidden = int(g("attention.head_count")), int(g("embedding_length"))
+    config = {
+        "hidden_size": hidden, "intermediate_size": int(g("feed_forward_length")),
+        "num_attention_heads": n_head, "num_key_value_heads": int(g("attention.head_count_kv", n_head)),
+        "num_hidden_layers": int(g("block_count")), "rope_theta": float(g("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(g("context_length", 2048)),
+        "vocab_size": int(g("vocab_size", len(get("tokenizer.ggml.tokens") or []))),
+        "tie_word_embeddings": not has_output,
+        "bos_token_id": get("tokenizer.ggml.bos_token_id"), "eos_token_id": get("tokenizer.ggml.eos_token_id"),
+    }
+    if arch == "gemma3":
+        head_dim = int(g("attention.key_length", hidden // n_head))
+        return config | {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "head_dim": head_dim,
+                         "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+                         "sliding_window": int(g("attention.sliding_window", 512)), "sliding_window_pattern": 6,
+                         "query_pre_attn_scalar": head_dim, "rope_local_base_freq": 10000.0}
+    return config | {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                     "head_dim": int(g("rope.dimension_count", hidden // n_head)),
+                     "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5))}
+
+
 def read_gguf_any(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
     """(config, fp32 weights, metadata) through llama.cpp's ``gguf`` reader
     (every quantization type, incl. k-quants); llama and gemma3."""
@@ -203,31 +211,9 @@ def read_gguf_any(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
     if arch not in ("llama", "gemma3"):
         raise CBDError(f"GGUF {path} holds a '{arch}' model; supported GGUF architectures: llama, gemma3")
     meta = {k: _field(r, k) for k in r.fields if k.startswith(("tokenizer.", "general.", f"{arch}."))}
-    g = lambda k, d=None: meta.get(f"{arch}.{k}", d)  # noqa: E731
-    n_head, hidden = int(g("attention.head_count")), int(g("embedding_length"))
-    n_kv = int(g("attention.head_count_kv", n_head))
-    config = {
-        "hidden_size": hidden, "intermediate_size": int(g("feed_forward_length")),
-        "num_attention_heads": n_head, "num_key_value_heads": n_kv, "num_hidden_layers": int(g("block_count")),
-        "rope_theta": float(g("rope.freq_base", 10000.0)), "max_position_embeddings": int(g("context_length", 2048)),
-        "vocab_size": len(meta.get("tokenizer.ggml.tokens") or []),
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-    }
-    names = {t.name for t in r.tensors}
-    if arch == "gemma3":
-        head_dim = int(g("attention.key_length", hidden // n_head))
-        config |= {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "head_dim": head_dim,
-                   "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
-                   "sliding_window": int(g("attention.sliding_window", 512)), "sliding_window_pattern": 6,
-                   "query_pre_attn_scalar": head_dim, "rope_local_base_freq": 10000.0,
-                   "tie_word_embeddings": "output.weight" not in names}
-        name_map = GEMMA3_NAME_MAP
-    else:
-        config |= {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                   "head_dim": int(g("rope.dimension_count", hidden // n_head)),
-                   "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-                   "tie_word_embeddings": "output.weight" not in names}
-        name_map = NAME_MAP
+    config = gguf_config(arch, meta.get, "output.weight" in {t.name for t in r.tensors})
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    name_map = GEMMA3_NAME_MAP if arch == "gemma3" else NAME_MAP
     weights = {}
     for t in r.tensors:
         parts = t.name.removesuffix(".weight").split(".")

@@ -82,6 +82,11 @@ def weights_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def is_hub_id(source: str) -> bool:
+    """Whether ``source`` reads as a Hugging Face repo id ("owner/name"), not a path."""
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
+
+
 def resolve(source: str, revision: str | None = None) -> Path:
     """A local model directory for ``source``: a directory, a GGUF file
     (converted once into the user cache), a packaged model alias
@@ -102,7 +107,7 @@ def resolve(source: str, revision: str | None = None) -> Path:
         return _converted_gguf(p)
     if p.exists():
         raise CBDError(f"{p} is neither a model directory nor a .gguf file")
-    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+    if not is_hub_id(source):
         raise CBDError(f"model '{source}' not found: give a model directory, a .gguf file or a hub repo id")
     return _from_hub(source, revision)
 
@@ -162,6 +167,12 @@ def model_from_weights(config: dict, weights: dict[str, np.ndarray], dtype=mx.fl
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def read_provenance(model_dir: Path) -> dict:
+    """A model directory's cbd.json record ({} when it has none)."""
+    f = Path(model_dir) / "cbd.json"
+    return _read_json(f, "cbd.json") if f.is_file() else {}
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -260,7 +271,7 @@ def load_anchor(source: str, revision: str | None = None, check_finite: bool = T
     for k, v in weights.items() if check_finite else ():
         if not all_finite(v):
             raise CBDError(f"{path}: parameter {k} holds NaN or Inf; the checkpoint is damaged")
-    prov = _read_json(path / "cbd.json", "cbd.json") if (path / "cbd.json").is_file() else {}
+    prov = read_provenance(path)
     return Anchor(source, path, config, weights, family, shape, prov)
 
 
@@ -471,6 +482,13 @@ def dump_json(obj) -> str:
     return re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: flat[int(m.group(1))], text)
 
 
+def copy_tokenizer(src_dir: Path, dst_dir: Path) -> None:
+    """The tokenizer files of one model directory into another."""
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copy(Path(src_dir) / name, Path(dst_dir) / name)
+
+
 def write_model(
     out: Path,
     config: dict,
@@ -490,10 +508,7 @@ def write_model(
         cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
         cfg["torch_dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=4))
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.is_file():
-                shutil.copy(src, tmp / name)
+        copy_tokenizer(tokenizer_dir, tmp)
         prov = dict(provenance)
         prov["weights_sha256"] = hashlib.sha256(file_hash.encode()).hexdigest()  # = weights_sha256(tmp)
         (tmp / "cbd.json").write_text(dump_json(prov))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,7 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import CBDError
-from .models import TOKENIZER_FILES, Anchor, atomic_dir, dump_json, model_from_weights, weights_sha256
+from .models import Anchor, atomic_dir, copy_tokenizer, dump_json, model_from_weights, weights_sha256
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -55,7 +54,7 @@ def auto_group_size(a: Anchor) -> int:
 
 
 def quantize_anchor(
-    a: Anchor, bits: int, group_size: int | None, method: str = "rtn", recipe: str | None = None,
+    a: Anchor, bits: int, group_size: int, method: str = "rtn", recipe: str | None = None,
     calib: np.ndarray | None = None, fallback_bits: int | None = None,
 ) -> tuple[nn.Module, dict]:
     """(quantized mlx-lm model, its config) for a full-precision anchor.
@@ -68,7 +67,6 @@ def quantize_anchor(
     if method not in METHODS:
         raise CBDError(f"--method must be one of {METHODS}")
     model = model_from_weights(a.config, a.weights)
-    group_size = group_size or auto_group_size(a)
     check_group_size(model, group_size)
     config = dict(a.config)
     if method == "rtn":
@@ -125,9 +123,7 @@ def write_quantized(out: Path, model: nn.Module, config: dict, tokenizer_dir: Pa
         weights = dict(tree_flatten(model.parameters()))
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         save_config(dict(config), tmp / "config.json")
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+        copy_tokenizer(tokenizer_dir, tmp)
         prov = dict(provenance)
         prov["weights_sha256"] = weights_sha256(tmp)
         (tmp / "cbd.json").write_text(dump_json(prov))

@@ -9,7 +9,7 @@ from pathlib import Path
 from .data import prepare
 from .distill import distill
 from .errors import CBDError
-from .models import cache_dir, load_anchor, resolve
+from .models import cache_dir, read_provenance, resolve
 from .train import TrainConfig
 
 
@@ -39,9 +39,10 @@ def kd_teacher(model: str, kd_from: str | None) -> str | None:
     init was blended from (recorded in its cbd.json)."""
     if kd_from != "auto":
         return kd_from
-    a = load_anchor(model)
-    big = (a.provenance.get("anchors") or {}).get("big") or (a.provenance.get("anchors") or {}).get("edge")
-    chain = a.provenance.get("chain") or {}
+    prov = read_provenance(resolve(model))  # the record only: the weights are not needed here
+    anchors = prov.get("anchors") or {}
+    big = anchors.get("big") or anchors.get("edge")
+    chain = prov.get("chain") or {}
     if chain.get("manifest") and chain.get("anchors"):
         from .chain import find_chain
 
