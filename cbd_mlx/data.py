@@ -161,3 +161,32 @@ class PackedSequences:
         """The ``index``-th batch: (batch_size, seq_len + 1) int32 (inputs and targets)."""
         return np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int32)
                          for s in self.starts(index, batch_size)])
+
+
+def cache_id(meta: dict) -> str:
+    """A token cache's identity (its tokenizer, inputs and counts)."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+
+
+MIN_HELDOUT_SEQS = 8  # held-out windows a run needs; fewer and the tail of train is held out instead
+CARVE_FRACTION = 0.05
+
+
+def run_splits(splits: dict[str, np.ndarray], seq_len: int, seed: int,
+               eval_seqs: int = MIN_HELDOUT_SEQS) -> tuple[PackedSequences, PackedSequences, bool]:
+    """(train, held-out, carved) sequences for a training run. There is always
+    a held-out split: when the cache's own is too small for ``eval_seqs``
+    windows, the last 5% of the train tokens (at least ``eval_seqs`` windows)
+    are held out instead and left out of training (carved=True)."""
+    train, held = splits["train"], splits["heldout"]
+    need = eval_seqs * seq_len + 1
+    carved = len(held) < need
+    if carved:
+        n = max(need, int(len(train) * CARVE_FRACTION))
+        if len(train) - n < seq_len + 1:
+            raise CBDError(
+                f"the token cache is too small: {len(train)} training tokens leave no room for a held-out "
+                f"split of {need} tokens plus training data; give more text"
+            )
+        train, held = train[:-n], train[-n:]
+    return PackedSequences(train, seq_len, seed), PackedSequences(held, seq_len, seed + 1), carved

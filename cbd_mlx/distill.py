@@ -9,10 +9,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .data import PackedSequences, open_cache
+from .data import cache_id, open_cache, run_splits
 from .errors import CBDError
 from .models import Anchor, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint, write_model
-from .train import TrainConfig, config_record, heldout_loss, remove_work, train, write_training_outputs
+from .train import TrainConfig, config_record, remove_work, train, write_training_outputs
 from mlx.utils import tree_flatten
 
 WORK_SUFFIX = ".partial"
@@ -58,11 +58,12 @@ def distill(
             raise CBDError("teacher and student use different tokenizers; distill within one chain (or use `bridge`)")
     meta, splits = open_cache(cache)
     check_data(meta, student)
-    train_data = PackedSequences(splits["train"], cfg.seq_len, cfg.seed)
-    heldout = PackedSequences(splits["heldout"], cfg.seq_len, cfg.seed + 1) if len(splits["heldout"]) > cfg.seq_len else None
+    train_data, heldout, carved = run_splits(splits, cfg.seq_len, cfg.seed)
+    if carved:
+        log(f"the cache's held-out split is too small; holding out the last {len(heldout.tokens):,} training "
+            "tokens instead")
     model = model_from_weights(student.config, student.weights)
     t_model = model_from_weights(teacher.config, teacher.weights) if teacher else None
-    before = heldout_loss(model, heldout, cfg)
     work = work_dir(out)
     t0 = time.time()
     tc = None
@@ -70,25 +71,24 @@ def distill(
         if teacher is None:
             raise CBDError("--teacher-cache needs --teacher")
         from .models import anchor_sha256
-        from .teacher_cache import TeacherCache, build_cache
+        from .teacher_cache import TeacherCache
 
-        world = mx.distributed.init().size()
-        if world > 1:
+        if mx.distributed.init().size() > 1:
             raise CBDError("--teacher-cache is single-process for now; drop it under mlx.launch")
-        n_batches = cfg.steps(1) * cfg.grad_accum
-        if not Path(teacher_cache, "teacher_cache.json").exists():
-            build_cache(t_model, train_data, cfg.batch_size, n_batches, cache_k, Path(teacher_cache),
-                        anchor_sha256(teacher))
-        tc = TeacherCache(teacher_cache)
-        tc.check(cfg.batch_size, cfg.seq_len, cfg.seed, n_batches, anchor_sha256(teacher))
-    metrics = train(model, train_data, heldout, cfg, work, t_model, log=log, stop_after=stop_after,
-                    teacher_cache=tc, xvocab=xvocab)
+        tc = TeacherCache(teacher_cache, t_model, k=cache_k, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                          seed=cfg.seed, n_batches=cfg.steps(1) * cfg.grad_accum, vocab=teacher.shape.vocab,
+                          teacher_sha256=anchor_sha256(teacher), data=cache_id(meta))
+        if tc.n_filled:
+            log(f"teacher cache {teacher_cache}: {tc.n_filled} batches already computed")
+    res = train(model, train_data, heldout, cfg, work, t_model, log=log, stop_after=stop_after,
+                teacher_cache=tc, xvocab=xvocab)
+    metrics = res.metrics
     rank = mx.distributed.init().rank()
     if rank != 0:  # one writer per mlx.launch group
         return {"rank": rank}
-    if stop_after is not None and metrics and metrics[-1]["step"] < cfg.steps(1):
-        return {"stopped_at": metrics[-1]["step"]}
-    after = metrics[-1].get("heldout_loss") if metrics else None
+    if not res.finished:
+        return {"stopped_at": res.last.get("step", 0)}
+    before, after = res.heldout_before, res.best_loss
     record = {
         "kind": "distill" if teacher else "train",
         "teacher": teacher_src,
@@ -96,8 +96,12 @@ def distill(
         "student": student_src,
         "data": {"cache": str(cache), "tokens": meta["tokens"], "inputs": meta.get("inputs")},
         "config": config_record(cfg),
-        "steps": metrics[-1]["step"] if metrics else 0,
-        "tokens_seen": metrics[-1]["tokens"] if metrics else 0,
+        "steps": res.last.get("step", 0),
+        "tokens_seen": res.last.get("tokens", 0),
+        "best_step": res.best_step,
+        "rollbacks": res.rollbacks,
+        "heldout": "carved from the end of train" if carved else "the cache's held-out split",
+        "tokens_per_s": round(res.tokens_per_s, 1) if res.tokens_per_s else None,
         "heldout_loss_before": before,
         "heldout_loss_after": after,
         "heldout_ppl_before": float(np.exp(before)) if before is not None else None,

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,9 +27,17 @@ from tqdm import tqdm
 from .data import PackedSequences
 from .errors import CBDError
 from .models import atomic_dir
+from .teacher_cache import dense_logprobs
 
-LOSSES = ("reverse_kl", "forward_kl", "jsd", "ce")
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "ce")
 CHECKPOINT = "checkpoint"
+EXPLODE_FACTOR = 3.0  # a step's loss above this many times the recent median is an explosion
+EXPLODE_WINDOW = 16  # steps in that median (checked once 8 are known)
+DIVERGE_FACTOR = 1.2  # a held-out loss above this many times the best so far is a divergence
+MAX_ROLLBACKS = 3  # rollbacks (each halving the lr) before a run stops
+# options a resumed run must share with the checkpoint it resumes
+RESUME_KEYS = ("tokens", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_fraction",
+               "weight_decay", "loss", "temperature", "ce_weight", "xvocab_weight", "freeze_embeddings", "seed")
 
 
 @dataclass
@@ -42,10 +52,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     min_warmup_steps: int = 10
-    loss: str = "reverse_kl"
+    loss: str = "forward_kl"
     temperature: float = 1.0
     ce_weight: float = 0.0
     xvocab_weight: float = 0.0  # ULD cross-tokenizer loss (bridge), with targets passed to train()
+    freeze_embeddings: bool = False  # token embeddings (and an untied output head) stay as they are
     eval_every: int = 50
     eval_batches: int = 4
     save_every: int = 50
@@ -90,19 +101,60 @@ def _fused_kd(mode: str, ce_weight: float):
         _, ps, pt, d, kl = outputs
         g = ps * (d - kl[..., None]) if mode == "reverse_kl" else ps - pt
         if ce_weight:
-            onehot = mx.arange(zs.shape[-1]) == y[..., None]
-            g = g + ce_weight * (ps - onehot)
+            g = g + ce_weight * _minus_onehot(ps, y)
         return g * cotangents[0][..., None], mx.zeros_like(zt), mx.zeros_like(y)
 
     return rows
 
 
-def distill_loss(logits: mx.array, targets: mx.array, teacher: mx.array | None, cfg: TrainConfig) -> mx.array:
+def _topk_forward_kl(ce_weight: float):
+    """Per-token KL(teacher || student) against a top-k teacher (the k
+    log-probs as cached, the remaining mass spread evenly over the rest of the
+    vocabulary), plus ``ce_weight`` * CE; one exp pass over the vocabulary, the
+    teacher's full distribution never materialized."""
+
+    @mx.custom_function
+    def rows(zs, idx, lp, y):
+        vocab, k = zs.shape[-1], lp.shape[-1]
+        ps, lse = _softmax_lse(zs)
+        q = mx.exp(lp)
+        rest = mx.maximum(1.0 - q.sum(-1, keepdims=True), 1e-6)
+        u = rest / max(vocab - k, 1)
+        logp_top = mx.take_along_axis(zs, idx, -1) - lse
+        logp_rest = zs.sum(-1, keepdims=True) - vocab * lse - logp_top.sum(-1, keepdims=True)
+        loss = (q * (lp - logp_top)).sum(-1) + (rest * mx.log(u) - u * logp_rest)[..., 0]
+        if ce_weight:
+            loss = loss + ce_weight * (lse[..., 0] - mx.take_along_axis(zs, y[..., None], -1)[..., 0])
+        return loss, ps, q, u
+
+    @rows.vjp
+    def rows_vjp(primals, cotangents, outputs):
+        zs, idx, lp, y = primals
+        _, ps, q, u = outputs
+        g = mx.put_along_axis(ps - u, idx, mx.take_along_axis(ps, idx, -1) - q, axis=-1)
+        if ce_weight:
+            g = g + ce_weight * _minus_onehot(ps, y)
+        return g * cotangents[0][..., None], mx.zeros_like(idx), mx.zeros_like(lp), mx.zeros_like(y)
+
+    return rows
+
+
+def _minus_onehot(ps: mx.array, y: mx.array) -> mx.array:
+    """ps - onehot(y): the gradient of CE with respect to the logits."""
+    return mx.put_along_axis(mx.zeros_like(ps), y[..., None], mx.full(y[..., None].shape, -1.0), axis=-1) + ps
+
+
+def distill_loss(logits: mx.array, targets: mx.array, teacher, cfg: TrainConfig) -> mx.array:
     """Mean per-token loss: a KL-type distance to the teacher (times T^2) plus
-    ``ce_weight`` * cross-entropy; plain CE without a teacher or with loss=ce."""
+    ``ce_weight`` * cross-entropy; plain CE without a teacher or with loss=ce.
+    ``teacher`` is the teacher's logits or a top-k (indices, log-probs) pair."""
     if teacher is None or cfg.loss == "ce":
         return nn.losses.cross_entropy(logits, targets).mean()
     t = cfg.temperature
+    if isinstance(teacher, tuple):
+        if cfg.loss == "forward_kl" and t == 1.0:
+            return _topk_forward_kl(cfg.ce_weight)(logits, *teacher, targets)[0].mean()
+        teacher = dense_logprobs(*teacher, logits.shape[-1])
     if cfg.loss in ("reverse_kl", "forward_kl"):
         if t == 1.0:
             return _fused_kd(cfg.loss, cfg.ce_weight)(logits, teacher, targets)[0].mean()
@@ -125,26 +177,81 @@ def schedule(cfg: TrainConfig, steps: int):
     return optim.join_schedules([optim.linear_schedule(cfg.lr * 0.01, cfg.lr, warmup), decay], [warmup])
 
 
-def _save_checkpoint(work: Path, model: nn.Module, opt: optim.Optimizer, step: int, metrics: list) -> None:
-    """Atomically replace work/checkpoint (weights, optimizer state, step)."""
+@dataclass
+class TrainResult:
+    """What a run did: its metrics, the held-out loss before it, and the step
+    whose weights it kept (the best by held-out loss; 0 = the start)."""
+
+    metrics: list[dict]
+    heldout_before: float | None = None
+    best_step: int = 0
+    best_loss: float | None = None
+    rollbacks: int = 0
+    finished: bool = True
+
+    @property
+    def last(self) -> dict:
+        return self.metrics[-1] if self.metrics else {}
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        rates = [m["tokens_per_s"] for m in self.metrics if "tokens_per_s" in m]
+        return statistics.median(rates) if rates else None
+
+
+def _resume_record(cfg: TrainConfig) -> dict:
+    c = asdict(cfg)
+    return {k: c[k] for k in RESUME_KEYS}
+
+
+def _save_checkpoint(work: Path, model: nn.Module, opt: optim.Optimizer, state: dict, best) -> None:
+    """Atomically replace work/checkpoint (weights, optimizer state, the run's
+    state and the best weights so far when they are neither the start's nor
+    the current ones)."""
+    prev_best = work / CHECKPOINT / "best.safetensors"
+    prev_state = _read_state(work)
     with atomic_dir(work / CHECKPOINT, force=True) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics}))
+        if best.step not in (0, state["step"]):
+            if prev_state and prev_state["best_step"] == best.step and prev_best.is_file():
+                os.link(prev_best, tmp / "best.safetensors")
+            else:
+                mx.save_safetensors(str(tmp / "best.safetensors"), dict(tree_flatten(best.params)))
+        (tmp / "state.json").write_text(json.dumps(state))
 
 
-def _load_checkpoint(work: Path, model: nn.Module, opt: optim.Optimizer) -> tuple[int, list]:
+def _read_state(work: Path) -> dict | None:
+    f = work / CHECKPOINT / "state.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _load_checkpoint(work: Path, model: nn.Module, opt: optim.Optimizer, cfg: TrainConfig):
+    """(state, best params or None) of work/checkpoint, loaded into model and
+    optimizer; None when there is none. Refuses a checkpoint of other options."""
     ck = work / CHECKPOINT
     if not (ck / "state.json").is_file():
-        return 0, []
+        return None
     try:
         state = json.loads((ck / "state.json").read_text())
+        if state.get("config") != _resume_record(cfg):
+            old = state.get("config") or {}
+            diff = ", ".join(f"--{k.replace('_', '-')} {old.get(k)}" for k in RESUME_KEYS
+                             if old.get(k) != getattr(cfg, k))
+            raise CBDError(f"{work} holds an interrupted run made with {diff or 'other options'}; rerun with "
+                           f"those options to resume it, or delete {work} to start over")
         model.load_weights(list(mx.load(str(ck / "model.safetensors")).items()), strict=True)
         opt.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
-    except (ValueError, RuntimeError, json.JSONDecodeError) as e:
+        best = None
+        if (ck / "best.safetensors").is_file():
+            best = tree_unflatten(list(mx.load(str(ck / "best.safetensors")).items()))
+    except (ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
         raise CBDError(f"checkpoint {ck} is damaged ({e}); delete it to start over") from None
     mx.eval(model.parameters(), opt.state)
-    return state["step"], state["metrics"]
+    return state, best
 
 
 def heldout_loss(model: nn.Module, data: PackedSequences | None, cfg: TrainConfig) -> float | None:
@@ -182,6 +289,30 @@ def plot_metrics(metrics: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+@dataclass
+class _Point:
+    """Parameters (and optimizer state) at a step: MLX arrays are immutable,
+    so holding the trees costs no copy."""
+
+    step: int
+    params: dict
+    opt_state: dict | None = None
+    n_metrics: int = 0
+    loss: float | None = None
+
+
+def freeze_embeddings(model: nn.Module) -> None:
+    """Freeze every token embedding and an untied output head (a tied head is
+    the embedding itself)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) or (isinstance(m, nn.Linear) and name.split(".")[-1] == "lm_head"):
+            m.freeze()
+
+
+def _copy_tree(t):
+    return tree_map(lambda x: x, t)
+
+
 def train(
     model: nn.Module,
     train_data: PackedSequences,
@@ -193,23 +324,46 @@ def train(
     stop_after: int | None = None,
     teacher_cache=None,
     xvocab=None,
-) -> list[dict]:
+) -> TrainResult:
     """Train ``model`` in place; checkpoints go to ``work`` (resumed if present).
+
+    Guarded: a non-finite or exploding step loss, or a held-out loss
+    ``DIVERGE_FACTOR`` above the best so far, rolls back to the last good
+    point and halves the lr (``MAX_ROLLBACKS`` times, then the run stops with
+    one clear line). The model ends holding its best weights by held-out loss
+    (the start's when training never improved on them).
 
     Each process of an ``mlx.launch`` group reads its own slice of every
     global batch; gradients are averaged with ``mx.distributed.all_sum``.
     ``stop_after`` ends the run after that many steps (tests use it).
-    ``teacher_cache`` (a TeacherCache) replaces the teacher's forward pass.
-    ``xvocab`` (uld.XVocabTargets) adds ``cfg.xvocab_weight`` x the ULD loss."""
+    ``teacher_cache`` (a TeacherCache) gives the teacher's top-k log-probs,
+    computed once per batch. ``xvocab`` (uld.XVocabTargets) adds
+    ``cfg.xvocab_weight`` x the ULD loss."""
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     steps = cfg.steps(world)
-    opt = optim.AdamW(learning_rate=schedule(cfg, steps), weight_decay=cfg.weight_decay)
+    if cfg.freeze_embeddings:
+        freeze_embeddings(model)
+    base_lr = schedule(cfg, steps)
+    lr_scale = 1.0
+    opt = optim.AdamW(learning_rate=lambda s: lr_scale * base_lr(s), weight_decay=cfg.weight_decay)
     opt.init(model.trainable_parameters())
     work.mkdir(parents=True, exist_ok=True)
-    start, metrics = _load_checkpoint(work, model, opt)
-    if start:
+    initial = model.parameters()
+    loaded = _load_checkpoint(work, model, opt, cfg)
+    if loaded:
+        state, best_params = loaded
+        start, metrics = state["step"], state["metrics"]
+        lr_scale, rollbacks, before = state["lr_scale"], state["rollbacks"], state["heldout_before"]
+        best_step = state["best_step"]
+        best_params = {0: initial, start: model.parameters()}.get(best_step, best_params)
+        best = _Point(best_step, best_params, loss=state["best_loss"])
         log(f"resuming from step {start}/{steps} ({work / CHECKPOINT})")
+    else:
+        start, metrics, rollbacks = 0, [], 0
+        before = heldout_loss(model, heldout, cfg)
+        best = _Point(0, initial, loss=before)
+    good = _Point(start, model.parameters(), _copy_tree(opt.state), len(metrics))
     if teacher is not None:
         teacher.freeze()
 
@@ -222,22 +376,40 @@ def train(
             loss = loss + cfg.xvocab_weight * uld_loss(logits, *u)
         return loss
 
+    def rollback(why: str) -> int:
+        nonlocal lr_scale, rollbacks
+        rollbacks += 1
+        if rollbacks > MAX_ROLLBACKS:
+            if teacher_cache is not None:
+                teacher_cache.flush()
+            raise CBDError(f"training diverged {rollbacks} times ({why}), the last at lr {cfg.lr * lr_scale:.2e}; "
+                           f"lower --lr (try {cfg.lr * lr_scale / 4:.1e}) or check the data")
+        lr_scale *= 0.5
+        model.update(good.params)
+        opt.state = _copy_tree(good.opt_state)
+        del metrics[good.n_metrics:]
+        metrics.append({"step": good.step, "tokens": good.step * tokens_per_step, "event": "rollback",
+                        "why": why, "lr_scale": lr_scale})
+        log(f"{why}: rolled back to step {good.step}, lr x{lr_scale:g} ({rollbacks}/{MAX_ROLLBACKS})")
+        return good.step
+
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=rank != 0)
     t_last, tok_since = time.time(), 0
-    for step in range(start, steps):
+    step, done = start, 0
+    while step < steps:
         acc, loss_sum = None, 0.0
         for micro in range(cfg.grad_accum):
             index = (step * cfg.grad_accum + micro) * world + rank
             b = mx.array(train_data.batch(index, cfg.batch_size))
             x, y = b[:, :-1], b[:, 1:]
             if teacher_cache is not None:
-                t_logits = teacher_cache.logits(index)
+                t_out = teacher_cache.topk(index, x)
             else:
-                t_logits = mx.stop_gradient(teacher(x)) if teacher is not None else None
+                t_out = mx.stop_gradient(teacher(x)) if teacher is not None else None
             u = xvocab.window(train_data.starts(index, cfg.batch_size), cfg.seq_len) if xvocab else None
-            loss, grads = loss_and_grad(model, x, y, t_logits, u)
+            loss, grads = loss_and_grad(model, x, y, t_out, u)
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             mx.eval(acc, loss)
             loss_sum += float(loss)
@@ -245,6 +417,18 @@ def train(
         if world > 1:
             acc = tree_map(mx.distributed.all_sum, acc)
             loss_val = float(mx.distributed.all_sum(mx.array(loss_val))) / world
+        recent = [m["loss"] for m in metrics[-EXPLODE_WINDOW:] if "loss" in m]
+        if not math.isfinite(loss_val):
+            step = rollback(f"the loss became {loss_val} at step {step + 1}")
+            bar.reset(steps)
+            bar.update(step)
+            continue
+        if len(recent) >= 8 and loss_val > EXPLODE_FACTOR * statistics.median(recent):
+            step = rollback(f"the loss jumped to {loss_val:.3g} at step {step + 1} "
+                            f"(median of the last {len(recent)}: {statistics.median(recent):.3g})")
+            bar.reset(steps)
+            bar.update(step)
+            continue
         # mean over micro-batches and processes, and global-norm clipping, in one pass
         scale = 1.0 / (cfg.grad_accum * world)
         if cfg.max_grad_norm > 0:
@@ -253,26 +437,57 @@ def train(
         grads = tree_map(lambda g: g * scale, acc)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state)
-        if not math.isfinite(loss_val):
-            raise CBDError(f"the loss became {loss_val} at step {step + 1}; lower --lr and resume")
+        step += 1
+        done += 1
         tok_since += tokens_per_step
-        rec = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": loss_val,
-               "lr": float(opt.learning_rate)}
-        last = step + 1 == steps
-        if (step + 1) % cfg.eval_every == 0 or last:
-            rec["heldout_loss"] = heldout_loss(model, heldout, cfg)
+        rec = {"step": step, "tokens": step * tokens_per_step, "loss": loss_val, "lr": float(opt.learning_rate)}
+        last = step == steps
+        if step % cfg.eval_every == 0 or last:
+            h = heldout_loss(model, heldout, cfg)
+            rec["heldout_loss"] = h
+            if h is not None and not math.isfinite(h):
+                step = rollback(f"the held-out loss became {h} at step {step}")
+                bar.reset(steps)
+                bar.update(step)
+                continue
+            if h is not None and best.loss is not None and h > DIVERGE_FACTOR * best.loss:
+                step = rollback(f"the held-out loss rose to {h:.3f} at step {step} (best {best.loss:.3f})")
+                bar.reset(steps)
+                bar.update(step)
+                continue
+            if h is not None and (best.loss is None or h < best.loss):
+                best = _Point(step, model.parameters(), loss=h)
         now = time.time()
         rec["tokens_per_s"] = tok_since / max(now - t_last, 1e-9)
         t_last, tok_since = now, 0
         metrics.append(rec)
         bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         bar.update(1)
-        if rank == 0 and ((step + 1) % cfg.save_every == 0 and not last):
-            _save_checkpoint(work, model, opt, step + 1, metrics)
-        if stop_after is not None and step + 1 - start >= stop_after:
+        if step % cfg.save_every == 0 and not last:
+            good = _Point(step, model.parameters(), _copy_tree(opt.state), len(metrics))
+            if rank == 0:
+                if teacher_cache is not None:
+                    teacher_cache.flush()
+                state = {"step": step, "metrics": metrics, "lr_scale": lr_scale, "rollbacks": rollbacks,
+                         "heldout_before": before, "best_step": best.step, "best_loss": best.loss,
+                         "config": _resume_record(cfg)}
+                _save_checkpoint(work, model, opt, state, best)
+        if stop_after is not None and done >= stop_after:
             break
     bar.close()
-    return metrics
+    if teacher_cache is not None:
+        teacher_cache.flush()
+    finished = step == steps
+    if finished and best.step != step and best.loss is not None:
+        model.update(best.params)
+        mx.eval(model.parameters())
+        if best.step == 0:
+            log(f"warning: the held-out loss never went below the start's ({best.loss:.3f}); the model keeps its "
+                "starting weights (try a lower --lr or more --tokens)")
+        else:
+            log(f"keeping the best weights by held-out loss: step {best.step} ({best.loss:.3f}; "
+                f"the last step had {metrics[-1].get('heldout_loss', float('nan')):.3f})")
+    return TrainResult(metrics, before, best.step, best.loss, rollbacks, finished)
 
 
 def write_training_outputs(out_tmp: Path, metrics: list[dict], title: str, heldout_before: float | None = None) -> None:

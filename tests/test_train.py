@@ -395,3 +395,117 @@ def test_chain_pack_pads_widths_for_quantization_groups(setup, tmp_path):
     ref = np.array(model_from_weights(orig.config, orig.weights)(ids))
     got = np.array(model_from_weights(child.config, child.weights)(ids))
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()  # 8-bit noise only: padding is exact
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_topk_forward_kl_matches_dense_teacher(ce_weight):
+    """The top-k forward KL (no full teacher distribution) equals the textbook
+    KL against the dense distribution the top-k stands for, value and gradient."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from cbd_mlx.teacher_cache import dense_logprobs
+    from cbd_mlx.train import distill_loss
+
+    mx.random.seed(1)
+    V, k = 41, 6
+    zs, zt = mx.random.normal((2, 5, V)) * 3, mx.random.normal((2, 5, V)) * 3
+    y = mx.random.randint(0, V, (2, 5))
+    lt = nn.log_softmax(zt, -1)
+    idx = mx.argpartition(-lt, k - 1, axis=-1)[..., :k]
+    lp = mx.take_along_axis(lt, idx, -1)
+    dense = dense_logprobs(idx, lp, V)
+    c = TrainConfig(tokens=1, loss="forward_kl", ce_weight=ce_weight)
+
+    def textbook(z):
+        ls = nn.log_softmax(z, -1)
+        return (mx.exp(dense) * (dense - ls)).sum(-1).mean() + ce_weight * nn.losses.cross_entropy(z, y).mean()
+
+    v1, g1 = mx.value_and_grad(textbook)(zs)
+    v2, g2 = mx.value_and_grad(lambda z: distill_loss(z, y, (idx, lp), c))(zs)
+    assert abs(float(v1) - float(v2)) < 1e-4
+    assert float(mx.abs(g1 - g2).max()) < 1e-6
+
+
+def test_nan_loss_rolls_back_and_lowers_the_lr(setup, tmp_path, monkeypatch):
+    """A non-finite loss at one step rolls back to the last good point with
+    half the lr; the run finishes and says so in its record."""
+    import cbd_mlx.train as T
+
+    teacher, student, cache = setup
+    real, calls = T.distill_loss, {"n": 0}
+
+    def flaky(logits, y, t, c):
+        calls["n"] += 1
+        loss = real(logits, y, t, c)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    monkeypatch.setattr(T, "distill_loss", flaky)
+    logs = []
+    rec = distill(str(teacher), str(student), cache, tmp_path / "o", cfg(), log=logs.append)
+    assert rec["rollbacks"] == 1 and rec["steps"] == 12
+    assert any("rolled back to step 4, lr x0.5" in line for line in logs), logs
+    lines = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m.get("event") == "rollback"] == [4]
+
+
+def test_divergence_stops_with_one_line_after_the_retries(setup, tmp_path):
+    teacher, student, cache = setup
+    with pytest.raises(CBDError, match=r"diverged 4 times .* lower --lr"):
+        distill(str(teacher), str(student), cache, tmp_path / "o", cfg(lr=1e6, max_grad_norm=0.0),
+                log=lambda *_: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_best_checkpoint_by_heldout_loss_is_written(setup, trained_teacher, tmp_path):
+    """A run whose held-out loss only gets worse keeps its starting weights."""
+    _, _, cache = setup
+    out = tmp_path / "o"
+    logs = []
+    # the trained teacher, trained further on CE with a destructive lr: held-out loss rises
+    rec = distill(None, str(trained_teacher), cache, out, cfg(lr=0.3, loss="ce", tokens=8 * 4 * 64, eval_every=2),
+                  log=logs.append)
+    assert rec["best_step"] == 0 and rec["heldout_loss_after"] == rec["heldout_loss_before"]
+    a, b = load_anchor(str(trained_teacher)), load_anchor(str(out))
+    for k in a.weights:
+        assert np.array_equal(a.weights[k], b.weights[k]), k
+    assert any("never went below" in line for line in logs)
+
+
+def test_resume_with_other_options_is_refused(setup, tmp_path):
+    teacher, student, cache = setup
+    out = tmp_path / "o"
+    distill(str(teacher), str(student), cache, out, cfg(), log=lambda *_: None, stop_after=5)
+    with pytest.raises(CBDError, match=r"made with --lr 0.003.*delete"):
+        distill(str(teacher), str(student), cache, out, cfg(lr=1e-3), log=lambda *_: None)
+
+
+def test_a_cache_without_heldout_split_still_gets_one(setup, tmp_path):
+    teacher, student, _ = setup
+    cache = tmp_path / "nohold"
+    prepare([DATA / "calib.txt", DATA / "heldout.txt"], str(teacher), cache, heldout_fraction=0.0)
+    logs = []
+    rec = distill(str(teacher), str(student), cache, tmp_path / "o", cfg(), log=logs.append)
+    assert rec["heldout"] == "carved from the end of train" and rec["heldout_loss_after"] is not None
+    assert any("holding out the last" in line for line in logs)
+
+
+def test_teacher_cache_fills_lazily_and_survives_a_resume(setup, trained_teacher, tmp_path):
+    """Batches computed before a stop are read back, not recomputed."""
+    from cbd_mlx.teacher_cache import TeacherCache
+
+    _, student, cache = setup
+    tc = tmp_path / "tc"
+    distill(str(trained_teacher), str(student), cache, tmp_path / "o", cfg(), log=lambda *_: None,
+            teacher_cache=tc, cache_k=8, stop_after=5)
+    filled = np.load(tc / "filled.npy")
+    assert filled[:5].all() and not filled[5:].any()
+    logs = []
+    distill(str(trained_teacher), str(student), cache, tmp_path / "o", cfg(), log=logs.append, teacher_cache=tc,
+            cache_k=8)
+    assert np.load(tc / "filled.npy").all()
+    assert any("5 batches already computed" in line for line in logs)
+    with pytest.raises(CBDError, match="another --cache-k"):
+        TeacherCache(tc, None, k=4, batch_size=4, seq_len=64, seed=0, n_batches=12, vocab=1,
+                     teacher_sha256=json.loads((tc / "teacher_cache.json").read_text())["teacher_sha256"],
+                     data=json.loads((tc / "teacher_cache.json").read_text())["data"])
