@@ -9,7 +9,7 @@ from .errors import CBDError
 from .importance import collect_stats, importance, rankings, select, uniform_rankings
 from .models import Anchor, anchor_sha256
 from .operators import subset
-from .shapes import Shape, count_params, solve_shape
+from .shapes import WIDTH_MULTIPLE, Shape, count_params, solve_shape
 
 
 def floor_shape(parent: Shape, tied_width: bool) -> Shape:
@@ -28,7 +28,7 @@ def floor_shape(parent: Shape, tied_width: bool) -> Shape:
     )
 
 
-def child_shape(parent: Anchor, n_target: int, fixed: dict | None = None) -> Shape:
+def child_shape(parent: Anchor, n_target: int, fixed: dict | None = None, multiple: int = WIDTH_MULTIPLE) -> Shape:
     """A child shape of ``n_target`` parameters (within 1%) below the parent."""
     if n_target >= parent.n_params:
         raise CBDError(
@@ -41,7 +41,7 @@ def child_shape(parent: Anchor, n_target: int, fixed: dict | None = None) -> Sha
             f"{n_target / 1e6:.1f}M is below what pruning can reach from this parent "
             f"({n_floor / 1e6:.1f}M, a quarter of every axis)"
         )
-    return solve_shape(parent.family, parent.template, floor, parent.shape, n_target, fixed)
+    return solve_shape(parent.family, parent.template, floor, parent.shape, n_target, fixed, multiple=multiple)
 
 
 def prune(parent: Anchor, target: Shape, batches: np.ndarray | None) -> tuple[dict, dict]:

@@ -13,8 +13,11 @@ from .families import Family, layer_local_name
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBgG])\s*$")
 SIZE_UNITS = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
 SIZE_TOLERANCE = 0.01  # the solver's exact count is within 1% of the request
-HIDDEN_STEP_MIN = 8  # hidden sizes tried: multiples of lcm(heads, 8)
-FFN_STEP = 32
+# widths the solver tries are multiples of this (mlx quantizes groups of 32/64/128
+# along a layer's input, so every shape it picks can be exported); hidden is also
+# a multiple of the head count (Hugging Face configs require it)
+WIDTH_MULTIPLE = 32
+MIN_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -153,12 +156,25 @@ def solve_shape(
     target: int,
     fixed: dict | None = None,
     tolerance: float = SIZE_TOLERANCE,
+    multiple: int = WIDTH_MULTIPLE,
 ) -> Shape:
     """A shape between ``small`` and ``big`` whose exact count is within
     ``tolerance`` of ``target``, as proportional to both anchors as possible.
 
-    ``fixed`` pins any of layers/hidden/ffn/heads/kv_heads.
+    ``fixed`` pins any of layers/hidden/ffn/heads/kv_heads. Hidden and ffn
+    widths are multiples of ``multiple`` (or the anchors' own widths) when any
+    such shape is close enough, else multiples of 8 (tiny models).
     """
+    error = None
+    for m in dict.fromkeys((multiple, MIN_MULTIPLE)):
+        try:
+            return _solve(family, template, small, big, target, fixed, tolerance, m)
+        except CBDError as e:
+            error = error or e
+    raise error
+
+
+def _solve(family, template, small, big, target, fixed, tolerance, multiple) -> Shape:
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     template = {k: v for k, v in template.items() if layer_local_name(family, k)[0] in (None, 0)}
     group = big.heads // big.kv_heads
@@ -181,7 +197,7 @@ def solve_shape(
             if family.tied_attention_width:
                 hidden_opts = [heads * big.head_dim]
             else:  # Hugging Face configs require hidden % heads == 0
-                step = math.lcm(heads, HIDDEN_STEP_MIN)
+                step = math.lcm(heads, multiple)
                 hidden_opts = [h for h in options("hidden", step) if h % heads == 0]
             for hidden in hidden_opts:
                 if "hidden" in fixed and hidden != fixed["hidden"]:
@@ -195,7 +211,7 @@ def solve_shape(
                     c0 = count_params(family, template, base)
                     c1 = count_params(family, template, replace(base, ffn=1)) - c0
                     ideal = (target - c0) / c1 if c1 else lo("ffn")
-                    f = int(round(ideal / FFN_STEP) * FFN_STEP)
+                    f = int(round(ideal / multiple) * multiple)
                     ffns = [min(max(f, lo("ffn")), hi("ffn"))]
                 for ffn in ffns:
                     cand = replace(base, ffn=ffn)

@@ -44,6 +44,25 @@ def trained_teacher(setup, tmp_path):
     return out
 
 
+def reachable_size(big, small) -> int:
+    """A size between two chain anchors that the shape solver reaches (tiny
+    models have few shapes between their anchors)."""
+    from cbd_mlx.families import FAMILIES
+    from cbd_mlx.chain import manifest_config
+    from cbd_mlx.models import param_template
+    from cbd_mlx.shapes import solve_shape
+
+    template = param_template(manifest_config("llama", big.shape))
+    for f in (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8, 0.1, 0.9):
+        n = int(small.params + f * (big.params - small.params))
+        try:
+            solve_shape(FAMILIES["llama"], template, small.shape, big.shape, n)
+            return n
+        except CBDError:
+            continue
+    return big.params
+
+
 def cfg(**kw):
     base = dict(tokens=12 * 4 * 64, batch_size=4, seq_len=64, lr=3e-3, eval_every=4, save_every=4, eval_batches=2,
                 min_warmup_steps=2)
@@ -175,14 +194,15 @@ def test_chain_build_then_init_from_it(setup, tmp_path):
     big = load_anchor(str(teacher))
     sizes = [int(big.n_params * 0.7), int(big.n_params * 0.45)]
     out = tmp_path / "chain"
-    chain = build_chain(str(teacher), sizes, cache, out, cfg(tokens=4 * 4 * 64), log=lambda *_: None)
+    chain = build_chain(str(teacher), sizes, cache, out, cfg(tokens=4 * 4 * 64), log=lambda *_: None,
+                        max_step=0.6)
     assert [a.name for a in chain.anchors][0].startswith("a0-") and len(chain.anchors) == 3
     again = find_chain(str(out))
     assert [a.params for a in again.anchors] == [a.params for a in chain.anchors]
     child = load_anchor(str(out / again.anchors[1].source))
     assert child.lineage["parent_sha256"] == again.anchors[0].sha256
     assert child.provenance["history"][-1]["kind"] == "distill"
-    target = (again.anchors[0].params + again.anchors[1].params) // 2
+    target = reachable_size(again.anchors[0], again.anchors[1])
     code = 0
     try:
         main(["init", "--size", f"{target / 1e3:.1f}K", "--chain", str(out), "--out", str(tmp_path / "mid")])
@@ -268,10 +288,10 @@ def test_chain_anchor_with_wrong_sha256_is_refused(setup, tmp_path, capsys):
     big = load_anchor(str(teacher))
     out = tmp_path / "chain"
     chain = build_chain(str(teacher), [int(big.n_params * 0.7)], cache, out, cfg(tokens=2 * 4 * 64),
-                        log=lambda *_: None)
+                        log=lambda *_: None, max_step=0.6)
     manifest = out / "chain.toml"
     manifest.write_text(manifest.read_text().replace(chain.anchors[1].sha256, "0" * 64))
-    target = (chain.anchors[0].params + chain.anchors[1].params) // 2
+    target = reachable_size(chain.anchors[0], chain.anchors[1])
     with pytest.raises(SystemExit):
         main(["init", "--size", f"{target / 1e3:.1f}K", "--chain", str(out), "--out", str(tmp_path / "m")])
     assert "does not match the sha256" in capsys.readouterr().err
@@ -300,7 +320,7 @@ def test_default_chain_resolution(setup, tmp_path, monkeypatch, tokenizer_dir):
     # the embedded chain is used offline
     big = load_anchor(str(teacher))
     build_chain(str(teacher), [int(big.n_params * 0.7)], cache, chains / "smollm2-mini", cfg(tokens=2 * 4 * 64),
-                log=lambda *_: None)
+                log=lambda *_: None, max_step=0.6)
     c, why = chain_mod.default_chain(200_000_000)
     assert c.name == "smollm2-mini" and "HF_HUB_OFFLINE" in why
     # with both public anchors in the local hub cache, the public chain wins
@@ -323,7 +343,8 @@ def test_chain_pack_quantizes_and_keeps_lineage(setup, tmp_path):
     teacher, _, cache = setup
     big = load_anchor(str(teacher))
     sizes = [int(big.n_params * 0.7), int(big.n_params * 0.45)]
-    built = build_chain(str(teacher), sizes, cache, tmp_path / "chain", cfg(tokens=2 * 4 * 64), log=lambda *_: None)
+    built = build_chain(str(teacher), sizes, cache, tmp_path / "chain", cfg(tokens=2 * 4 * 64), log=lambda *_: None,
+                        max_step=0.6)
     code = None
     try:
         main(["chain", "pack", str(tmp_path / "chain"), "--out", str(tmp_path / "packed"), "--bits", "8",
@@ -509,3 +530,15 @@ def test_teacher_cache_fills_lazily_and_survives_a_resume(setup, trained_teacher
         TeacherCache(tc, None, k=4, batch_size=4, seq_len=64, seed=0, n_batches=12, vocab=1,
                      teacher_sha256=json.loads((tc / "teacher_cache.json").read_text())["teacher_sha256"],
                      data=json.loads((tc / "teacher_cache.json").read_text())["data"])
+
+
+def test_chain_steps_are_dense():
+    from cbd_mlx.chainbuild import check_steps, dense_sizes
+
+    sizes = dense_sizes(134_500_000, 43_000_000)
+    assert sizes[-1] == 43_000_000 and len(sizes) == 4
+    check_steps(134_500_000, sizes)
+    with pytest.raises(CBDError, match=r"removes 55% .* --sizes 101.1M,76M,57.2M,43M"):
+        check_steps(134_500_000, [60_000_000, 43_000_000])
+    with pytest.raises(CBDError, match="decreasing"):
+        check_steps(134_500_000, [43_000_000, 60_000_000])
