@@ -9,7 +9,9 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .chain import HUB_PREFIX, MANIFEST_NAME, PKG_PREFIX, Chain, ChainAnchor, dump_chain, load_chain_anchor
 from .data import open_cache
@@ -236,52 +238,124 @@ def _extend_parent_ranking(lin: dict, padded: dict) -> None:
     rank["ffn"] = [list(r) + list(range(f0, f1)) for r in rank["ffn"]]
 
 
+def _compose_lineage(parent_lin: dict, lin: dict, through: str) -> dict:
+    """A child's lineage relative to its grandparent, through a parent that
+    the packed chain leaves out (its rankings are the grandparent's)."""
+    from .operators import Selection
+
+    sel = Selection.from_json(parent_lin).then(Selection.from_json(lin))
+    out = {**lin, **sel.to_json()}
+    for k in ("parent", "parent_sha256", "parent_shape", "parent_ranking"):
+        out[k] = parent_lin.get(k)
+    out["through"] = list(parent_lin.get("through", [])) + [through]
+    return out
+
+
+SHARED_DIR = "shared"
+SHARED_FILE = "model-shared.safetensors"  # mlx-lm loads every model*.safetensors of a directory
+
+
+def _shared_tensors(models: list) -> set[str]:
+    """Names of the tensors that are byte-identical in every one of ``models``
+    (the frozen token embedding of a chain that kept its hidden width)."""
+    import hashlib
+
+    if len(models) < 2:
+        return set()
+    digests = [{k: hashlib.sha256(np.array(v).tobytes()).hexdigest() for k, v in tree_flatten(m.parameters())}
+               for m in models]
+    return {k for k, d in digests[0].items() if all(other.get(k) == d for other in digests[1:])}
+
+
 def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str | None = None,
-               force: bool = False, method: str = "rtn", calib_text: Path | None = None, log=print) -> Chain:
+               force: bool = False, method: str = "rtn", calib_text: Path | None = None, log=print,
+               ship: list[str] | None = None, embed_bits: int | None = None,
+               embed_group_size: int | None = None) -> Chain:
     """A shippable copy of a built chain: the source anchor referenced by name
     (packaged model or hub id, checked by sha256) instead of copied, the other
-    anchors quantized; lineage records follow their packed parents' hashes."""
+    anchors quantized (embeddings with ``embed_bits``/``embed_group_size``,
+    default: as the layers);
+    lineage records follow their packed parents' hashes.
+
+    ``ship`` names the anchors to keep (default: all); a left-out anchor's
+    children get lineage composed through it. Tensors identical in every
+    shipped anchor (a frozen embedding) are stored once under shared/ and
+    linked into each anchor's directory, which mlx-lm loads as it is."""
     from .evaluate import tokenize_file
     from .models import load_tokenizer
     from .quantize import CALIB_SEQ_LEN, CALIB_SEQS, bits_per_weight, quantize_anchor, write_quantized
 
-    entries, renamed, padded_parents = [], {}, {}
+    embed_bits, embed_group_size = embed_bits or bits, embed_group_size or group_size
+    names = [e.name for e in chain.anchors]
+    unknown = sorted(set(ship or []) - set(names))
+    if unknown:
+        raise CBDError(f"chain {chain.name} has no anchor {', '.join(unknown)}; its anchors: {', '.join(names)}")
+    entries, renamed, padded_parents, dropped, parent_of = [], {}, {}, {}, {}
+    pending = []  # (entry, anchor, model, config, provenance, old sha) of the anchors to write
+    for e in chain.anchors:
+        a = load_chain_anchor(chain, e)
+        old_sha = anchor_sha256(a)
+        ref = _reference(a.provenance.get("source", "")) if a.provenance.get("kind") == "source" else None
+        if ref is not None:
+            src = load_anchor(ref.split(":", 1)[1], e.revision)
+            if anchor_sha256(src) != old_sha:
+                raise CBDError(f"{e.name}: '{ref}' no longer matches the copy the chain was built from")
+            log(f"[pack] {e.name}: referenced as {ref}")
+            entries.append(replace(e, source=ref, local=False, sha256=old_sha))
+            continue
+        prov = copy.deepcopy(a.provenance)
+        lin = prov.get("lineage")
+        parent = e.parent
+        if lin and e.parent in dropped:
+            lin = prov["lineage"] = _compose_lineage(dropped[e.parent], lin, e.parent)
+            parent = parent_of[e.parent]
+        if ship is not None and e.name not in ship and e.parent is not None:
+            if lin:
+                dropped[e.name] = lin
+                parent_of[e.name] = parent
+            log(f"[pack] {e.name}: left out (its children's lineage goes through it)")
+            continue
+        a, pad = pad_widths(replace(a, provenance=prov), group_size)
+        prov = copy.deepcopy(a.provenance)
+        lin = prov.get("lineage")
+        if pad:
+            log(f"[pack] {e.name}: widths padded for {group_size}-groups: "
+                + ", ".join(f"{k} {o}->{n}" for k, (o, n) in pad.items() if o != n))
+        if lin and lin.get("parent_sha256") in padded_parents:
+            _extend_parent_ranking(lin, padded_parents[lin["parent_sha256"]])
+        if pad:
+            padded_parents[old_sha] = pad
+        prov["packed"] = {"bits": bits, "group_size": group_size, "recipe": recipe, "method": method,
+                          "embed_bits": embed_bits, "embed_group_size": embed_group_size, "from_sha256": old_sha}
+        calib = None
+        if method != "rtn":
+            ids = tokenize_file(load_tokenizer(a.path), calib_text)
+            calib = calibration_batches(np.array(ids), CALIB_SEQ_LEN, CALIB_SEQS * CALIB_SEQ_LEN)
+        log(f"[pack] {e.name}: quantizing ({method}, {bits}-bit, groups of {group_size})")
+        model, cfg = quantize_anchor(a, bits, group_size, method, recipe, calib, fallback_bits=embed_bits,
+                                     fallback_group_size=embed_group_size)
+        pending.append((replace(e, parent=parent), a, model, cfg, prov, old_sha))
+    shared = _shared_tensors([p[2] for p in pending])
     with atomic_dir(out, force) as tmp:
-        for e in chain.anchors:
-            a = load_chain_anchor(chain, e)
-            old_sha = anchor_sha256(a)
-            ref = _reference(a.provenance.get("source", "")) if a.provenance.get("kind") == "source" else None
-            if ref is not None:
-                src = load_anchor(ref.split(":", 1)[1], e.revision)
-                if anchor_sha256(src) != old_sha:
-                    raise CBDError(f"{e.name}: '{ref}' no longer matches the copy the chain was built from")
-                log(f"[pack] {e.name}: referenced as {ref}")
-                entries.append(replace(e, source=ref, local=False, sha256=old_sha))
-                continue
-            a, pad = pad_widths(a, group_size)
-            if pad:
-                log(f"[pack] {e.name}: widths padded for {group_size}-groups: "
-                    + ", ".join(f"{k} {o}->{n}" for k, (o, n) in pad.items() if o != n))
-            prov = copy.deepcopy(a.provenance)
+        link = None
+        if shared:
+            first = dict(tree_flatten(pending[0][2].parameters()))
+            (tmp / SHARED_DIR).mkdir()
+            mx.save_safetensors(str(tmp / SHARED_DIR / SHARED_FILE), {k: first[k] for k in sorted(shared)},
+                                metadata={"format": "mlx"})
+            link = Path("..") / ".." / SHARED_DIR / SHARED_FILE
+            size = (tmp / SHARED_DIR / SHARED_FILE).stat().st_size
+            log(f"[pack] {len(shared)} tensors identical in every anchor ({', '.join(sorted(shared)[:3])}"
+                f"{', ...' if len(shared) > 3 else ''}) stored once: {size / 1e6:.1f} MB")
+        for e, a, model, cfg, prov, old_sha in pending:
             lin = prov.get("lineage")
-            if lin and lin.get("parent_sha256") in padded_parents:
-                _extend_parent_ranking(lin, padded_parents[lin["parent_sha256"]])
             if lin and lin.get("parent_sha256") in renamed:
                 lin["parent_sha256"] = renamed[lin["parent_sha256"]]
-            prov["packed"] = {"bits": bits, "group_size": group_size, "recipe": recipe, "method": method,
-                              "from_sha256": old_sha}
-            calib = None
-            if method != "rtn":
-                ids = tokenize_file(load_tokenizer(a.path), calib_text)
-                calib = calibration_batches(np.array(ids), CALIB_SEQ_LEN, CALIB_SEQS * CALIB_SEQ_LEN)
-            model, cfg = quantize_anchor(a, bits, group_size, method, recipe, calib, fallback_bits=bits)
             dest = tmp / "anchors" / e.name
-            write_quantized(dest, model, cfg, a.path, prov)
+            write_quantized(dest, model, cfg, a.path, prov, shared=(shared, link) if shared else None)
             renamed[old_sha] = json.loads((dest / "cbd.json").read_text())["weights_sha256"]
-            if pad:
-                padded_parents[old_sha] = pad
-            size = sum(f.stat().st_size for f in dest.glob("*.safetensors"))
-            log(f"[pack] {e.name}: {bits_per_weight(model):.2f} bits/weight, {size / 1e6:.1f} MB")
+            size = sum(f.stat().st_size for f in dest.glob("*.safetensors") if not f.is_symlink())
+            log(f"[pack] {e.name}: {bits_per_weight(model):.2f} bits/weight, {size / 1e6:.1f} MB of its own")
             entries.append(replace(e, source=f"anchors/{e.name}", local=True, sha256=renamed[old_sha],
                                    params=a.n_params, shape=a.shape))
         packed = Chain(chain.name, chain.family, chain.tokenizer, Path(out) / MANIFEST_NAME, entries,

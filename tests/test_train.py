@@ -542,3 +542,37 @@ def test_chain_steps_are_dense():
         check_steps(134_500_000, [60_000_000, 43_000_000])
     with pytest.raises(CBDError, match="decreasing"):
         check_steps(134_500_000, [43_000_000, 60_000_000])
+
+
+def test_chain_pack_ships_a_subset_and_shares_frozen_embeddings(setup, tmp_path):
+    """Anchors distilled with frozen embeddings share them: the packed chain
+    stores them once (linked into each anchor, which mlx-lm loads as it is);
+    a left-out middle anchor's child keeps a lineage composed through it."""
+    from mlx_lm import load as mlx_load
+
+    from cbd_mlx.chain import find_chain, load_chain_anchor
+    from cbd_mlx.chainbuild import SHARED_DIR, build_chain, pack_chain
+    from cbd_mlx.interpolate import has_lineage
+
+    teacher, _, cache = setup
+    big = load_anchor(str(teacher))
+    sizes = [int(big.n_params * 0.7), int(big.n_params * 0.45)]
+    built = build_chain(str(teacher), sizes, cache, tmp_path / "chain", cfg(tokens=2 * 4 * 64, freeze_embeddings=True),
+                        log=lambda *_: None, max_step=0.6)
+    names = [a.name for a in built.anchors]
+    logs = []
+    packed = pack_chain(find_chain(str(tmp_path / "chain")), tmp_path / "packed", 8, 32, ship=[names[0], names[2]],
+                        log=logs.append, embed_bits=8, embed_group_size=32)
+    assert [a.name for a in packed.anchors] == [names[0], names[2]]
+    assert packed.anchors[1].parent == names[0]
+    shared = tmp_path / "packed" / SHARED_DIR
+    assert any(f.suffix == ".safetensors" for f in shared.iterdir())
+    a0, a2 = (load_chain_anchor(packed, a) for a in packed.anchors)  # sha256 checked
+    assert has_lineage(a2, a0) and a2.lineage["through"] == [names[1]]
+    assert np.array_equal(a0.weights["model.embed_tokens.weight"], a2.weights["model.embed_tokens.weight"])
+    for a in packed.anchors:
+        d = tmp_path / "packed" / a.source
+        assert any(f.is_symlink() for f in d.iterdir())
+        model, tok = mlx_load(str(d))  # mlx-lm loads the anchor as it is
+    with pytest.raises(CBDError, match="has no anchor nope"):
+        pack_chain(find_chain(str(tmp_path / "chain")), tmp_path / "p2", 8, 32, ship=["nope"])
