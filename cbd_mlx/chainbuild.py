@@ -270,7 +270,7 @@ def _shared_tensors(models: list) -> set[str]:
 def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str | None = None,
                force: bool = False, method: str = "rtn", calib_text: Path | None = None, log=print,
                ship: list[str] | None = None, embed_bits: int | None = None,
-               embed_group_size: int | None = None) -> Chain:
+               embed_group_size: int | None = None, eval_tokens: np.ndarray | None = None) -> Chain:
     """A shippable copy of a built chain: the source anchor referenced by name
     (packaged model or hub id, checked by sha256) instead of copied, the other
     anchors quantized (embeddings with ``embed_bits``/``embed_group_size``,
@@ -280,7 +280,9 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
     ``ship`` names the anchors to keep (default: all); a left-out anchor's
     children get lineage composed through it. Tensors identical in every
     shipped anchor (a frozen embedding) are stored once under shared/ and
-    linked into each anchor's directory, which mlx-lm loads as it is."""
+    linked into each anchor's directory, which mlx-lm loads as it is. With
+    ``eval_tokens`` each packed anchor's perplexity is compared with its
+    full-precision one (recorded under ``packed`` in its cbd.json)."""
     from .evaluate import tokenize_file
     from .models import load_tokenizer
     from .quantize import CALIB_SEQ_LEN, CALIB_SEQS, bits_per_weight, quantize_anchor, write_quantized
@@ -334,6 +336,13 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
         log(f"[pack] {e.name}: quantizing ({method}, {bits}-bit, groups of {group_size})")
         model, cfg = quantize_anchor(a, bits, group_size, method, recipe, calib, fallback_bits=embed_bits,
                                      fallback_group_size=embed_group_size)
+        if eval_tokens is not None:
+            from .export import eval_ppl
+            from .models import model_from_weights
+
+            fp, q = eval_ppl(model_from_weights(a.config, a.weights), eval_tokens), eval_ppl(model, eval_tokens)
+            prov["packed"].update(ppl_full_precision=fp, ppl_packed=q, eval_tokens=int(eval_tokens.size))
+            log(f"[pack] {e.name}: held-out ppl {fp:.2f} in fp32, {q:.2f} packed ({q / fp - 1:+.1%})")
         pending.append((replace(e, parent=parent), a, model, cfg, prov, old_sha))
     shared = _shared_tensors([p[2] for p in pending])
     with atomic_dir(out, force) as tmp:

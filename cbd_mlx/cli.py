@@ -179,8 +179,12 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep
               help="awq / gptq calibrate on the built-in English text.")
 @click.option("--anchors", "ship", default=None,
               help="Comma-separated anchors to ship [default: all]; the lineage of a left-out anchor's child goes through it.")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+              help="Held-out text: report each anchor's perplexity in full precision and packed.")
+@click.option("--eval-tokens", type=int, default=4096, show_default=True)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, recipe, method, ship, force):
+def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, recipe, method, ship, eval_data,
+               eval_tokens, force):
     """Make a built chain small enough to ship: the source anchor is referenced
     by name (a packaged model or hub id, checked by sha256), the distilled
     anchors are quantized, tensors every anchor shares (frozen embeddings) are
@@ -188,10 +192,20 @@ def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, 
     from .chain import find_chain
     from .chainbuild import pack_chain
 
-    packed = pack_chain(find_chain(chain_path), out, int(bits), int(group_size), recipe, force, method,
+    chain = find_chain(chain_path)
+    ev = None
+    if eval_data:
+        import numpy as np
+
+        from .evaluate import tokenize_file
+        from .models import load_tokenizer, resolve
+
+        tok = load_tokenizer(resolve(chain.source_of(chain.anchors[-1])))
+        ev = np.array(tokenize_file(tok, eval_data, eval_tokens), dtype=np.int32)
+    packed = pack_chain(chain, out, int(bits), int(group_size), recipe, force, method,
                         DEFAULT_CALIB, log=say, ship=ship.split(",") if ship else None,
                         embed_bits=int(embed_bits) if embed_bits else None,
-                        embed_group_size=int(embed_group_size) if embed_group_size else None)
+                        embed_group_size=int(embed_group_size) if embed_group_size else None, eval_tokens=ev)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file() and not f.is_symlink())
     say(f"wrote {packed.path}: {len(packed.anchors)} anchors, {size / 1e6:.1f} MB on disk")
 

@@ -21,7 +21,7 @@ CARD_NAME = "README.md"
 MANIFEST_NAME = "MANIFEST.json"
 
 
-def _eval_ppl(model, tokens: np.ndarray | None) -> float | None:
+def eval_ppl(model, tokens: np.ndarray | None) -> float | None:
     """Held-out perplexity; a quantized model is scored through a dequantized
     copy (the same function: MLX's CPU quantized matmul is ~20x slower)."""
     import copy
@@ -110,11 +110,11 @@ def export(src: str, out: Path, bits: int, group_size: int | None, method: str =
     a = load_anchor(src)
     if gguf_type and a.config.get("model_type") not in ("llama", "mistral"):
         raise CBDError(f"--gguf supports the llama family, not '{a.config.get('model_type')}'")
-    ppl_fp = _eval_ppl(model_from_weights(a.config, a.weights), eval_tokens) if eval_tokens is not None else None
+    ppl_fp = eval_ppl(model_from_weights(a.config, a.weights), eval_tokens) if eval_tokens is not None else None
     group_size = group_size or auto_group_size(a)
     model, qconfig = quantize_anchor(a, bits, group_size, method, recipe, calib)
     bpw = bits_per_weight(model)
-    ppl_q = _eval_ppl(model, eval_tokens)
+    ppl_q = eval_ppl(model, eval_tokens)
     log(f"quantized: {bits}-bit {method}{' ' + recipe if recipe else ''}, {bpw:.3f} bits/weight"
         + (f"; held-out ppl {ppl_fp:.3f} -> {ppl_q:.3f} ({(ppl_q - ppl_fp) / ppl_fp:+.2%})" if ppl_q else ""))
     gguf_name = f"{out.name}-{gguf_type}.gguf" if gguf_type else None

