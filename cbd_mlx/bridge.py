@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import CBDError
-from .models import resolve
+from .load import resolve
 
 PROMPT_WORDS = 24  # words per prompt drawn from text files
 GEN_DIR = "generated"
@@ -124,7 +124,9 @@ def student_init(student: str, size: int | None, init: str, out: Path, seed: int
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from .models import build_model, load_anchor, write_model
+    from .load import build_model, load_anchor
+
+    from .save import write_model
     from .prune import child_shape, prune
     from .shapes import config_for
 
@@ -138,8 +140,8 @@ def student_init(student: str, size: int | None, init: str, out: Path, seed: int
         prov = {"kind": "bridge-init", "init": "random", "like": student}
     elif shape != a.shape:
         from .evaluate import tokenize_file
-        from .importance import DEFAULT_CALIB, calibration_batches
-        from .models import load_tokenizer
+        from .selection import DEFAULT_CALIB, calibration_batches
+        from .load import load_tokenizer
 
         batches = calibration_batches(tokenize_file(load_tokenizer(a.path), DEFAULT_CALIB))
         weights, lineage = prune(a, shape, batches)
@@ -168,7 +170,8 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
 
     from .data import prepare
     from .distill import distill
-    from .models import dump_json, load_anchor
+    from .load import load_anchor
+    from .save import dump_json
 
     out = Path(out)
     if out.exists() and not force:
@@ -187,7 +190,7 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
     xvocab = None
     if cfg.xvocab_weight > 0:
         from .data import open_cache
-        from .models import load_tokenizer
+        from .load import load_tokenizer
         from .uld import XVocabTargets, build_targets
 
         if not (work / "uld" / "uld_mask.npy").exists():

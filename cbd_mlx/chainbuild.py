@@ -17,8 +17,9 @@ from .chain import HUB_PREFIX, MANIFEST_NAME, PKG_PREFIX, Chain, ChainAnchor, du
 from .data import open_cache
 from .distill import distill
 from .errors import CBDError
-from .importance import CALIB_SEQ_LEN, calibration_batches
-from .models import Anchor, anchor_sha256, atomic_dir, is_hub_id, load_anchor, write_model
+from .selection import CALIB_SEQ_LEN, calibration_batches
+from .load import Anchor, anchor_sha256, is_hub_id, load_anchor
+from .save import atomic_dir, write_model
 from .prune import child_shape, prune
 from .shapes import Shape, config_for, format_size
 from .train import TrainConfig
@@ -47,7 +48,7 @@ def dense_sizes(top: int, bottom: int, max_step: float = MAX_STEP) -> list[int]:
     ``bottom``, no step removing more than ``max_step`` of its parent."""
     k = max(1, int(np.ceil(np.log(bottom / top) / np.log(1 - max_step) - 1e-9)))
     r = (bottom / top) ** (1 / k)
-    return [int(round(top * r ** i, -5)) for i in range(1, k)] + [bottom]
+    return [int(float(f"{top * r ** i:.3g}")) for i in range(1, k)] + [bottom]
 
 
 def check_steps(n_source: int, sizes: list[int], max_step: float = MAX_STEP) -> None:
@@ -284,8 +285,9 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
     ``eval_tokens`` each packed anchor's perplexity is compared with its
     full-precision one (recorded under ``packed`` in its cbd.json)."""
     from .evaluate import tokenize_file
-    from .models import load_tokenizer
-    from .quantize import CALIB_SEQ_LEN, CALIB_SEQS, bits_per_weight, quantize_anchor, write_quantized
+    from .load import load_tokenizer
+    from .quantize import CALIB_SEQ_LEN, CALIB_SEQS, bits_per_weight, quantize_anchor
+    from .save import write_quantized
 
     embed_bits, embed_group_size = embed_bits or bits, embed_group_size or group_size
     names = [e.name for e in chain.anchors]
@@ -338,7 +340,7 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
                                      fallback_group_size=embed_group_size)
         if eval_tokens is not None:
             from .export import eval_ppl
-            from .models import model_from_weights
+            from .load import model_from_weights
 
             fp, q = eval_ppl(model_from_weights(a.config, a.weights), eval_tokens), eval_ppl(model, eval_tokens)
             prov["packed"].update(ppl_full_precision=fp, ppl_packed=q, eval_tokens=int(eval_tokens.size))

@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from .errors import CBDError
-from .importance import DEFAULT_CALIB
+from .selection import DEFAULT_CALIB
 
 SHAPE_OPTIONS = ("layers", "hidden", "ffn", "heads", "kv_heads")
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
@@ -37,8 +37,8 @@ def _calibration(model_dir: Path, calib: Path | None, max_tokens: int):
     if calib is None:
         return None
     from .evaluate import tokenize_file
-    from .importance import calibration_batches
-    from .models import load_tokenizer
+    from .selection import calibration_batches
+    from .load import load_tokenizer
 
     return calibration_batches(tokenize_file(load_tokenizer(model_dir), calib), max_tokens=max_tokens)
 
@@ -91,7 +91,7 @@ def chain_show(name):
         click.echo(f"  {a.name:<18} {format_size(a.params):>8}  {a.shape}  <- {src}")
     from .chain import manifest_config, round_sizes
     from .families import FAMILIES
-    from .models import param_template
+    from .load import param_template
     from .shapes import count_params, solve_shape
 
     fam = FAMILIES[c.family]
@@ -198,7 +198,7 @@ def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, 
         import numpy as np
 
         from .evaluate import tokenize_file
-        from .models import load_tokenizer, resolve
+        from .load import load_tokenizer, resolve
 
         tok = load_tokenizer(resolve(chain.source_of(chain.anchors[-1])))
         ev = np.array(tokenize_file(tok, eval_data, eval_tokens), dtype=np.int32)
@@ -217,7 +217,8 @@ def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, 
 @click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
 def convert_cmd(model, out, force, dtype):
     """Convert an anchor (GGUF file, hub repo, directory) into an mlx-lm directory."""
-    from .models import load_anchor, write_model
+    from .load import load_anchor
+    from .save import write_model
 
     a = load_anchor(model)
     write_model(out, a.config, a.weights, a.path, {"source": model, "shape": a.shape.as_dict()}, force, dtype)
@@ -236,7 +237,8 @@ def convert_cmd(model, out, force, dtype):
 def prune_cmd(parent, size, calib, calib_tokens, out, force, dtype, **fixed):
     """Birth of a child anchor: an importance-ranked Subset of PARENT, with its
     lineage (index maps per axis and layer) written into cbd.json."""
-    from .models import load_anchor, write_model
+    from .load import load_anchor
+    from .save import write_model
     from .prune import child_shape, prune
     from .shapes import config_for, format_size, parse_size
 
@@ -286,7 +288,8 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
     Seconds, no teacher; the output loads with mlx_lm.load."""
     from .chain import default_chain, find_chain, load_chain_anchor
     from .interpolate import check_compatible, has_lineage, interpolate
-    from .models import load_anchor, same_tokenizer, write_model
+    from .load import load_anchor, same_tokenizer
+    from .save import write_model
     from .shapes import format_size, parse_size, solve_shape
 
     n = parse_size(size)
@@ -460,7 +463,8 @@ def _extrapolate(source, n, out, force, dtype, calib, calib_tokens, fixed, chain
     from dataclasses import replace
 
     from .interpolate import grow
-    from .models import load_anchor, write_model
+    from .load import load_anchor
+    from .save import write_model
     from .prune import child_shape, prune
     from .shapes import config_for, count_params, format_size, solve_shape
 
@@ -612,8 +616,8 @@ def export_cmd(model, out, bits, group_size, method, recipe, calib, eval_data, e
 
     from .evaluate import tokenize_file
     from .export import export
-    from .importance import calibration_batches
-    from .models import load_tokenizer, resolve
+    from .selection import calibration_batches
+    from .load import load_tokenizer, resolve
     from .quantize import CALIB_SEQ_LEN, CALIB_SEQS
 
     tok = load_tokenizer(resolve(model))
@@ -641,7 +645,7 @@ def eval_cmd(model, data, max_tokens, seq_len, batch_size, cloze, as_json):
     """Held-out perplexity and tokens/s of MODEL on a text file (and, with
     --cloze N, last-word cloze accuracy on the same text)."""
     from .evaluate import perplexity, tokenize_file
-    from .models import load_anchor, load_tokenizer, model_from_weights
+    from .load import load_anchor, load_tokenizer, model_from_weights
 
     a = load_anchor(model)
     tokens = tokenize_file(load_tokenizer(a.path), data, max_tokens)

@@ -14,7 +14,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import CBDError
-from .models import atomic_dir, cache_dir
+from .load import cache_dir
+from .save import atomic_dir
 
 PACKAGES = {
     "python": "python3.11-doc",

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from .errors import CBDError
 from .evaluate import encode_text
-from .models import atomic_dir, load_tokenizer, resolve, tokenizer_fingerprint
+from .load import load_tokenizer, resolve, tokenizer_fingerprint
+from .save import atomic_dir
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 CACHE_META = "meta.json"

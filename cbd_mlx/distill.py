@@ -11,7 +11,8 @@ import numpy as np
 
 from .data import cache_id, open_cache, run_splits
 from .errors import CBDError
-from .models import Anchor, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint, write_model
+from .load import Anchor, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint
+from .save import write_model
 from .train import TrainConfig, config_record, remove_work, train, write_training_outputs
 from mlx.utils import tree_flatten
 
@@ -70,7 +71,7 @@ def distill(
     if teacher_cache is not None:
         if teacher is None:
             raise CBDError("--teacher-cache needs --teacher")
-        from .models import anchor_sha256
+        from .load import anchor_sha256
         from .teacher_cache import TeacherCache
 
         if mx.distributed.init().size() > 1:

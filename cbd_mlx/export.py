@@ -15,7 +15,8 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CBDError
-from .models import file_sha256, load_anchor, model_from_weights, remove_stale, resolve
+from .load import load_anchor, model_from_weights, resolve
+from .save import file_sha256, remove_stale
 
 CARD_NAME = "README.md"
 MANIFEST_NAME = "MANIFEST.json"
@@ -94,7 +95,8 @@ def export(src: str, out: Path, bits: int, group_size: int | None, method: str =
     """Quantize ``src`` into ``out`` (mlx-lm format, cbd.json, model card,
     sha256 manifest); optionally a GGUF inside it and ``out``.tar.gz beside it."""
     from .gguf import write_gguf
-    from .quantize import auto_group_size, bits_per_weight, is_quantized, quantize_anchor, write_quantized
+    from .quantize import auto_group_size, bits_per_weight, is_quantized, quantize_anchor
+    from .save import write_quantized
 
     path = resolve(src)
     q = is_quantized(path) if (path / "config.json").is_file() else None

@@ -9,7 +9,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .errors import CBDError
-from .models import atomic_dir, dump_json, read_provenance, resolve, weights_sha256
+from .load import read_provenance, resolve
+from .save import atomic_dir, dump_json, weights_sha256
 
 FORMATS = {"text": ("text",), "chat": ("messages",), "completions": ("prompt", "completion")}
 

@@ -138,7 +138,7 @@ def tokenizer_from_gguf(meta: dict, out_dir: Path) -> None:
 
 def gguf_to_model_dir(path: Path, out_dir: Path) -> None:
     """Convert a llama or gemma3 GGUF into an mlx-lm model directory (fp32 safetensors)."""
-    from .models import save_weights, weights_sha256
+    from .save import save_weights, weights_sha256
 
     config, weights, meta = read_gguf(path)
     out_dir.mkdir(parents=True, exist_ok=True)

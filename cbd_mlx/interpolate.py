@@ -18,8 +18,8 @@ import numpy as np
 
 from .errors import CBDError
 from .families import layer_local_name
-from .importance import align, collect_stats, importance, placement, rankings, select, uniform_rankings
-from .models import Anchor, all_finite, anchor_sha256, model_from_weights
+from .selection import align, collect_stats, importance, placement, rankings, select, uniform_rankings
+from .load import Anchor, all_finite, anchor_sha256, model_from_weights
 from .operators import Selection, blend, blend_tensor, expand, iter_expand, iter_subset, subset
 from .shapes import Shape, config_for, count_params, param_shapes
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import CBDError
-from .importance import collect_stats, importance, rankings, select, uniform_rankings
-from .models import Anchor, anchor_sha256
+from .selection import collect_stats, importance, rankings, select, uniform_rankings
+from .load import Anchor, anchor_sha256
 from .operators import subset
 from .shapes import WIDTH_MULTIPLE, Shape, count_params, solve_shape
 

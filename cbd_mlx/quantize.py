@@ -12,10 +12,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from .errors import CBDError
-from .models import Anchor, atomic_dir, copy_tokenizer, dump_json, model_from_weights, weights_sha256
+from .load import Anchor, model_from_weights
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -121,27 +120,3 @@ def bits_per_weight(model: nn.Module) -> float:
     from mlx_lm.utils import compute_bits_per_weight
 
     return float(compute_bits_per_weight(model))
-
-
-def write_quantized(out: Path, model: nn.Module, config: dict, tokenizer_dir: Path, provenance: dict,
-                    force: bool = False, extra=None, shared: tuple[set, Path] | None = None) -> Path:
-    """An mlx-lm quantized model directory, written atomically (with cbd.json).
-    ``shared`` = (tensor names, relative link): those tensors are not written
-    here but linked in from a file that several models share."""
-    from mlx_lm.utils import save_config
-
-    with atomic_dir(out, force) as tmp:
-        weights = dict(tree_flatten(model.parameters()))
-        if shared:
-            names, link = shared
-            weights = {k: v for k, v in weights.items() if k not in names}
-            (tmp / link.name).symlink_to(link)
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        save_config(dict(config), tmp / "config.json")
-        copy_tokenizer(tokenizer_dir, tmp)
-        prov = dict(provenance)
-        prov["weights_sha256"] = weights_sha256(tmp)
-        (tmp / "cbd.json").write_text(dump_json(prov))
-        if extra is not None:
-            extra(tmp)
-    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 from .data import prepare
 from .distill import distill
 from .errors import CBDError
-from .models import cache_dir, read_provenance, resolve
+from .load import cache_dir, read_provenance, resolve
 from .train import TrainConfig
 
 
@@ -21,7 +21,7 @@ def data_cache(data: list[Path], model: str, log=print) -> Path:
     for p in data:
         if not Path(p).exists():
             raise CBDError(f"--data {p} does not exist; give a token cache or text/jsonl files")
-    from .models import tokenizer_fingerprint
+    from .load import tokenizer_fingerprint
 
     key = hashlib.sha256("|".join(
         [tokenizer_fingerprint(resolve(model))]

@@ -15,7 +15,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .data import PackedSequences
 from .errors import CBDError
-from .models import atomic_dir
+from .save import atomic_dir
 from .teacher_cache import dense_logprobs
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "ce")

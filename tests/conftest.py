@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from cbd_mlx.families import FAMILIES
-from cbd_mlx.models import build_model, write_model
+from cbd_mlx.load import build_model
+from cbd_mlx.save import write_model
 from mlx.utils import tree_flatten
 
 DATA = Path(__file__).parent / "data"
@@ -105,7 +106,7 @@ def tiny_anchor_pair(d: Path, config: dict, tokenizer_dir: Path, seed: int = 3, 
     shape fields), with lineage: a chain's adjacent anchors in miniature."""
     from dataclasses import replace
 
-    from cbd_mlx.models import load_anchor
+    from cbd_mlx.load import load_anchor
     from cbd_mlx.prune import prune
     from cbd_mlx.shapes import config_for
 
@@ -142,7 +143,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
-    from cbd_mlx.models import load_anchor
+    from cbd_mlx.load import load_anchor
 
     return load_anchor(str(smollm2_gguf))
 

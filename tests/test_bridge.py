@@ -8,7 +8,7 @@ import pytest
 from conftest import CALIB, HELDOUT, TINY_CONFIGS, make_tokenizer, random_weights, save_tiny
 from test_cli import assert_one_line_error, run
 
-from cbd_mlx.models import load_anchor, same_tokenizer
+from cbd_mlx.load import load_anchor, same_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_chain_build_starts_from_a_bridge_anchor(tokenizer_dir, other_tokenizer,
     code, _, err = run(capsys, "chain", "build", "--source", family, "--bridge-from", source, "--prompt-data", CALIB,
                        "--num-prompts", "8", "--sizes", f"{big * 0.7 / 1e3:.1f}K", "--data", tmp_path / "cache",
                        "--tokens-per-step", str(4 * 4 * 32), "--batch-size", "4", "--seq-len", "32",
-                       "--out", tmp_path / "chain")
+                       "--max-step", "0.4", "--out", tmp_path / "chain")
     assert code == 0, err
     chain = find_chain(str(tmp_path / "chain"))
     assert chain.anchors[0].name == "a0-bridge" and len(chain.anchors) == 2
@@ -99,7 +99,7 @@ def test_uld_alignment_and_loss(tokenizer_dir, other_tokenizer):
     import mlx.core as mx
     import numpy as np
 
-    from cbd_mlx.models import load_tokenizer
+    from cbd_mlx.load import load_tokenizer
     from cbd_mlx.uld import align, token_ends, uld_loss
 
     a, b = load_tokenizer(tokenizer_dir), load_tokenizer(other_tokenizer)

@@ -11,7 +11,9 @@ import pytest
 from conftest import CALIB, HELDOUT, TINY_CONFIGS, random_weights, save_tiny
 from test_cli import assert_one_line_error, run
 
-from cbd_mlx.models import file_sha256, load_anchor, model_from_weights
+from cbd_mlx.load import load_anchor, model_from_weights
+
+from cbd_mlx.save import file_sha256
 
 CFG = dict(TINY_CONFIGS["llama"], hidden_size=128, intermediate_size=256, num_attention_heads=8,
            num_key_value_heads=4)

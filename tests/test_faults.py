@@ -20,7 +20,7 @@ from conftest import CALIB, TINY_CONFIGS, tiny_anchor_pair, write_docs
 from test_cli import assert_one_line_error
 
 from cbd_mlx.data import prepare
-from cbd_mlx.models import load_anchor
+from cbd_mlx.load import load_anchor
 
 CFG = dict(TINY_CONFIGS["llama"], hidden_size=128, intermediate_size=256, num_attention_heads=8,
            num_key_value_heads=4)
@@ -132,7 +132,7 @@ def _damaged(kind: str, assets_dir: Path, tmp: Path) -> Path:
     import numpy as np
 
     from cbd_mlx.gguf import write_gguf
-    from cbd_mlx.models import save_weights
+    from cbd_mlx.save import save_weights
 
     big = Path(assets_dir)
     d = tmp / kind

@@ -10,9 +10,9 @@ import pytest
 
 from cbd_mlx.evaluate import tokenize_file
 from cbd_mlx.families import family_of
-from cbd_mlx.importance import align, calibration_batches, placement
+from cbd_mlx.selection import align, calibration_batches, placement
 from cbd_mlx.interpolate import default_alpha, interpolate
-from cbd_mlx.models import load_anchor, load_tokenizer, model_from_weights
+from cbd_mlx.load import load_anchor, load_tokenizer, model_from_weights
 from cbd_mlx.operators import Selection, expand, subset
 from cbd_mlx.prune import prune
 from cbd_mlx.shapes import config_for, count_params, solve_shape

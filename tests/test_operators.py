@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from cbd_mlx.families import FAMILIES, family_of
-from cbd_mlx.importance import placement, select, uniform_rankings
+from cbd_mlx.selection import placement, select, uniform_rankings
 from cbd_mlx.interpolate import grow
-from cbd_mlx.models import load_anchor, model_from_weights
+from cbd_mlx.load import load_anchor, model_from_weights
 from cbd_mlx.operators import Selection, blend, expand, subset
 from cbd_mlx.shapes import config_for, shape_of
 
@@ -24,7 +24,7 @@ def logits(config, weights, tokens):
 
 
 def text_tokens(tokenizer_dir, n=96):
-    from cbd_mlx.models import load_tokenizer
+    from cbd_mlx.load import load_tokenizer
 
     return load_tokenizer(tokenizer_dir).encode(HELDOUT.read_text()[:2000])[:n]
 
@@ -161,7 +161,7 @@ def test_lineage_composes_across_two_prunes(tokenizer_dir, tmp_path):
     """Subset(Subset(B -> A1) -> A2) == Subset(B -> A2) with the composed lineage."""
     from dataclasses import replace
 
-    from cbd_mlx.models import load_anchor
+    from cbd_mlx.load import load_anchor
     from cbd_mlx.operators import Selection
     from cbd_mlx.prune import prune
     from cbd_mlx.shapes import config_for

@@ -1,0 +1,254 @@
+"""Models out: the one writer. Every output (model directories, caches,
+checkpoints, packages) is built in a temp directory beside its destination and
+moved into place at the end, so a crash or a bad input never leaves a
+half-written output where a good one is expected."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .errors import CBDError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+LOW_SPACE = 1 << 20  # free bytes below which a failed write is reported as a full disk
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 over the model's safetensors files (sorted by name)."""
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def remove_stale(out: Path) -> None:
+    """Temp dirs/files of earlier writers of ``out`` that were killed (dead pid)."""
+    for d in out.parent.glob(f".{out.name}.tmp-*-*"):
+        try:
+            pid = int(d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
+        except (ValueError, PermissionError, IndexError):
+            continue
+
+
+class atomic_dir:
+    """Write a directory atomically: build it in a sibling temp dir, then swap.
+
+    ``with atomic_dir(out, force) as tmp: ...`` - on error the temp dir is
+    removed and any existing ``out`` is left untouched.
+    """
+
+    def __init__(self, out: Path, force: bool = False):
+        self.out = Path(out)
+        self.force = force
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.force:
+            raise CBDError(f"{self.out} already exists; choose another --out or pass --force to replace it")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(self.out)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
+        except OSError as e:
+            raise CBDError(f"cannot write to {self.out.parent}: {e.strerror}") from None
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            # MLX's own writers (mx.save_safetensors) raise RuntimeError on I/O errors
+            io_error = isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower())
+            full = io_error and shutil.disk_usage(self.tmp).free < LOW_SPACE
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if io_error and not isinstance(exc, CBDError):
+                reason = "no space left on device" if full else getattr(exc, "strerror", None) or str(exc)
+                raise CBDError(
+                    f"writing {self.out} failed: {reason}; nothing was changed "
+                    "(free some space or choose another --out)"
+                ) from None
+            return False
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+SYNC_EVERY = 64 << 20  # bytes written between background fdatasync calls
+
+
+SAFETENSORS_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", np.uint16)}
+
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (round to nearest even)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def save_weights(path: Path, tensors, dtype: str = "float32", shapes: dict | None = None) -> str:
+    """Write one safetensors file (mlx format) straight from numpy.
+
+    ``tensors`` is a dict or an iterable of (name, array) in sorted name
+    order; with ``shapes`` given the file is streamed, so only one tensor
+    needs to exist at a time. Returns the file's sha256."""
+    code, np_dtype = SAFETENSORS_DTYPES[dtype]
+    items = sorted(tensors.items()) if isinstance(tensors, dict) else tensors
+    if shapes is None:
+        items = list(items)
+        shapes = {k: v.shape for k, v in items}
+    size = np.dtype(np_dtype).itemsize
+    header, offset = {"__metadata__": {"format": "mlx"}}, 0
+    for name in sorted(shapes):
+        n = int(np.prod(shapes[name], dtype=np.int64)) * size
+        header[name] = {"dtype": code, "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (len(blob).to_bytes(8, "little"), blob):
+            f.write(chunk)
+            digest.update(chunk)
+
+        unsynced = [0]
+
+        def write(view) -> None:  # runs in a thread: file I/O and hashing drop the GIL
+            f.write(view)
+            digest.update(view)
+            unsynced[0] += len(view)
+            if unsynced[0] >= SYNC_EVERY:  # flush to disk while the next tensors are computed
+                f.flush()
+                os.fdatasync(f.fileno())
+                unsynced[0] = 0
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for name, arr in items:  # the next tensor is computed while the last is written
+                if tuple(arr.shape) != tuple(shapes[name]):
+                    raise CBDError(f"internal error: {name} has shape {arr.shape}, expected {shapes[name]}")
+                data = _to_bf16_bits(arr) if dtype == "bfloat16" else np.ascontiguousarray(arr, dtype=np_dtype)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(write, memoryview(data).cast("B"))
+            if pending is not None:
+                pending.result()
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def dump_json(obj) -> str:
+    """Indented JSON with lists of numbers kept on one line (lineage maps)."""
+    flat: list[str] = []
+
+    def mark(o):
+        if isinstance(o, dict):
+            return {k: mark(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in o):
+                flat.append(json.dumps(list(o), separators=(", ", ": ")))
+                return f"\0{len(flat) - 1}\0"
+            return [mark(v) for v in o]
+        return o
+
+    text = json.dumps(mark(obj), indent=2)
+    return re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: flat[int(m.group(1))], text)
+
+
+def copy_tokenizer(src_dir: Path, dst_dir: Path) -> None:
+    """The tokenizer files of one model directory into another."""
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copy(Path(src_dir) / name, Path(dst_dir) / name)
+
+
+def write_model(
+    out: Path,
+    config: dict,
+    weights,
+    tokenizer_dir: Path,
+    provenance: dict,
+    force: bool = False,
+    dtype: str = "float32",
+    shapes: dict | None = None,
+    extra=None,
+) -> Path:
+    """Write an mlx-lm model directory (config, safetensors, tokenizer,
+    cbd.json) atomically. ``weights``: a dict, or with ``shapes`` a sorted
+    stream of (name, array). ``extra(tmp_dir)`` may add files before the swap."""
+    with atomic_dir(out, force) as tmp:
+        file_hash = save_weights(tmp / "model.safetensors", weights, dtype, shapes)
+        cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+        cfg["torch_dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=4))
+        copy_tokenizer(tokenizer_dir, tmp)
+        prov = dict(provenance)
+        prov["weights_sha256"] = hashlib.sha256(file_hash.encode()).hexdigest()  # = weights_sha256(tmp)
+        (tmp / "cbd.json").write_text(dump_json(prov))
+        if extra is not None:
+            extra(tmp)
+    return out
+
+
+def write_quantized(out: Path, model: nn.Module, config: dict, tokenizer_dir: Path, provenance: dict,
+                    force: bool = False, extra=None, shared: tuple[set, Path] | None = None) -> Path:
+    """An mlx-lm quantized model directory, written atomically (with cbd.json).
+    ``shared`` = (tensor names, relative link): those tensors are not written
+    here but linked in from a file that several models share."""
+    from mlx_lm.utils import save_config
+
+    with atomic_dir(out, force) as tmp:
+        weights = dict(tree_flatten(model.parameters()))
+        if shared:
+            names, link = shared
+            weights = {k: v for k, v in weights.items() if k not in names}
+            (tmp / link.name).symlink_to(link)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        save_config(dict(config), tmp / "config.json")
+        copy_tokenizer(tokenizer_dir, tmp)
+        prov = dict(provenance)
+        prov["weights_sha256"] = weights_sha256(tmp)
+        (tmp / "cbd.json").write_text(dump_json(prov))
+        if extra is not None:
+            extra(tmp)
+    return out
