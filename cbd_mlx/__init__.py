@@ -1,5 +1,13 @@
 """cbd-mlx: Chain-based Distillation on MLX.
 
+Small language models of any size, initialized from a chain of distilled
+anchors. The Python API mirrors the command line::
+
+    import cbd_mlx
+    model, tokenizer = cbd_mlx.init("80M", out="my-80m")    # like mlx_lm.load
+    cbd_mlx.recover("my-80m", ["notes/"], "my-80m-r", cbd_mlx.TrainConfig(tokens=200_000))
+    cbd_mlx.export("my-80m-r", "my-80m-4bit", cbd_mlx.ExportConfig(bits=4, method="gptq"))
+
 Importing the package on Linux loads a multithreaded OpenBLAS (when present)
 into the global symbol scope *before* MLX, so MLX's CPU matmuls use it instead
 of the reference BLAS bundled with the ``mlx[cpu]`` wheel (~25x faster).
@@ -9,7 +17,7 @@ import ctypes
 import os
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -39,3 +47,25 @@ BLAS = _preload_openblas()
 # transformers (used for tokenizers only) would warn that PyTorch is absent
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+# the API (these imports are light: mlx-lm and transformers load on first use)
+from .chain import find_chain, list_chains  # noqa: E402
+from .chainbuild import build_chain, pack_chain  # noqa: E402
+from .corpus import fetch as fetch_corpus  # noqa: E402
+from .data import prepare as prepare_data  # noqa: E402
+from .distill import distill  # noqa: E402
+from .errors import CBDError  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .export import ExportConfig, export  # noqa: E402
+from .finetune import FinetuneConfig, finetune  # noqa: E402
+from .interpolate import build_init, init  # noqa: E402
+from .loader import convert, load  # noqa: E402
+from .prune import prune  # noqa: E402
+from .recover import recover  # noqa: E402
+from .train import TrainConfig  # noqa: E402
+
+__all__ = [
+    "BLAS", "CBDError", "ExportConfig", "FinetuneConfig", "TrainConfig", "build_chain", "build_init", "convert",
+    "distill", "evaluate", "export", "fetch_corpus", "find_chain", "finetune", "init", "list_chains", "load",
+    "pack_chain", "prepare_data", "prune", "recover",
+]

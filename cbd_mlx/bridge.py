@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import CBDError
-from .load import resolve
+from .loader import resolve
 
 PROMPT_WORDS = 24  # words per prompt drawn from text files
 GEN_DIR = "generated"
@@ -124,10 +124,10 @@ def student_init(student: str, size: int | None, init: str, out: Path, seed: int
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from .load import build_model, load_anchor
+    from .loader import build_model, load_anchor
 
     from .save import write_model
-    from .prune import child_shape, prune
+    from .prune import child_shape, prune_weights
     from .shapes import config_for
 
     a = load_anchor(student)
@@ -141,10 +141,10 @@ def student_init(student: str, size: int | None, init: str, out: Path, seed: int
     elif shape != a.shape:
         from .evaluate import tokenize_file
         from .selection import DEFAULT_CALIB, calibration_batches
-        from .load import load_tokenizer
+        from .loader import load_tokenizer
 
         batches = calibration_batches(tokenize_file(load_tokenizer(a.path), DEFAULT_CALIB))
-        weights, lineage = prune(a, shape, batches)
+        weights, lineage = prune_weights(a, shape, batches)
         prov = {"kind": "bridge-init", "init": "prune", "from": student, "lineage": lineage}
     else:
         weights, prov = a.weights, {"kind": "bridge-init", "init": "as-is", "from": student}
@@ -170,7 +170,7 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
 
     from .data import prepare
     from .distill import distill
-    from .load import load_anchor
+    from .loader import load_anchor
     from .save import dump_json
 
     out = Path(out)
@@ -190,7 +190,7 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
     xvocab = None
     if cfg.xvocab_weight > 0:
         from .data import open_cache
-        from .load import load_tokenizer
+        from .loader import load_tokenizer
         from .uld import XVocabTargets, build_targets
 
         if not (work / "uld" / "uld_mask.npy").exists():

@@ -193,7 +193,7 @@ def default_chain(n: int) -> tuple[Chain, str]:
 def load_chain_anchor(chain: Chain, entry: ChainAnchor, check_finite: bool = True):
     """A chain's anchor, pinned to the manifest's revision and checked against
     its sha256 when the manifest records one."""
-    from .load import anchor_sha256, load_anchor
+    from .loader import anchor_sha256, load_anchor
 
     a = load_anchor(chain.source_of(entry), revision=entry.revision, check_finite=check_finite)
     if entry.sha256 and anchor_sha256(a) != entry.sha256:

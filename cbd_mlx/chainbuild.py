@@ -18,9 +18,9 @@ from .data import open_cache
 from .distill import distill
 from .errors import CBDError
 from .selection import CALIB_SEQ_LEN, calibration_batches
-from .load import Anchor, anchor_sha256, is_hub_id, load_anchor
+from .loader import Anchor, anchor_sha256, is_hub_id, load_anchor
 from .save import atomic_dir, write_model
-from .prune import child_shape, prune
+from .prune import child_shape, prune_weights
 from .shapes import Shape, config_for, format_size
 from .train import TrainConfig
 
@@ -162,7 +162,7 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
                 if batches is None:
                     batches = cache_calibration(cache)
                 log(f"[chain] {name_i}: prune {prev_name} -> {shape} (calibration: {batches.size:,} tokens)")
-                w, lineage = prune(prev, shape, batches)
+                w, lineage = prune_weights(prev, shape, batches)
                 prov = {"kind": "pruned", "lineage": lineage, "parent": prev_name}
                 write_model(pruned, config_for(prev.family, prev.config, shape), w, prev.path, prov, force=True)
             log(f"[chain] {name_i}: distill from {prev_name} on {cfg.tokens:,} tokens")
@@ -285,7 +285,7 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
     ``eval_tokens`` each packed anchor's perplexity is compared with its
     full-precision one (recorded under ``packed`` in its cbd.json)."""
     from .evaluate import tokenize_file
-    from .load import load_tokenizer
+    from .loader import load_tokenizer
     from .quantize import CALIB_SEQ_LEN, CALIB_SEQS, bits_per_weight, quantize_anchor
     from .save import write_quantized
 
@@ -340,7 +340,7 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
                                      fallback_group_size=embed_group_size)
         if eval_tokens is not None:
             from .export import eval_ppl
-            from .load import model_from_weights
+            from .loader import model_from_weights
 
             fp, q = eval_ppl(model_from_weights(a.config, a.weights), eval_tokens), eval_ppl(model, eval_tokens)
             prov["packed"].update(ppl_full_precision=fp, ppl_packed=q, eval_tokens=int(eval_tokens.size))

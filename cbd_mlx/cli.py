@@ -33,14 +33,10 @@ def say(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def _calibration(model_dir: Path, calib: Path | None, max_tokens: int):
-    if calib is None:
-        return None
-    from .evaluate import tokenize_file
-    from .selection import calibration_batches
-    from .load import load_tokenizer
-
-    return calibration_batches(tokenize_file(load_tokenizer(model_dir), calib), max_tokens=max_tokens)
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an existing --out before any work is done."""
+    if out.exists() and not force:
+        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,7 +87,7 @@ def chain_show(name):
         click.echo(f"  {a.name:<18} {format_size(a.params):>8}  {a.shape}  <- {src}")
     from .chain import manifest_config, round_sizes
     from .families import FAMILIES
-    from .load import param_template
+    from .loader import param_template
     from .shapes import count_params, solve_shape
 
     fam = FAMILIES[c.family]
@@ -198,7 +194,7 @@ def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, 
         import numpy as np
 
         from .evaluate import tokenize_file
-        from .load import load_tokenizer, resolve
+        from .loader import load_tokenizer, resolve
 
         tok = load_tokenizer(resolve(chain.source_of(chain.anchors[-1])))
         ev = np.array(tokenize_file(tok, eval_data, eval_tokens), dtype=np.int32)
@@ -217,11 +213,11 @@ def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, 
 @click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
 def convert_cmd(model, out, force, dtype):
     """Convert an anchor (GGUF file, hub repo, directory) into an mlx-lm directory."""
-    from .load import load_anchor
-    from .save import write_model
+    from .loader import convert, load_anchor
 
-    a = load_anchor(model)
-    write_model(out, a.config, a.weights, a.path, {"source": model, "shape": a.shape.as_dict()}, force, dtype)
+    _check_out(out, force)
+    convert(model, out, force, dtype)
+    a = load_anchor(str(out))
     say(f"wrote {out} ({a.n_params / 1e6:.1f}M parameters, {a.shape})")
 
 
@@ -237,36 +233,11 @@ def convert_cmd(model, out, force, dtype):
 def prune_cmd(parent, size, calib, calib_tokens, out, force, dtype, **fixed):
     """Birth of a child anchor: an importance-ranked Subset of PARENT, with its
     lineage (index maps per axis and layer) written into cbd.json."""
-    from .load import load_anchor
-    from .save import write_model
-    from .prune import child_shape, prune
-    from .shapes import config_for, format_size, parse_size
+    from .prune import build_prune
 
-    n = parse_size(size)
-    if out.exists() and not force:
-        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
     t0 = time.time()
-    p = load_anchor(parent)
-    shape = child_shape(p, n, fixed)
-    from .shapes import count_params
-
-    n_child = count_params(p.family, p.template, shape)
-    say(f"parent {p.source}: {format_size(p.n_params)} ({p.shape})")
-    say(f"child shape: {shape} -> {n_child:,} parameters ({format_size(n_child)})")
-    if calib is None:
-        calib = DEFAULT_CALIB
-        say(f"calibration text: the built-in {DEFAULT_CALIB.name} (Python tutorial excerpt); pass --calib FILE for your domain")
-    batches = _calibration(p.path, calib, calib_tokens)
-    weights, lineage = prune(p, shape, batches)
-    prov = {
-        "kind": "pruned",
-        "shape": shape.as_dict(),
-        "params": n_child,
-        "lineage": lineage,
-        "calibration": str(calib) if calib else None,
-        "cbd_mlx": __version__,
-    }
-    write_model(out, config_for(p.family, p.config, shape), weights, p.path, prov, force, dtype)
+    _check_out(out, force)
+    build_prune(parent, size, calib=calib, calib_tokens=calib_tokens, shape=fixed, log=say).save(out, force, dtype)
     say(f"wrote {out} in {time.time() - t0:.1f}s")
 
 
@@ -286,88 +257,14 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
     """Build a model of any size between two adjacent anchors by parameter
     interpolation: alpha * Expand(small) + (1 - alpha) * Subset(big).
     Seconds, no teacher; the output loads with mlx_lm.load."""
-    from .chain import default_chain, find_chain, load_chain_anchor
-    from .interpolate import check_compatible, has_lineage, interpolate
-    from .load import load_anchor, same_tokenizer
-    from .save import write_model
-    from .shapes import format_size, parse_size, solve_shape
+    from .interpolate import build_init
 
-    n = parse_size(size)
     out = out or Path(f"cbd-init-{size}")
-    if out.exists() and not force:
-        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
-    if alpha not in (None, "auto"):
-        try:
-            alpha = float(alpha)
-        except ValueError:
-            raise CBDError(f"--alpha must be a number in [0, 1] or 'auto', not '{alpha}'") from None
+    _check_out(out, force)
     t0 = time.time()
-    chain_info = None
-    if anchors:
-        big_src, small_src = anchors
-    else:
-        if chain_name:
-            c = find_chain(chain_name)
-        else:
-            c, why = default_chain(n)
-            say(f"using chain '{c.name}' ({why}); pass --chain to choose another")
-        try:
-            a_big, a_small = c.bracket(n)
-        except CBDError:
-            if not extrapolate:
-                raise
-            edge = c.anchors[0] if n > c.anchors[0].params else c.anchors[-1]
-            return _extrapolate(c.source_of(edge), n, out, force, dtype, calib, calib_tokens, fixed,
-                                {"name": c.name, "manifest": str(c.path), "anchors": [edge.name]})
-        big_src, small_src = c.source_of(a_big), c.source_of(a_small)
-        chain_info = {"name": c.name, "manifest": str(c.path), "anchors": [a_big.name, a_small.name]}
-        say(f"chain {c.name}: {a_small.name} ({format_size(a_small.params)}) < {format_size(n)} "
-            f"< {a_big.name} ({format_size(a_big.params)})")
-    check = alpha == "auto" or calib is not None  # else NaN/Inf are caught in the streamed output
-    if anchors:
-        big, small = load_anchor(big_src, check_finite=check), load_anchor(small_src, check_finite=check)
-    else:
-        big, small = (load_chain_anchor(c, a, check) for a in (a_big, a_small))
-    if big.n_params < small.n_params:
-        big, small = small, big
-    if not small.n_params <= n <= big.n_params:
-        if extrapolate:
-            edge = big if n > big.n_params else small
-            return _extrapolate(edge.source, n, out, force, dtype, calib, calib_tokens, fixed, None)
-        raise CBDError(
-            f"{format_size(n)} is outside the anchors' range {format_size(small.n_params)} .. "
-            f"{format_size(big.n_params)}; pick a size in that range or pass --extrapolate"
-        )
-    check_compatible(big, small)
-    if not same_tokenizer(big.path, small.path):
-        raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
-    target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed)
-    if calib is None and (alpha == "auto" or not has_lineage(small, big)):
-        calib = DEFAULT_CALIB
-        say(f"calibration text: the built-in {DEFAULT_CALIB.name} (Python tutorial excerpt); pass --calib FILE for your domain")
-    batches = _calibration(big.path, calib, calib_tokens)
-    res = interpolate(big, small, target, alpha, batches, log=say, stream=True)
-    say(f"shape: {target} -> {res.n_params:,} parameters ({format_size(res.n_params)}, "
-        f"{(res.n_params - n) / n:+.2%} of {size})")
-    say(f"alpha: {res.alpha:.4f} (default {res.info['default_alpha']:.4f}), alignment: {res.info['alignment']}")
-    prov = {
-        "kind": "init",
-        "chain": chain_info,
-        "anchors": {
-            "big": {"source": big.source, "params": big.n_params,
-                    "sha256": big.provenance.get("weights_sha256")},
-            "small": {"source": small.source, "params": small.n_params,
-                      "sha256": small.provenance.get("weights_sha256")},
-        },
-        "shape": target.as_dict(),
-        "params": res.n_params,
-        "requested": n,
-        "alpha": res.alpha,
-        "info": res.info,
-        "history": [],
-        "cbd_mlx": __version__,
-    }
-    write_model(out, res.config, res.weights, big.path, prov, force, dtype, shapes=res.shapes)
+    built = build_init(size, chain=chain_name, anchors=anchors, alpha=alpha, calib=calib, calib_tokens=calib_tokens,
+                       shape=fixed, extrapolate=extrapolate, stream=True, log=say)
+    built.save(out, force, dtype)
     say(f"wrote {out} in {time.time() - t0:.1f}s  (try: mlx_lm.generate --model {out} --prompt 'Hello')")
 
 
@@ -457,42 +354,6 @@ def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, teac
         if rec.get("heldout_ppl_after") else f"wrote {out}")
 
 
-def _extrapolate(source, n, out, force, dtype, calib, calib_tokens, fixed, chain_info) -> None:
-    """Sizes beyond the chain: Subset of the smallest anchor below it, Expand
-    (function-preserving growth) of the largest above it; no blend."""
-    from dataclasses import replace
-
-    from .interpolate import grow
-    from .load import load_anchor
-    from .save import write_model
-    from .prune import child_shape, prune
-    from .shapes import config_for, count_params, format_size, solve_shape
-
-    a = load_anchor(source)
-    if n < a.n_params:
-        shape = child_shape(a, n, fixed)
-        say(f"warning: {format_size(n)} is below the smallest anchor ({format_size(a.n_params)}): "
-            "Subset of it only, no blend (Weight Selection-style); expect a weaker start than an interpolated size")
-        weights, lineage = prune(a, shape, _calibration(a.path, calib, calib_tokens))
-        cfg, mode, extra = config_for(a.family, a.config, shape), "subset-below", {"lineage": lineage}
-    else:
-        s = a.shape
-        ceiling = replace(s, layers=4 * s.layers, hidden=4 * s.hidden, ffn=4 * s.ffn, heads=4 * s.heads,
-                          kv_heads=4 * s.kv_heads)
-        shape = solve_shape(a.family, a.template, s, ceiling, n, fixed)
-        say(f"warning: {format_size(n)} is above the largest anchor ({format_size(a.n_params)}): "
-            "function-preserving growth of it, no blend; the new capacity starts empty and needs training")
-        weights, cfg = grow(a, shape)
-        mode, extra = "grow-above", {}
-    n_out = count_params(a.family, a.template, shape)
-    say(f"shape: {shape} -> {n_out:,} parameters ({format_size(n_out)})")
-    prov = {"kind": "init", "mode": mode, "chain": chain_info, "anchors": {"edge": {"source": source,
-            "params": a.n_params}}, "shape": shape.as_dict(), "params": n_out, "requested": n,
-            "history": [], "cbd_mlx": __version__, **extra}
-    write_model(out, cfg, weights, a.path, prov, force, dtype)
-    say(f"wrote {out}")
-
-
 @cli.command("recover")
 @click.argument("model")
 @click.option("--data", multiple=True, required=True, type=click.Path(path_type=Path),
@@ -541,13 +402,13 @@ def finetune_cmd(model, data, out, lora_rank, dora, full, fuse, iters, batch_siz
                  force):
     """Quick local fine-tune through mlx-lm's tuner. Without --fuse, OUT holds
     adapters: mlx_lm.generate --model MODEL --adapter-path OUT."""
-    from .finetune import finetune
+    from .finetune import FinetuneConfig, finetune
 
     if full and dora:
         raise CBDError("--full and --dora exclude each other")
     mode = "full" if full else "dora" if dora else "lora"
-    finetune(model, data, out, mode, lora_rank, iters, batch_size, lr, max_seq_length, num_layers, fuse, force,
-             log=say)
+    cfg = FinetuneConfig(mode, lora_rank, iters, batch_size, lr, max_seq_length, num_layers, fuse)
+    finetune(model, data, out, cfg, force, log=say)
     say(f"wrote {out}" + ("" if fuse or full else f"  (adapters: mlx_lm.generate --model {model} --adapter-path {out})"))
 
 
@@ -612,22 +473,10 @@ def bridge_cmd(source, student, size, init, prompts, prompt_data, num_prompts, m
 def export_cmd(model, out, bits, group_size, method, recipe, calib, eval_data, eval_tokens, gguf_type, package, force):
     """Quantize MODEL for the edge: an mlx-lm quantized directory (loads in
     mlx_lm.generate), optionally a GGUF for llama.cpp and a release tarball."""
-    import numpy as np
+    from .export import ExportConfig, export
 
-    from .evaluate import tokenize_file
-    from .export import export
-    from .selection import calibration_batches
-    from .load import load_tokenizer, resolve
-    from .quantize import CALIB_SEQ_LEN, CALIB_SEQS
-
-    tok = load_tokenizer(resolve(model))
-    batches = None
-    if method != "rtn":
-        calib = calib or DEFAULT_CALIB
-        batches = calibration_batches(tokenize_file(tok, calib), CALIB_SEQ_LEN, CALIB_SEQS * CALIB_SEQ_LEN)
-    ev = np.array(tokenize_file(tok, eval_data, eval_tokens), dtype=np.int32) if eval_data else None
-    info = export(model, out, int(bits), None if group_size == "auto" else int(group_size), method, recipe, batches, ev,
-                  str(eval_data) if eval_data else None, gguf_type, package, force, log=say)
+    cfg = ExportConfig(int(bits), None if group_size == "auto" else int(group_size), method, recipe, gguf_type, package)
+    info = export(model, out, cfg, calib=calib, eval_data=eval_data, eval_tokens=eval_tokens, force=force, log=say)
     say(f"wrote {out} ({info['size_bytes'] / 1e6:.1f} MB, {info['bits_per_weight']:.2f} bits/weight)"
         + (f" and {info['package']}" if package else "") + f" in {info['seconds']:.1f}s")
 
@@ -644,20 +493,10 @@ def export_cmd(model, out, bits, group_size, method, recipe, calib, eval_data, e
 def eval_cmd(model, data, max_tokens, seq_len, batch_size, cloze, as_json):
     """Held-out perplexity and tokens/s of MODEL on a text file (and, with
     --cloze N, last-word cloze accuracy on the same text)."""
-    from .evaluate import perplexity, tokenize_file
-    from .load import load_anchor, load_tokenizer, model_from_weights
+    from .evaluate import evaluate
 
-    a = load_anchor(model)
-    tokens = tokenize_file(load_tokenizer(a.path), data, max_tokens)
-    m = model_from_weights(a.config, a.weights)
-    r = perplexity(m, tokens, seq_len, batch_size, progress=not as_json)
-    r.update(model=str(model), params=a.n_params, data=str(data))
-    if cloze:
-        from .cloze import build_items, cloze_accuracy
-        from .evaluate import read_text
-
-        items = build_items(read_text(data), load_tokenizer(a.path), cloze)
-        r.update(cloze_acc=cloze_accuracy(m, items), cloze_items=len(items))
+    r = evaluate(model, data, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, cloze=cloze,
+                 progress=not as_json)
     if as_json:
         click.echo(json.dumps(r))
     else:

@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import CBDError
-from .load import cache_dir
+from .loader import cache_dir
 from .save import atomic_dir
 
 PACKAGES = {

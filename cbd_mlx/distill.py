@@ -11,7 +11,7 @@ import numpy as np
 
 from .data import cache_id, open_cache, run_splits
 from .errors import CBDError
-from .load import Anchor, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint
+from .loader import Anchor, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint
 from .save import write_model
 from .train import TrainConfig, config_record, remove_work, train, write_training_outputs
 from mlx.utils import tree_flatten
@@ -50,6 +50,7 @@ def distill(
 
     With ``teacher_cache`` the teacher's top-``cache_k`` log-probs are read
     from that directory (built there first when missing)."""
+    out = Path(out)
     if out.exists() and not force:
         raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
     student = load_anchor(student_src)
@@ -71,7 +72,7 @@ def distill(
     if teacher_cache is not None:
         if teacher is None:
             raise CBDError("--teacher-cache needs --teacher")
-        from .load import anchor_sha256
+        from .loader import anchor_sha256
         from .teacher_cache import TeacherCache
 
         if mx.distributed.init().size() > 1:

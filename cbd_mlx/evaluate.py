@@ -67,3 +67,24 @@ def perplexity(
     secs = time.time() - t0
     nll = total / count
     return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "tokens_per_s": count / secs}
+
+
+def evaluate(model: str, data: Path, *, max_tokens: int = 16384, seq_len: int = EVAL_SEQ_LEN,
+             batch_size: int = EVAL_BATCH, cloze: int = 0, progress: bool = False) -> dict:
+    """Held-out perplexity and tokens/s of ``model`` (any anchor source) on the
+    text file ``data``; with ``cloze`` N, last-word cloze accuracy on N items
+    built from the same text."""
+    from .loader import load_anchor, load_tokenizer, model_from_weights
+
+    a = load_anchor(model)
+    tok = load_tokenizer(a.path)
+    tokens = tokenize_file(tok, data, max_tokens)
+    m = model_from_weights(a.config, a.weights)
+    r = perplexity(m, tokens, seq_len, batch_size, progress=progress)
+    r.update(model=str(model), params=a.n_params, data=str(data))
+    if cloze:
+        from .cloze import build_items, cloze_accuracy
+
+        items = build_items(read_text(data), tok, cloze)
+        r.update(cloze_acc=cloze_accuracy(m, items), cloze_items=len(items))
+    return r

@@ -9,13 +9,14 @@ import os
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from .errors import CBDError
-from .load import load_anchor, model_from_weights, resolve
+from .loader import load_anchor, model_from_weights, resolve
 from .save import file_sha256, remove_stale
 
 CARD_NAME = "README.md"
@@ -89,11 +90,49 @@ def write_tarball(folder: Path, dest: Path, force: bool) -> Path:
     return dest
 
 
-def export(src: str, out: Path, bits: int, group_size: int | None, method: str = "rtn", recipe: str | None = None,
-           calib: np.ndarray | None = None, eval_tokens: np.ndarray | None = None, eval_name: str | None = None,
-           gguf_type: str | None = None, package: bool = False, force: bool = False, log=print) -> dict:
+@dataclass
+class ExportConfig:
+    """How ``export`` quantizes and packages a model."""
+
+    bits: int = 4
+    group_size: int | None = None  # None: 64 when it divides every layer, else 32
+    method: str = "rtn"  # rtn | awq | gptq
+    recipe: str | None = None  # mixed_2_6 | mixed_3_4 | mixed_3_6 | mixed_4_6 (rtn)
+    gguf: str | None = None  # also a llama.cpp GGUF of this type
+    package: bool = False  # also OUT.tar.gz with a sha256 manifest and the model card
+
+
+EVAL_TOKENS = 8192
+
+
+def export(src: str, out: Path, cfg: ExportConfig | None = None, *, calib: Path | None = None,
+           eval_data: Path | None = None, eval_tokens: int = EVAL_TOKENS, force: bool = False, log=None) -> dict:
     """Quantize ``src`` into ``out`` (mlx-lm format, cbd.json, model card,
-    sha256 manifest); optionally a GGUF inside it and ``out``.tar.gz beside it."""
+    sha256 manifest); optionally a GGUF inside it and ``out``.tar.gz beside it.
+    awq/gptq calibrate on ``calib`` [default: the built-in English excerpt];
+    ``eval_data`` (a text file): held-out perplexity before and after goes into
+    the model card. Returns what the card reports."""
+    from .evaluate import tokenize_file
+    from .loader import load_tokenizer
+    from .quantize import CALIB_SEQ_LEN, CALIB_SEQS
+    from .selection import DEFAULT_CALIB, calibration_batches
+
+    cfg = cfg or ExportConfig()
+    log = log or (lambda *_: None)
+    path = resolve(src)
+    tok = load_tokenizer(path)
+    batches = None
+    if cfg.method != "rtn":
+        batches = calibration_batches(tokenize_file(tok, calib or DEFAULT_CALIB), CALIB_SEQ_LEN,
+                                      CALIB_SEQS * CALIB_SEQ_LEN)
+    ev = np.array(tokenize_file(tok, eval_data, eval_tokens), dtype=np.int32) if eval_data else None
+    return _export(src, out, cfg.bits, cfg.group_size, cfg.method, cfg.recipe, batches, ev,
+                   str(eval_data) if eval_data else None, cfg.gguf, cfg.package, force, log)
+
+
+def _export(src: str, out: Path, bits: int, group_size: int | None, method: str, recipe: str | None,
+            calib: np.ndarray | None, eval_tokens: np.ndarray | None, eval_name: str | None,
+            gguf_type: str | None, package: bool, force: bool, log) -> dict:
     from .gguf import write_gguf
     from .quantize import auto_group_size, bits_per_weight, is_quantized, quantize_anchor
     from .save import write_quantized

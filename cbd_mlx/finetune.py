@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 from .errors import CBDError
-from .load import read_provenance, resolve
+from .loader import read_provenance, resolve
 from .save import atomic_dir, dump_json, weights_sha256
 
 FORMATS = {"text": ("text",), "chat": ("messages",), "completions": ("prompt", "completion")}
@@ -46,11 +47,29 @@ def _split_valid(data_dir: Path, tmp: Path) -> Path:
     return d
 
 
-def finetune(model_src: str, data_dir: Path, out: Path, mode: str = "lora", rank: int = 8, iters: int = 100,
-             batch_size: int = 4, lr: float = 1e-4, max_seq_length: int = 512, num_layers: int = -1,
-             fuse: bool = False, force: bool = False, log=print) -> dict:
-    """Fine-tune with mlx-lm; ``out`` holds adapters (loadable with
-    ``--adapter-path``) or, with ``fuse`` / full mode, a standalone model."""
+@dataclass
+class FinetuneConfig:
+    """How ``finetune`` trains (mlx-lm's tuner)."""
+
+    mode: str = "lora"  # lora | dora | full
+    rank: int = 8
+    iters: int = 100
+    batch_size: int = 4
+    lr: float = 1e-4
+    max_seq_length: int = 512
+    num_layers: int = -1  # layers to adapt, from the top (-1: all)
+    fuse: bool = False  # write a standalone model instead of adapters
+
+
+def finetune(model_src: str, data_dir: Path, out: Path, cfg: FinetuneConfig | None = None, force: bool = False,
+             log=None) -> dict:
+    """Fine-tune with mlx-lm on a folder of jsonl (text, chat or completions);
+    ``out`` holds adapters (loadable with ``--adapter-path``) or, with
+    ``fuse`` / full mode, a standalone model. Returns the training record."""
+    cfg = cfg or FinetuneConfig()
+    log = log or (lambda *_: None)
+    mode, rank, iters, batch_size, lr = cfg.mode, cfg.rank, cfg.iters, cfg.batch_size, cfg.lr
+    max_seq_length, num_layers, fuse = cfg.max_seq_length, cfg.num_layers, cfg.fuse
     import mlx.core as mx
     from mlx.utils import tree_unflatten
     from mlx_lm.lora import CONFIG_DEFAULTS, train_model
@@ -59,6 +78,7 @@ def finetune(model_src: str, data_dir: Path, out: Path, mode: str = "lora", rank
     from mlx_lm.utils import load, save
 
     fmt = data_format(data_dir)
+    out = Path(out)
     if out.exists() and not force:
         raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
     path = resolve(model_src)

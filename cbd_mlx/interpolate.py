@@ -19,7 +19,7 @@ import numpy as np
 from .errors import CBDError
 from .families import layer_local_name
 from .selection import align, collect_stats, importance, placement, rankings, select, uniform_rankings
-from .load import Anchor, all_finite, anchor_sha256, model_from_weights
+from .loader import Anchor, all_finite, anchor_sha256, model_from_weights
 from .operators import Selection, blend, blend_tensor, expand, iter_expand, iter_subset, subset
 from .shapes import Shape, config_for, count_params, param_shapes
 
@@ -227,3 +227,199 @@ def grow(anchor: Anchor, target: Shape) -> tuple[dict[str, np.ndarray], dict]:
         [kv_pos] * s.layers,
     )
     return expand(anchor.family, anchor.weights, s, target, place), target_config(anchor, anchor, target, 1.0)
+
+
+GROW_LIMIT = 0.10  # sizes up to 10% above a chain's largest anchor are grown with no --extrapolate
+CALIB_TOKENS_INIT = 2048
+
+
+def _calibration(model_dir, calib, max_tokens: int):
+    if calib is None:
+        return None
+    from .evaluate import tokenize_file
+    from .loader import load_tokenizer
+    from .selection import calibration_batches
+
+    return calibration_batches(tokenize_file(load_tokenizer(model_dir), calib), max_tokens=max_tokens)
+
+
+def _online_hint(chain, n: int) -> str:
+    """Where the online chain would interpolate ``n`` instead ('' when it cannot)."""
+    from .chain import DEFAULT_ONLINE, find_chain
+    from .shapes import format_size
+
+    if chain.name == DEFAULT_ONLINE:
+        return ""
+    try:
+        online = find_chain(DEFAULT_ONLINE)
+        big, small = online.bracket(n)
+    except CBDError:
+        return ""
+    return (f"; the online chain '{online.name}' interpolates it between {small.name} and {big.name} "
+            f"(pass --chain {online.name} with both in the Hugging Face cache or the hub reachable; "
+            f"{format_size(big.params)} to download)")
+
+
+def _edge_init(source: str, n: int, calib, calib_tokens: int, fixed: dict, chain_info, log, why: str):
+    """Sizes beyond the anchors: Subset of the smallest one below it, Expand
+    (function-preserving growth) of the largest one above it; no blend."""
+    from dataclasses import replace
+
+    from . import __version__
+    from .loader import load_anchor
+    from .prune import child_shape, prune_weights
+    from .save import Built
+    from .shapes import format_size, solve_shape
+
+    a = load_anchor(source)
+    if n < a.n_params:
+        shape = child_shape(a, n, fixed)
+        log(f"warning: {format_size(n)} is below the smallest anchor ({format_size(a.n_params)}): Subset of it "
+            "only, no blend (Weight Selection-style); expect a weaker start than an interpolated size")
+        if calib is None:
+            from .selection import DEFAULT_CALIB
+
+            calib = DEFAULT_CALIB
+        weights, lineage = prune_weights(a, shape, _calibration(a.path, calib, calib_tokens))
+        cfg, mode, extra = config_for(a.family, a.config, shape), "subset-below", {"lineage": lineage}
+    else:
+        s = a.shape
+        ceiling = replace(s, layers=4 * s.layers, hidden=4 * s.hidden, ffn=4 * s.ffn, heads=4 * s.heads,
+                          kv_heads=4 * s.kv_heads)
+        shape = solve_shape(a.family, a.template, s, ceiling, n, fixed)
+        log(why or (f"warning: {format_size(n)} is above the largest anchor ({format_size(a.n_params)}): "
+                    "function-preserving growth of it, no blend; the new capacity starts empty and needs training"))
+        weights, cfg = grow(a, shape)
+        mode, extra = "grow-above", {}
+    n_out = count_params(a.family, a.template, shape)
+    prov = {"kind": "init", "mode": mode, "chain": chain_info,
+            "anchors": {"edge": {"source": source, "params": a.n_params}}, "shape": shape.as_dict(),
+            "params": n_out, "requested": n, "history": [], "cbd_mlx": __version__, **extra}
+    return Built(cfg, weights, a.path, prov)
+
+
+def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str, str] | None = None,
+               alpha: float | str | None = None, calib=None, calib_tokens: int = CALIB_TOKENS_INIT,
+               shape: dict | None = None, extrapolate: bool = False, stream: bool = False, log=None):
+    """The init of ``size`` parameters, in memory (``save.Built``: ``.save(out)``
+    writes it, ``.load()`` gives (model, tokenizer)); its cbd.json record holds
+    the chain, anchors, shape, alpha and alignment. See ``init``."""
+    from . import __version__
+    from .chain import default_chain, find_chain, load_chain_anchor
+    from .loader import load_anchor, same_tokenizer
+    from .save import Built
+    from .selection import DEFAULT_CALIB
+    from .shapes import format_size, parse_size, solve_shape
+
+    log = log or (lambda *_: None)
+    n = parse_size(size) if isinstance(size, str) else int(size)
+    if n <= 0:
+        raise CBDError(f"size must be positive, got {size}")
+    fixed = {k: v for k, v in (shape or {}).items() if v is not None}
+    if alpha not in (None, "auto"):
+        try:
+            alpha = float(alpha)
+        except (TypeError, ValueError):
+            raise CBDError(f"--alpha must be a number in [0, 1] or 'auto', not '{alpha}'") from None
+        if not 0.0 <= alpha <= 1.0:
+            raise CBDError(f"--alpha {alpha} is outside [0, 1]")
+    chain_info = None
+    if anchors:
+        big_src, small_src = anchors
+    else:
+        if chain:
+            c = find_chain(chain)
+        else:
+            c, why = default_chain(n)
+            log(f"using chain '{c.name}' ({why}); pass --chain to choose another")
+        try:
+            a_big, a_small = c.bracket(n)
+        except CBDError:
+            top, bottom = c.anchors[0], c.anchors[-1]
+            near_top = top.params < n <= top.params * (1 + GROW_LIMIT)
+            if not (extrapolate or near_top):
+                raise
+            edge = top if n > top.params else bottom
+            note = ""
+            if near_top and not extrapolate:
+                note = (f"note: {format_size(n)} is {n / top.params - 1:.1%} above chain '{c.name}' (largest anchor "
+                        f"{top.name}): its largest anchor is grown function-preservingly, no blend"
+                        + _online_hint(c, n))
+            return _edge_init(c.source_of(edge), n, calib, calib_tokens, fixed,
+                              {"name": c.name, "manifest": str(c.path), "anchors": [edge.name]}, log, note)
+        big_src, small_src = c.source_of(a_big), c.source_of(a_small)
+        chain_info = {"name": c.name, "manifest": str(c.path), "anchors": [a_big.name, a_small.name]}
+        log(f"chain {c.name}: {a_small.name} ({format_size(a_small.params)}) < {format_size(n)} "
+            f"< {a_big.name} ({format_size(a_big.params)})")
+    check = alpha == "auto" or calib is not None  # else NaN/Inf are caught in the streamed output
+    if anchors:
+        big, small = load_anchor(big_src, check_finite=check), load_anchor(small_src, check_finite=check)
+    else:
+        big, small = (load_chain_anchor(c, a, check) for a in (a_big, a_small))
+    if big.n_params < small.n_params:
+        big, small = small, big
+    if not small.n_params <= n <= big.n_params:
+        if extrapolate or (anchors and big.n_params < n <= big.n_params * (1 + GROW_LIMIT)):
+            edge = big if n > big.n_params else small
+            return _edge_init(edge.source, n, calib, calib_tokens, fixed, None, log, "")
+        raise CBDError(
+            f"{format_size(n)} is outside the anchors' range {format_size(small.n_params)} .. "
+            f"{format_size(big.n_params)}; pick a size in that range or pass --extrapolate"
+        )
+    check_compatible(big, small)
+    if not same_tokenizer(big.path, small.path):
+        raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
+    target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed)
+    if calib is None and (alpha == "auto" or not has_lineage(small, big)):
+        calib = DEFAULT_CALIB
+        log(f"calibration text: the built-in {DEFAULT_CALIB.name} (Python tutorial excerpt); pass --calib FILE "
+            "for your domain")
+    batches = _calibration(big.path, calib, calib_tokens)
+    res = interpolate(big, small, target, alpha, batches, log=log, stream=stream)
+    log(f"shape: {target} -> {res.n_params:,} parameters ({format_size(res.n_params)}, "
+        f"{(res.n_params - n) / n:+.2%} of {format_size(n)})")
+    log(f"alpha: {res.alpha:.4f} (default {res.info['default_alpha']:.4f}), alignment: {res.info['alignment']}")
+    prov = {
+        "kind": "init",
+        "chain": chain_info,
+        "anchors": {
+            "big": {"source": big.source, "params": big.n_params, "sha256": big.provenance.get("weights_sha256")},
+            "small": {"source": small.source, "params": small.n_params,
+                      "sha256": small.provenance.get("weights_sha256")},
+        },
+        "shape": target.as_dict(),
+        "params": res.n_params,
+        "requested": n,
+        "alpha": res.alpha,
+        "info": res.info,
+        "history": [],
+        "cbd_mlx": __version__,
+    }
+    return Built(res.config, res.weights, big.path, prov, res.shapes if stream else None)
+
+
+def init(size: str | int, *, chain: str | None = None, anchors: tuple[str, str] | None = None,
+         alpha: float | str | None = None, calib=None, calib_tokens: int = CALIB_TOKENS_INIT,
+         shape: dict | None = None, extrapolate: bool = False, out=None, force: bool = False,
+         dtype: str = "float32", log=None):
+    """A model of ``size`` parameters (e.g. "138M") initialized from two anchors
+    by parameter interpolation: alpha * Expand(small) + (1 - alpha) * Subset(big).
+
+    ``chain``: a chain name or manifest path [default: the public ``smollm2``
+    chain when its anchors are available, else the embedded offline chain];
+    ``anchors``: (big, small) instead of a chain; ``alpha``: a number in
+    [0, 1], "auto", or None (relative distance in parameters); ``calib``: a
+    text file for ``alpha="auto"`` and for aligning anchors without lineage;
+    ``shape``: pins any of layers/hidden/ffn/heads/kv_heads. Sizes up to 10%
+    above a chain's largest anchor grow it function-preservingly; further out
+    needs ``extrapolate``. Writes an mlx-lm directory (with cbd.json) when
+    ``out`` is given. Returns (model, tokenizer) like ``mlx_lm.load``."""
+    from pathlib import Path
+
+    if out is not None and Path(out).exists() and not force:
+        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    built = build_init(size, chain=chain, anchors=anchors, alpha=alpha, calib=calib, calib_tokens=calib_tokens,
+                       shape=shape, extrapolate=extrapolate, log=log)
+    if out is not None:
+        built.save(out, force, dtype)
+    return built.load()

@@ -7,7 +7,7 @@ import numpy as np
 
 from .errors import CBDError
 from .selection import collect_stats, importance, rankings, select, uniform_rankings
-from .load import Anchor, anchor_sha256
+from .loader import Anchor, anchor_sha256
 from .operators import subset
 from .shapes import WIDTH_MULTIPLE, Shape, count_params, solve_shape
 
@@ -44,7 +44,7 @@ def child_shape(parent: Anchor, n_target: int, fixed: dict | None = None, multip
     return solve_shape(parent.family, parent.template, floor, parent.shape, n_target, fixed, multiple=multiple)
 
 
-def prune(parent: Anchor, target: Shape, batches: np.ndarray | None) -> tuple[dict, dict]:
+def prune_weights(parent: Anchor, target: Shape, batches: np.ndarray | None) -> tuple[dict, dict]:
     """(child weights, lineage record) for ``target``; importance-ranked on
     calibration batches, or uniform selection when there are none."""
     if batches is not None:
@@ -64,3 +64,47 @@ def prune(parent: Anchor, target: Shape, batches: np.ndarray | None) -> tuple[di
         parent_ranking=ranks,
     )
     return weights, lineage
+
+
+def build_prune(parent: str, size: str | int, *, calib=None, calib_tokens: int = 4096, shape: dict | None = None,
+                log=None):
+    """The child of ``size`` parameters in memory (``save.Built``); see ``prune``."""
+    from . import __version__
+    from .interpolate import _calibration
+    from .loader import load_anchor
+    from .save import Built
+    from .selection import DEFAULT_CALIB
+    from .shapes import config_for, format_size, parse_size
+
+    log = log or (lambda *_: None)
+    n = parse_size(size) if isinstance(size, str) else int(size)
+    p = load_anchor(parent)
+    target = child_shape(p, n, {k: v for k, v in (shape or {}).items() if v is not None})
+    n_child = count_params(p.family, p.template, target)
+    log(f"parent {p.source}: {format_size(p.n_params)} ({p.shape})")
+    log(f"child shape: {target} -> {n_child:,} parameters ({format_size(n_child)})")
+    if calib is None:
+        calib = DEFAULT_CALIB
+        log(f"calibration text: the built-in {DEFAULT_CALIB.name} (Python tutorial excerpt); pass --calib FILE "
+            "for your domain")
+    weights, lineage = prune_weights(p, target, _calibration(p.path, calib, calib_tokens))
+    prov = {"kind": "pruned", "shape": target.as_dict(), "params": n_child, "lineage": lineage,
+            "calibration": str(calib), "cbd_mlx": __version__}
+    return Built(config_for(p.family, p.config, target), weights, p.path, prov)
+
+
+def prune(parent: str, size: str | int, *, calib=None, calib_tokens: int = 4096, shape: dict | None = None,
+          out=None, force: bool = False, dtype: str = "float32", log=None):
+    """A child anchor of ``size`` parameters: the importance-ranked Subset of
+    ``parent`` (activation statistics on ``calib``, a text file [default: a
+    built-in English excerpt]), its lineage recorded in cbd.json. ``shape``
+    pins any of layers/hidden/ffn/heads/kv_heads. Writes an mlx-lm directory
+    when ``out`` is given; returns (model, tokenizer)."""
+    from pathlib import Path
+
+    if out is not None and Path(out).exists() and not force:
+        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    built = build_prune(parent, size, calib=calib, calib_tokens=calib_tokens, shape=shape, log=log)
+    if out is not None:
+        built.save(out, force, dtype)
+    return built.load()

@@ -14,7 +14,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import CBDError
-from .load import Anchor, model_from_weights
+from .loader import Anchor, model_from_weights
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)

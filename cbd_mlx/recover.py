@@ -9,7 +9,7 @@ from pathlib import Path
 from .data import prepare
 from .distill import distill
 from .errors import CBDError
-from .load import cache_dir, read_provenance, resolve
+from .loader import cache_dir, read_provenance, resolve
 from .train import TrainConfig
 
 
@@ -21,7 +21,7 @@ def data_cache(data: list[Path], model: str, log=print) -> Path:
     for p in data:
         if not Path(p).exists():
             raise CBDError(f"--data {p} does not exist; give a token cache or text/jsonl files")
-    from .load import tokenizer_fingerprint
+    from .loader import tokenizer_fingerprint
 
     key = hashlib.sha256("|".join(
         [tokenizer_fingerprint(resolve(model))]
@@ -59,6 +59,7 @@ def recover(model: str, data: list[Path], out: Path, cfg: TrainConfig, kd_from: 
             force: bool = False, log=print) -> dict:
     """Train every parameter of ``model`` on ``data`` (CE, plus KD when a
     teacher is given) and write it to ``out``; returns the training record."""
+    out = Path(out)
     if out.exists() and not force:
         raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
     teacher = kd_teacher(model, kd_from)

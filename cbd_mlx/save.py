@@ -12,6 +12,7 @@ import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -252,3 +253,29 @@ def write_quantized(out: Path, model: nn.Module, config: dict, tokenizer_dir: Pa
         if extra is not None:
             extra(tmp)
     return out
+
+
+@dataclass
+class Built:
+    """A model made in memory (an init, a pruned child, a conversion): what
+    ``save`` writes as an mlx-lm directory and ``load`` turns into (model,
+    tokenizer). ``weights`` is a dict, or with ``shapes`` a sorted stream of
+    (name, array) that ``save`` consumes once."""
+
+    config: dict
+    weights: object
+    tokenizer_dir: Path
+    provenance: dict
+    shapes: dict | None = None
+
+    def save(self, out: Path, force: bool = False, dtype: str = "float32") -> Path:
+        return write_model(Path(out), self.config, self.weights, self.tokenizer_dir, self.provenance, force, dtype,
+                           shapes=self.shapes)
+
+    def load(self):
+        """(model, tokenizer) like ``mlx_lm.load``, from the weights in memory."""
+        from .loader import load_tokenizer, model_from_weights
+
+        if not isinstance(self.weights, dict):
+            raise CBDError("internal error: a streamed model can only be saved")
+        return model_from_weights(self.config, self.weights), load_tokenizer(self.tokenizer_dir)

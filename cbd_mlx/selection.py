@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import CBDError
 from .families import Family, layer_local_name
-from .load import Anchor, model_from_weights
+from .loader import Anchor, model_from_weights
 from .operators import Selection
 from .shapes import Shape
 

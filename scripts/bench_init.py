@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import cbd_mlx  # noqa: F401
-    from cbd_mlx.load import load_anchor
+    from cbd_mlx.loader import load_anchor
     from conftest import CALIB, find_smollm2_gguf
 
     gguf = find_smollm2_gguf()

@@ -84,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from cbd_mlx.data import PackedSequences
-    from cbd_mlx.load import load_anchor, model_from_weights
+    from cbd_mlx.loader import load_anchor, model_from_weights
     from cbd_mlx.train import TrainConfig, train
     from conftest import CALIB
 

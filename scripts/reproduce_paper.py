@@ -37,7 +37,7 @@ MODES = ("cbd", "subset", "expand", "random", "auto")
 
 def build(big, small, size: int, mode: str, calib):
     from cbd_mlx.interpolate import interpolate, target_config
-    from cbd_mlx.load import build_model
+    from cbd_mlx.loader import build_model
     from cbd_mlx.shapes import solve_shape
 
     target = solve_shape(big.family, big.template, small.shape, big.shape, size)
@@ -56,7 +56,7 @@ def chain_pairs(args):
     """(size, big, small) for every target size: from --chain (adjacent anchors,
     sha256-checked) or the --big/--small pair."""
     from cbd_mlx.chain import find_chain, load_chain_anchor
-    from cbd_mlx.load import load_anchor
+    from cbd_mlx.loader import load_anchor
     from cbd_mlx.shapes import parse_size
 
     loaded = {}
@@ -120,7 +120,7 @@ def main() -> None:
     from cbd_mlx.cloze import build_items, cloze_accuracy
     from cbd_mlx.evaluate import perplexity, read_text, tokenize_file
     from cbd_mlx.selection import calibration_batches
-    from cbd_mlx.load import load_tokenizer, model_from_weights
+    from cbd_mlx.loader import load_tokenizer, model_from_weights
 
     pairs = chain_pairs(args)
     tok = load_tokenizer(pairs[0][1].path)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cbd_mlx.families import FAMILIES
-from cbd_mlx.load import build_model
+from cbd_mlx.loader import build_model
 from cbd_mlx.save import write_model
 from mlx.utils import tree_flatten
 
@@ -106,14 +106,14 @@ def tiny_anchor_pair(d: Path, config: dict, tokenizer_dir: Path, seed: int = 3, 
     shape fields), with lineage: a chain's adjacent anchors in miniature."""
     from dataclasses import replace
 
-    from cbd_mlx.load import load_anchor
-    from cbd_mlx.prune import prune
+    from cbd_mlx.loader import load_anchor
+    from cbd_mlx.prune import prune_weights
     from cbd_mlx.shapes import config_for
 
     big = save_tiny(d / "big", config, random_weights(config, seed), tokenizer_dir)
     b = load_anchor(str(big))
     shape = replace(b.shape, **child)
-    w, lineage = prune(b, shape, None)
+    w, lineage = prune_weights(b, shape, None)
     small = save_tiny(d / "small", config_for(b.family, config, shape), w, tokenizer_dir,
                       {"kind": "pruned", "lineage": lineage})
     return big, small
@@ -143,7 +143,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
-    from cbd_mlx.load import load_anchor
+    from cbd_mlx.loader import load_anchor
 
     return load_anchor(str(smollm2_gguf))
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import CALIB, HELDOUT, TINY_CONFIGS, make_tokenizer, random_weights, save_tiny
 from test_cli import assert_one_line_error, run
 
-from cbd_mlx.load import load_anchor, same_tokenizer
+from cbd_mlx.loader import load_anchor, same_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_uld_alignment_and_loss(tokenizer_dir, other_tokenizer):
     import mlx.core as mx
     import numpy as np
 
-    from cbd_mlx.load import load_tokenizer
+    from cbd_mlx.loader import load_tokenizer
     from cbd_mlx.uld import align, token_ends, uld_loss
 
     a, b = load_tokenizer(tokenizer_dir), load_tokenizer(other_tokenizer)

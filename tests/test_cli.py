@@ -165,7 +165,7 @@ def test_hub_repo_from_local_cache_offline(tokenizer_dir, tmp_path, monkeypatch)
     import huggingface_hub.constants as hc
 
     from cbd_mlx.errors import CBDError
-    from cbd_mlx.load import load_anchor
+    from cbd_mlx.loader import load_anchor
 
     cache = tmp_path / "hub"
     rev = "0123456789abcdef0123456789abcdef01234567"
@@ -187,7 +187,7 @@ def test_extrapolate_below_and_above(tiny_pair, capsys, tmp_path):
     import mlx.core as mx
     import numpy as np
 
-    from cbd_mlx.load import load_anchor, model_from_weights
+    from cbd_mlx.loader import load_anchor, model_from_weights
 
     big, small = tiny_pair
     code, _, err = run(capsys, "init", "--size", "900K", "--anchors", big, small, "--out", tmp_path / "x")
@@ -254,7 +254,7 @@ def test_symlinked_anchor_outside_chain_is_refused(capsys, tmp_path):
 def test_nan_weights_are_refused(tiny_pair, capsys, tmp_path):
     import numpy as np
 
-    from cbd_mlx.load import read_safetensors
+    from cbd_mlx.loader import read_safetensors
 
     from cbd_mlx.save import save_weights
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import CALIB, HELDOUT, TINY_CONFIGS, random_weights, save_tiny
 from test_cli import assert_one_line_error, run
 
-from cbd_mlx.load import load_anchor, model_from_weights
+from cbd_mlx.loader import load_anchor, model_from_weights
 
 from cbd_mlx.save import file_sha256
 

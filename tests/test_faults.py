@@ -20,7 +20,7 @@ from conftest import CALIB, TINY_CONFIGS, tiny_anchor_pair, write_docs
 from test_cli import assert_one_line_error
 
 from cbd_mlx.data import prepare
-from cbd_mlx.load import load_anchor
+from cbd_mlx.loader import load_anchor
 
 CFG = dict(TINY_CONFIGS["llama"], hidden_size=128, intermediate_size=256, num_attention_heads=8,
            num_key_value_heads=4)

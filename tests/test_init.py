@@ -12,9 +12,9 @@ from cbd_mlx.evaluate import tokenize_file
 from cbd_mlx.families import family_of
 from cbd_mlx.selection import align, calibration_batches, placement
 from cbd_mlx.interpolate import default_alpha, interpolate
-from cbd_mlx.load import load_anchor, load_tokenizer, model_from_weights
+from cbd_mlx.loader import load_anchor, load_tokenizer, model_from_weights
 from cbd_mlx.operators import Selection, expand, subset
-from cbd_mlx.prune import prune
+from cbd_mlx.prune import prune_weights
 from cbd_mlx.shapes import config_for, count_params, solve_shape
 
 from conftest import CALIB, HELDOUT, TINY_CONFIGS, random_weights, save_tiny
@@ -39,7 +39,7 @@ def pair(family_name, tokenizer_dir, tmp_path):
     big_dir = save_tiny(tmp_path / "big", cfg, random_weights(cfg, 7), tokenizer_dir)
     big = load_anchor(str(big_dir))
     child = child_of(big.family, big.shape)
-    w, lineage = prune(big, child, calib(tokenizer_dir))
+    w, lineage = prune_weights(big, child, calib(tokenizer_dir))
     prov = {"kind": "pruned", "lineage": lineage}
     small_dir = save_tiny(tmp_path / "small", config_for(big.family, cfg, child), w, tokenizer_dir, prov)
     return big, load_anchor(str(small_dir))

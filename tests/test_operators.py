@@ -11,7 +11,7 @@ import pytest
 from cbd_mlx.families import FAMILIES, family_of
 from cbd_mlx.selection import placement, select, uniform_rankings
 from cbd_mlx.interpolate import grow
-from cbd_mlx.load import load_anchor, model_from_weights
+from cbd_mlx.loader import load_anchor, model_from_weights
 from cbd_mlx.operators import Selection, blend, expand, subset
 from cbd_mlx.shapes import config_for, shape_of
 
@@ -24,7 +24,7 @@ def logits(config, weights, tokens):
 
 
 def text_tokens(tokenizer_dir, n=96):
-    from cbd_mlx.load import load_tokenizer
+    from cbd_mlx.loader import load_tokenizer
 
     return load_tokenizer(tokenizer_dir).encode(HELDOUT.read_text()[:2000])[:n]
 
@@ -161,9 +161,9 @@ def test_lineage_composes_across_two_prunes(tokenizer_dir, tmp_path):
     """Subset(Subset(B -> A1) -> A2) == Subset(B -> A2) with the composed lineage."""
     from dataclasses import replace
 
-    from cbd_mlx.load import load_anchor
+    from cbd_mlx.loader import load_anchor
     from cbd_mlx.operators import Selection
-    from cbd_mlx.prune import prune
+    from cbd_mlx.prune import prune_weights
     from cbd_mlx.shapes import config_for
 
     from conftest import TINY_CONFIGS, random_weights, save_tiny
@@ -171,10 +171,10 @@ def test_lineage_composes_across_two_prunes(tokenizer_dir, tmp_path):
     cfg = TINY_CONFIGS["llama"]
     b = load_anchor(str(save_tiny(tmp_path / "b", cfg, random_weights(cfg, 2), tokenizer_dir)))
     s1 = replace(b.shape, layers=3, hidden=48, ffn=96)
-    w1, lin1 = prune(b, s1, None)
+    w1, lin1 = prune_weights(b, s1, None)
     a1 = load_anchor(str(save_tiny(tmp_path / "a1", config_for(b.family, cfg, s1), w1, tokenizer_dir)))
     s2 = replace(s1, layers=2, hidden=32, ffn=64, heads=2, kv_heads=1)
-    w2, lin2 = prune(a1, s2, None)
+    w2, lin2 = prune_weights(a1, s2, None)
     composed = Selection.from_json(lin1).then(Selection.from_json(lin2))
     from cbd_mlx.operators import subset
 

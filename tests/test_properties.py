@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from cbd_mlx.families import FAMILIES
 from cbd_mlx.selection import placement, select, uniform_rankings
-from cbd_mlx.load import model_from_weights, param_template
+from cbd_mlx.loader import model_from_weights, param_template
 from cbd_mlx.operators import Selection, blend, expand, subset
 from cbd_mlx.shapes import Shape, config_for, count_params
 

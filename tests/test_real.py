@@ -13,7 +13,7 @@ import pytest
 
 from cbd_mlx.evaluate import perplexity, tokenize_file
 from cbd_mlx.interpolate import grow
-from cbd_mlx.load import load_tokenizer, model_from_weights
+from cbd_mlx.loader import load_tokenizer, model_from_weights
 
 from conftest import CALIB, HELDOUT
 
@@ -102,7 +102,7 @@ def gemma3_dir():
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
-    from cbd_mlx.load import resolve
+    from cbd_mlx.loader import resolve
 
     return resolve("gemma3-270m")
 

