@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ import numpy as np
 
 from .errors import CBDError
 from .loader import load_anchor, model_from_weights, resolve
-from .save import file_sha256, remove_stale
+from .save import atomic_dir, file_sha256
 
 CARD_NAME = "README.md"
 MANIFEST_NAME = "MANIFEST.json"
@@ -73,20 +71,10 @@ def _manifest(folder: Path) -> dict:
 
 
 def write_tarball(folder: Path, dest: Path, force: bool) -> Path:
-    """``folder`` as a .tar.gz, written to a temp file and renamed into place."""
-    if dest.exists() and not force:
-        raise CBDError(f"{dest} already exists; pass --force to replace it")
-    remove_stale(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent)
-    os.close(fd)
-    try:
+    """``folder`` as a .tar.gz, written through the one atomic writer."""
+    with atomic_dir(dest, force, file=True) as tmp:
         with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:  # quantized weights barely compress
             tar.add(folder, arcname=dest.name.removesuffix(".tar.gz"))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except OSError as e:
-        os.unlink(tmp)
-        raise CBDError(f"writing {dest} failed: {e.strerror or e}; nothing was changed") from None
     return dest
 
 

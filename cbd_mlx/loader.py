@@ -25,7 +25,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.j
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CBD_MLX_CACHE", Path.home() / ".cache" / "cbd-mlx"))
+    return Path(os.environ.get("CBD_MLX_CACHE") or Path.home() / ".cache" / "cbd-mlx")
 
 
 @dataclass

@@ -55,38 +55,103 @@ def weights_sha256(path: Path) -> str:
 
 
 def remove_stale(out: Path) -> None:
-    """Temp dirs/files of earlier writers of ``out`` that were killed (dead pid)."""
-    for d in out.parent.glob(f".{out.name}.tmp-*-*"):
+    """Temp dirs/files and set-aside old copies of ``out`` left by writers that
+    were killed (their pid is gone)."""
+    for d in [*out.parent.glob(f".{out.name}.tmp-*-*"), *out.parent.glob(f".{out.name}.old-*")]:
         try:
-            pid = int(d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+            pid = int(d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0] if ".tmp-" in d.name else d.name.rsplit("-", 1)[1])
             os.kill(pid, 0)
         except ProcessLookupError:
-            if d.is_dir():
-                shutil.rmtree(d, ignore_errors=True)
-            else:
-                d.unlink(missing_ok=True)
+            _remove(d)
         except (ValueError, PermissionError, IndexError):
             continue
 
 
-class atomic_dir:
-    """Write a directory atomically: build it in a sibling temp dir, then swap.
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
-    ``with atomic_dir(out, force) as tmp: ...`` - on error the temp dir is
-    removed and any existing ``out`` is left untouched.
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst`` atomically, failing with FileExistsError when
+    ``dst`` exists (renameat2 RENAME_NOREPLACE on Linux, renamex_np RENAME_EXCL
+    on macOS): the last step of a write never replaces what it did not check."""
+    import ctypes
+    import sys
+
+    try:
+        libc = _libc()
+        if sys.platform == "linux" and hasattr(libc, "renameat2"):
+            rc = libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1)  # AT_FDCWD, RENAME_NOREPLACE
+        elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+            rc = libc.renamex_np(os.fsencode(src), os.fsencode(dst), 0x4)  # RENAME_EXCL
+        else:
+            rc = None
+    except OSError:
+        rc = None
+    if rc is None:  # no atomic primitive: check, then rename (a small window remains)
+        if os.path.lexists(dst):
+            raise FileExistsError(17, "File exists", str(dst))
+        os.rename(src, dst)
+        return
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err in (22, 38, 95):  # EINVAL/ENOSYS/EOPNOTSUPP: the file system lacks the flag
+            if os.path.lexists(dst):
+                raise FileExistsError(17, "File exists", str(dst))
+            os.rename(src, dst)
+            return
+        raise OSError(err, os.strerror(err), str(dst))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class atomic_dir:
+    """Write a directory (or, with ``file=True``, one file) atomically: build
+    it in a sibling temp path, then move it into place.
+
+    ``with atomic_dir(out, force) as tmp: ...`` - on error the temp path is
+    removed and any existing ``out`` is left untouched. The final move never
+    replaces anything it did not check: without ``force`` an ``out`` that
+    appeared meanwhile (another writer) makes this write fail, with ``force``
+    the old ``out`` is set aside first and removed only after the move. The
+    result gets the permissions the umask gives a new directory/file.
     """
 
-    def __init__(self, out: Path, force: bool = False):
+    def __init__(self, out: Path, force: bool = False, file: bool = False):
         self.out = Path(out)
         self.force = force
+        self.file = file
 
     def __enter__(self) -> Path:
         if self.out.exists() and not self.force:
             raise CBDError(f"{self.out} already exists; choose another --out or pass --force to replace it")
+        if self.out.exists() and self.out.is_dir() == self.file:
+            kind = "a directory" if self.file else "a file"
+            raise CBDError(f"{self.out} is {kind}; give another --out")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             remove_stale(self.out)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
+            prefix = f".{self.out.name}.tmp-{os.getpid()}-"
+            if self.file:
+                fd, name = tempfile.mkstemp(prefix=prefix, dir=self.out.parent)
+                os.close(fd)
+                self.tmp = Path(name)
+            else:
+                self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out.parent))
         except OSError as e:
             raise CBDError(f"cannot write to {self.out.parent}: {e.strerror}") from None
         return self.tmp
@@ -95,8 +160,8 @@ class atomic_dir:
         if exc_type is not None:
             # MLX's own writers (mx.save_safetensors) raise RuntimeError on I/O errors
             io_error = isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower())
-            full = io_error and shutil.disk_usage(self.tmp).free < LOW_SPACE
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            full = io_error and shutil.disk_usage(self.tmp.parent).free < LOW_SPACE
+            _remove(self.tmp)
             if io_error and not isinstance(exc, CBDError):
                 reason = "no space left on device" if full else getattr(exc, "strerror", None) or str(exc)
                 raise CBDError(
@@ -104,13 +169,30 @@ class atomic_dir:
                     "(free some space or choose another --out)"
                 ) from None
             return False
+        os.chmod(self.tmp, (0o666 if self.file else 0o777) & ~_umask())
+        if os.environ.get("CBD_TEST_WRITE_DELAY"):  # tests: hold writers at the final move to race them
+            import time
+
+            time.sleep(float(os.environ["CBD_TEST_WRITE_DELAY"]))
         old = None
-        if self.out.exists():
+        if self.force and os.path.lexists(self.out):
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
             os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
+        try:
+            rename_noreplace(self.tmp, self.out)
+        except FileExistsError:
+            _remove(self.tmp)
+            if old is not None:
+                _remove(old)
+            raise CBDError(f"{self.out} was created by another writer while this one ran; nothing of this run "
+                           "was written (choose another --out, or pass --force to replace it)") from None
+        except OSError as e:
+            _remove(self.tmp)
+            if old is not None and not os.path.lexists(self.out):
+                os.rename(old, self.out)
+            raise CBDError(f"writing {self.out} failed: {e.strerror}; nothing was changed") from None
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         return False
 
 

@@ -179,3 +179,53 @@ def test_damaged_inputs_give_one_clear_line(assets, tmp_path, capsys, kind):
     words = {"no-tokenizer": "tokenizer", "inf-weights": "nan or inf", "truncated-gguf": "gguf"}.get(kind, "")
     assert_one_line_error(code, err, words)
     assert not out.exists()
+
+
+def test_concurrent_writers_of_one_out_never_lose_a_result(tokenizer_dir, tmp_path):
+    """Two real processes init the same --out at once: one wins, the other
+    fails with one clear line, and the output is the winner's, complete."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY_CONFIGS, tiny_anchor_pair
+
+    big, small = tiny_anchor_pair(tmp_path, TINY_CONFIGS["llama"], tokenizer_dir, layers=3, ffn=96)
+    out = tmp_path / "same"
+    env = {**os.environ, "CBD_TEST_WRITE_DELAY": "2"}
+    from cbd_mlx.loader import load_anchor
+
+    size = f"{load_anchor(str(big)).n_params / 1e6}M"
+    cmds = [[sys.executable, "-m", "cbd_mlx", "init", "--size", size, "--anchors", str(big), str(small),
+             "--alpha", alpha, "--out", str(out)] for alpha in ("0.25", "0.75")]
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    loser = next(err for code, err in results if code == 1)
+    errors = [line for line in loser.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another writer" in errors[0] and "Traceback" not in loser
+    winner = next(alpha for (code, _), alpha in zip(results, (0.25, 0.75)) if code == 0)
+    assert json.loads((out / "cbd.json").read_text())["alpha"] == winner
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".same.")]  # no leftovers
+
+
+def test_outputs_get_the_umask_permissions_and_force_leaves_nothing_behind(tmp_path):
+    import os
+
+    from cbd_mlx.save import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "d") as t:
+            (t / "x").write_text("1")
+        assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+        with atomic_dir(tmp_path / "f.tar.gz", file=True) as t:
+            t.write_text("a")
+        with atomic_dir(tmp_path / "f.tar.gz", force=True, file=True) as t:
+            t.write_text("b")
+        assert (tmp_path / "f.tar.gz").read_text() == "b"
+        assert (tmp_path / "f.tar.gz").stat().st_mode & 0o777 == 0o644
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.tar.gz"]
+    finally:
+        os.umask(old)
