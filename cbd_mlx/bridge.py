@@ -130,7 +130,12 @@ def student_init(student: str, size: int | None, init: str, out: Path, seed: int
     from .prune import child_shape, prune_weights
     from .shapes import config_for
 
+    from .shapes import format_size
+
     a = load_anchor(student)
+    if size and size > a.n_params * 1.01:
+        raise CBDError(f"--size {format_size(size)} is above --student's {format_size(a.n_params)}: the bridge anchor "
+                       "is pruned from (or shaped like) the student; give a smaller --size or a bigger --student")
     shape = child_shape(a, size) if size and size < a.n_params else a.shape
     cfg = config_for(a.family, a.config, shape)
     if init == "random":

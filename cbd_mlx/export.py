@@ -89,6 +89,17 @@ class ExportConfig:
     gguf: str | None = None  # also a llama.cpp GGUF of this type
     package: bool = False  # also OUT.tar.gz with a sha256 manifest and the model card
 
+    def __post_init__(self):
+        from .quantize import BITS, GROUP_SIZES, METHODS
+
+        if self.bits not in BITS:
+            raise CBDError(f"--bits {self.bits!r} is invalid: choose one of {', '.join(map(str, BITS))}")
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise CBDError(f"--group-size {self.group_size!r} is invalid: choose one of "
+                           f"{', '.join(map(str, GROUP_SIZES))} or auto")
+        if self.method not in METHODS:
+            raise CBDError(f"--method {self.method!r} is invalid: choose one of {', '.join(METHODS)}")
+
 
 EVAL_TOKENS = 8192
 

@@ -60,6 +60,20 @@ class FinetuneConfig:
     num_layers: int = -1  # layers to adapt, from the top (-1: all)
     fuse: bool = False  # write a standalone model instead of adapters
 
+    def __post_init__(self):
+        import math
+
+        if self.mode not in ("lora", "dora", "full"):
+            raise CBDError(f"mode {self.mode!r} is invalid: choose lora, dora or full")
+        for name in ("rank", "iters", "batch_size", "max_seq_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise CBDError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is invalid: give a positive "
+                               "whole number")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise CBDError(f"--lr {self.lr!r} is invalid: give a finite number > 0")
+        if self.num_layers != -1 and self.num_layers < 1:
+            raise CBDError(f"--num-layers {self.num_layers} is invalid: give a positive count, or -1 for all layers")
+
 
 def finetune(model_src: str, data_dir: Path, out: Path, cfg: FinetuneConfig | None = None, force: bool = False,
              log=None) -> dict:

@@ -62,6 +62,24 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
 
+    def __post_init__(self):
+        def bad(name, value, want):
+            raise CBDError(f"{name} {value!r} is invalid: {want}")
+
+        for name in ("tokens", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (2 if name == "seq_len" else 1):
+                bad(f"--{name.replace('_', '-')}", v, "give a positive whole number")
+        for name, lo, open_lo in (("lr", 0.0, True), ("temperature", 0.0, True), ("weight_decay", 0.0, False),
+                                  ("ce_weight", 0.0, False), ("xvocab_weight", 0.0, False),
+                                  ("max_grad_norm", 0.0, False), ("min_lr_ratio", 0.0, False),
+                                  ("warmup_fraction", 0.0, False)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or (open_lo and v == lo):
+                bad(f"--{name.replace('_', '-')}", v, f"give a finite number {'>' if open_lo else '>='} {lo:g}")
+        if self.loss not in LOSSES:
+            bad("--loss", self.loss, f"choose one of {', '.join(LOSSES)}")
+
     def steps(self, world: int) -> int:
         per_step = self.batch_size * self.seq_len * self.grad_accum * world
         return max(1, self.tokens // per_step)
