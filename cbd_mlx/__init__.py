@@ -48,21 +48,34 @@ BLAS = _preload_openblas()
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-# the API (these imports are light: mlx-lm and transformers load on first use)
-from .chain import find_chain, list_chains  # noqa: E402
-from .chainbuild import build_chain, pack_chain  # noqa: E402
-from .corpus import fetch as fetch_corpus  # noqa: E402
-from .data import prepare as prepare_data  # noqa: E402
-from .distill import distill  # noqa: E402
-from .errors import CBDError  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .export import ExportConfig, export  # noqa: E402
-from .finetune import FinetuneConfig, finetune  # noqa: E402
-from .interpolate import build_init, init  # noqa: E402
-from .loader import convert, load  # noqa: E402
-from .prune import prune  # noqa: E402
-from .recover import recover  # noqa: E402
-from .train import TrainConfig  # noqa: E402
+
+
+def _cli_process() -> bool:
+    """Whether this process is the cbd-mlx command (not a library user)."""
+    a0 = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return a0.startswith("cbd-mlx") or a0 == "-m"
+
+
+try:  # the API (light imports: mlx-lm and transformers load on first use)
+    from .chain import find_chain, list_chains
+    from .chainbuild import build_chain, pack_chain
+    from .corpus import fetch as fetch_corpus
+    from .data import prepare as prepare_data
+    from .distill import distill
+    from .errors import CBDError
+    from .evaluate import evaluate
+    from .export import ExportConfig, export
+    from .finetune import FinetuneConfig, finetune
+    from .interpolate import build_init, init
+    from .loader import convert, load
+    from .prune import prune
+    from .recover import recover
+    from .train import TrainConfig
+except KeyboardInterrupt:  # Ctrl-C while the command starts: no traceback
+    if not _cli_process():
+        raise
+    sys.stderr.write("interrupted\n")
+    sys.exit(130)
 
 __all__ = [
     "BLAS", "CBDError", "ExportConfig", "FinetuneConfig", "TrainConfig", "build_chain", "build_init", "convert",

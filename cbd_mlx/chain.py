@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import CBDError
 from .families import FAMILIES
-from .shapes import Shape, format_size
+from .shapes import Shape, check_shape, format_size
 
 CHAINS_DIR = Path(os.environ.get("CBD_MLX_CHAINS", Path(__file__).resolve().parent.parent / "chains"))
 MANIFEST_NAME = "chain.toml"
@@ -88,7 +88,7 @@ def _anchor(d: dict, where: str, chain_dir: Path) -> ChainAnchor:
         resolved = (chain_dir / source).resolve()
         if not resolved.is_relative_to(chain_dir.resolve()):
             raise CBDError(f"{where}: anchor source '{source}' points outside the chain's folder")
-    shape = Shape(*(d[k] for k in SHAPE_KEYS))
+    shape = check_shape(Shape(*(d[k] for k in SHAPE_KEYS)), f"{where}: anchor {d['name']}")
     return ChainAnchor(
         d["name"], source, d["params"], shape, d.get("revision"), d.get("sha256") or None,
         d.get("parent") or None, local,

@@ -207,9 +207,12 @@ def pad_widths(a: Anchor, multiple: int) -> tuple[Anchor, dict | None]:
     parent's importance ranking). Returns (anchor, {axis: [old, new]} or None)."""
     from .interpolate import grow
 
+    import math
+
     s = a.shape
-    up = lambda n: -(-n // multiple) * multiple  # noqa: E731
-    t = replace(s, hidden=up(s.hidden), ffn=up(s.ffn))
+    up = lambda n, m: -(-n // m) * m  # noqa: E731
+    hidden_step = multiple if a.family.tied_attention_width else math.lcm(multiple, s.heads)  # HF: hidden % heads
+    t = replace(s, hidden=up(s.hidden, hidden_step), ffn=up(s.ffn, multiple))
     if t == s:
         return a, None
     weights, cfg = grow(a, t)

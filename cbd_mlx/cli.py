@@ -553,9 +553,14 @@ def main(argv=None):
     except click.exceptions.Abort:
         say("aborted")
         sys.exit(130)
+    except click.UsageError as e:  # a bad option value or a missing argument: one line, like any error
+        where = f"{e.ctx.command_path} --help" if e.ctx else "cbd-mlx --help"
+        msg = " ".join(e.format_message().split())
+        say(f"error: {msg[0].lower() + msg[1:] if msg else 'invalid usage'} (see {where})")
+        sys.exit(1)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        say(f"error: {' '.join(e.format_message().split())}")
+        sys.exit(1)
     except CBDError as e:
         say(f"error: {e}")
         sys.exit(1)

@@ -23,18 +23,23 @@ SPLITS = ("train", "heldout")
 def document_files(inputs: list[Path]) -> list[tuple[Path, str]]:
     """(file, id) of every text/jsonl file in ``inputs``; ids are relative to
     the input, so a corpus splits the same wherever it lives."""
+    from .evaluate import check_text_file
+
     files = []
     for p in map(Path, inputs):
         if p.is_dir():
             files += [(f, str(f.relative_to(p))) for f in sorted(p.rglob("*"))
                       if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.suffix == ".jsonl")]
-        elif p.is_file():
-            files.append((p, p.name))
         else:
-            raise CBDError(f"input {p} does not exist")
+            files.append((check_text_file(p, "text or jsonl file"), p.name))
     if not files:
         raise CBDError("no text files found in the inputs")
-    return files
+    seen: dict[str, int] = {}
+    unique = []
+    for f, doc_id in files:  # two inputs with one name (a/doc.txt, b/doc.txt) stay two documents
+        seen[doc_id] = seen.get(doc_id, 0) + 1
+        unique.append((f, doc_id if seen[doc_id] == 1 else f"{doc_id}#{seen[doc_id]}"))
+    return unique
 
 
 def iter_documents(inputs: list[Path]):
@@ -55,7 +60,9 @@ def _read_documents(files: list[tuple[Path, str]]):
                         raise CBDError(f"{f}:{i + 1}: each jsonl line needs a 'text' field") from None
                     yield f"{doc_id}:{i}", str(text)
         else:
-            yield doc_id, f.read_text(encoding="utf-8", errors="replace")
+            from .evaluate import read_text
+
+            yield doc_id, read_text(f)
 
 
 def split_documents(inputs: list[Path], fraction: float):
@@ -91,6 +98,7 @@ def prepare(inputs: list[Path], tokenizer_src: str, out: Path, heldout_fraction:
     eos = tok.eos_token_id
     counts = {s: 0 for s in SPLITS}
     docs = {s: 0 for s in SPLITS}
+    max_id = -1
     with atomic_dir(out, force) as tmp:
         files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
         try:
@@ -101,13 +109,18 @@ def prepare(inputs: list[Path], tokenizer_src: str, out: Path, heldout_fraction:
                 files[split].write(np.asarray(ids, dtype=np.uint32).tobytes())
                 counts[split] += len(ids)
                 docs[split] += 1
+                max_id = max(max_id, max(ids, default=-1))
         finally:
             for f in files.values():
                 f.close()
+        if counts["train"] == 0:
+            raise CBDError(f"no training tokens: all {docs['heldout']} document(s) went to the held-out split; "
+                           "give more documents or a lower --heldout-fraction")
         meta = {
             "tokenizer": str(tokenizer_src),
             "tokenizer_sha256": tokenizer_fingerprint(tok_dir),
             "vocab_size": len(tok._tokenizer.get_vocab()),
+            "max_token_id": max_id,
             "tokens": counts,
             "documents": docs,
             "heldout_fraction": heldout_fraction,
@@ -162,6 +175,16 @@ class PackedSequences:
         """The ``index``-th batch: (batch_size, seq_len + 1) int32 (inputs and targets)."""
         return np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int32)
                          for s in self.starts(index, batch_size)])
+
+
+def check_ids(meta: dict, splits: dict[str, np.ndarray], vocab: int, model: str) -> None:
+    """Refuse a cache whose token ids do not fit the model's embedding rows."""
+    top = meta.get("max_token_id")
+    if top is None:
+        top = max((int(a.max()) for a in splits.values() if len(a)), default=-1)
+    if top >= vocab:
+        raise CBDError(f"the token cache holds token id {top} but {model} has {vocab} embedding rows: its "
+                       "tokenizer does not belong to this model; rebuild the cache with the model's own tokenizer")
 
 
 def cache_id(meta: dict) -> str:

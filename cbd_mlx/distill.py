@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .data import cache_id, open_cache, run_splits
+from .data import cache_id, check_ids, open_cache, run_splits
 from .errors import CBDError
 from .loader import Anchor, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint
 from .save import write_model
@@ -60,6 +60,7 @@ def distill(
             raise CBDError("teacher and student use different tokenizers; distill within one chain (or use `bridge`)")
     meta, splits = open_cache(cache)
     check_data(meta, student)
+    check_ids(meta, splits, student.shape.vocab, student_src)
     train_data, heldout, carved = run_splits(splits, cfg.seq_len, cfg.seed)
     if carved:
         log(f"the cache's held-out split is too small; holding out the last {len(heldout.tokens):,} training "

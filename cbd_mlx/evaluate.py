@@ -17,10 +17,30 @@ EVAL_SEQ_LEN = 512
 EVAL_BATCH = 4
 
 
-def read_text(path: Path) -> str:
+BINARY_PROBE = 8192  # bytes checked for binary content
+
+
+def check_text_file(path: Path, what: str = "text file") -> Path:
+    """``path`` if it is a readable regular file of text; one clear error otherwise."""
     p = Path(path)
+    if not p.exists():
+        raise CBDError(f"{what} {p} does not exist")
+    if p.is_dir():
+        raise CBDError(f"{p} is a directory; give a {what}")
     if not p.is_file():
-        raise CBDError(f"text file {p} does not exist")
+        raise CBDError(f"{p} is not a regular file (a device or a pipe?); give a {what}")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(BINARY_PROBE)
+    except OSError as e:
+        raise CBDError(f"cannot read {p}: {e.strerror}") from None
+    if b"\0" in head or (head and head.decode("utf-8", errors="replace").count("\ufffd") > len(head) // 10):
+        raise CBDError(f"{p} looks like a binary file, not text; give a UTF-8 {what}")
+    return p
+
+
+def read_text(path: Path) -> str:
+    p = check_text_file(path)
     try:
         return p.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
@@ -33,6 +53,14 @@ def encode_text(tokenizer, text: str) -> list[int]:
     if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
         ids = ids[1:]
     return ids
+
+
+def check_token_ids(tokens, vocab: int, model: str) -> None:
+    """Refuse ids beyond the model's embedding rows (a tokenizer of another model)."""
+    top = max(tokens, default=-1)
+    if top >= vocab:
+        raise CBDError(f"the tokenizer of {model} emits token id {top} but the model has {vocab} embedding rows: "
+                       "the tokenizer files do not belong to this model; restore them")
 
 
 def tokenize_file(tokenizer, path: Path, max_tokens: int | None = None) -> list[int]:
@@ -79,6 +107,7 @@ def evaluate(model: str, data: Path, *, max_tokens: int = 16384, seq_len: int = 
     a = load_anchor(model)
     tok = load_tokenizer(a.path)
     tokens = tokenize_file(tok, data, max_tokens)
+    check_token_ids(tokens, a.shape.vocab, model)
     m = model_from_weights(a.config, a.weights)
     r = perplexity(m, tokens, seq_len, batch_size, progress=progress)
     r.update(model=str(model), params=a.n_params, data=str(data))

@@ -62,8 +62,31 @@ def _dequantize(weights: dict, base: str) -> mx.array:
     )
 
 
+def check_gguf(path: Path):
+    """Parse a GGUF file's header, metadata and tensor table with llama.cpp's
+    pure-Python reader and check every tensor's offset and size against the
+    file, before any native loader sees it. Returns the reader."""
+    import gguf
+
+    bad = f"GGUF {path} is corrupt or truncated; fetch it again"
+    try:
+        r = gguf.GGUFReader(str(path))
+        size = Path(path).stat().st_size
+        for t in r.tensors:
+            if t.data_offset < 0 or t.n_bytes < 0 or t.data_offset + t.n_bytes > size:
+                raise CBDError(f"{bad} (tensor {t.name} ends past the end of the file)")
+            if any(int(d) <= 0 or int(d) > 1 << 24 for d in t.shape.tolist()) or len(t.shape) > 4:
+                raise CBDError(f"{bad} (tensor {t.name} has shape {t.shape.tolist()})")
+    except CBDError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the reader raises many kinds on damaged files
+        raise CBDError(f"{bad} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return r
+
+
 def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
     """(config, fp32 weights in mlx-lm names, raw metadata) of a llama GGUF."""
+    check_gguf(path)
     try:
         raw, meta = mx.load(str(path), return_metadata=True)
     except Exception as e:  # mlx raises RuntimeError/ValueError on bad files and unsupported quant types
@@ -203,10 +226,7 @@ def read_gguf_any(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
     (every quantization type, incl. k-quants); llama and gemma3."""
     import gguf
 
-    try:
-        r = gguf.GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - the reader raises many kinds on damaged files
-        raise CBDError(f"cannot read GGUF {path}: {e}; the file is corrupt or truncated, fetch it again") from None
+    r = check_gguf(path)
     arch = _field(r, "general.architecture")
     if arch not in ("llama", "gemma3"):
         raise CBDError(f"GGUF {path} holds a '{arch}' model; supported GGUF architectures: llama, gemma3")

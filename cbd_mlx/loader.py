@@ -153,25 +153,61 @@ def _read_json(path: Path, what: str) -> dict:
         raise CBDError(f"{path} is not valid JSON ({e}); restore or re-download the {what}") from None
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """(fp32 arrays, metadata) of a safetensors file, memory-mapped where the
-    file is already fp32 (no copy). Truncated or malformed files raise CBDError."""
+SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
+                     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER = 100 << 20  # bytes of JSON header a safetensors file may have
+
+
+def check_safetensors(path: Path) -> dict:
+    """Validate a safetensors file's header, tensor table, offsets and sizes
+    (no overlaps, inside the file) before any native loader reads it; returns
+    the header."""
     bad = f"{path} is truncated or corrupt; restore or re-download it"
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
+            if n <= 1 or n > MAX_HEADER or 8 + n > size:
                 raise CBDError(bad)
             header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
         raise CBDError(bad) from None
     except OSError as e:
         raise CBDError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(header, dict):
+        raise CBDError(bad)
+    spans = []
+    for name, v in header.items():
+        if name == "__metadata__":
+            if v is not None and not isinstance(v, dict):
+                raise CBDError(bad)
+            continue
+        try:
+            dtype, shape, (lo, hi) = v["dtype"], v["shape"], v["data_offsets"]
+            ok = (dtype in SAFETENSORS_SIZES and isinstance(shape, list) and len(shape) <= 8
+                  and all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape)
+                  and isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi
+                  and hi - lo == int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_SIZES[dtype])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CBDError(f"{path}: tensor {name} has a damaged entry; restore or re-download the file")
+        if 8 + n + hi > size:
+            raise CBDError(f"{path} is truncated ({size} bytes, {name} needs {8 + n + hi}); restore or re-download it")
+        spans.append((lo, hi))
+    spans.sort()
+    if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+        raise CBDError(f"{path}: tensors overlap; the file is corrupt, restore or re-download it")
+    return header
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(fp32 arrays, metadata) of a safetensors file, memory-mapped where the
+    file is already fp32 (no copy). Truncated or malformed files raise CBDError."""
+    header = dict(check_safetensors(path))
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
     meta = header.pop("__metadata__", {}) or {}
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CBDError(f"{path} is truncated ({size} bytes, the header needs {8 + n + end}); restore or re-download it")
     buf = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
     for name, v in header.items():
@@ -234,6 +270,8 @@ def load_anchor(source: str, revision: str | None = None, check_finite: bool = T
     family = family_of(config)
     if not list(path.glob("model*.safetensors")):
         raise CBDError(f"{path} has no model*.safetensors weights")
+    for f in path.glob("model*.safetensors"):
+        check_safetensors(f)
     weights = None if "quantization" in config else _load_mlx_format(path)
     if weights is None:
         weights, config = _load_with_mlx_lm(path)

@@ -278,6 +278,20 @@ def dump_json(obj) -> str:
     return re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: flat[int(m.group(1))], text)
 
 
+def check_loadable(config: dict) -> None:
+    """Refuse a config that ``mlx_lm.load`` cannot load: transformers validates
+    it while mlx-lm looks for the tokenizer (e.g. hidden % heads for llama)."""
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("quantization", "quantization_config")})
+    except ImportError:
+        return
+    except Exception as e:  # noqa: BLE001 - transformers' validators raise their own kinds
+        msg = str(e).strip().splitlines()[-1].strip()
+        raise CBDError(f"this model's config would not load in mlx-lm ({msg}); nothing was written") from None
+
+
 def copy_tokenizer(src_dir: Path, dst_dir: Path) -> None:
     """The tokenizer files of one model directory into another."""
     for name in TOKENIZER_FILES:
@@ -298,7 +312,9 @@ def write_model(
 ) -> Path:
     """Write an mlx-lm model directory (config, safetensors, tokenizer,
     cbd.json) atomically. ``weights``: a dict, or with ``shapes`` a sorted
-    stream of (name, array). ``extra(tmp_dir)`` may add files before the swap."""
+    stream of (name, array). ``extra(tmp_dir)`` may add files before the swap.
+    A config that mlx-lm (through transformers) would refuse is refused first."""
+    check_loadable(config)
     with atomic_dir(out, force) as tmp:
         file_hash = save_weights(tmp / "model.safetensors", weights, dtype, shapes)
         cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
@@ -320,6 +336,7 @@ def write_quantized(out: Path, model: nn.Module, config: dict, tokenizer_dir: Pa
     here but linked in from a file that several models share."""
     from mlx_lm.utils import save_config
 
+    check_loadable(config)
     with atomic_dir(out, force) as tmp:
         weights = dict(tree_flatten(model.parameters()))
         if shared:

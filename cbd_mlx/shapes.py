@@ -61,23 +61,48 @@ def format_size(n: int) -> str:
     return f"{n / 1e3:.1f}K"
 
 
+# dimensions beyond these are refused before anything is allocated (damaged or hostile configs)
+MAX_DIMS = {"layers": 1024, "hidden": 1 << 17, "ffn": 1 << 19, "heads": 4096, "kv_heads": 4096, "head_dim": 4096,
+            "vocab": 1 << 22}
+
+
+def check_shape(shape: Shape, where: str) -> Shape:
+    """Refuse dimensions that are not positive, beyond MAX_DIMS, or inconsistent."""
+    for k, hi in MAX_DIMS.items():
+        v = getattr(shape, k)
+        if not 1 <= v <= hi:
+            raise CBDError(f"{where}: {k} {v} is outside 1..{hi}; the config is damaged")
+    if shape.heads % shape.kv_heads:
+        raise CBDError(f"{where}: {shape.heads} heads are not a multiple of {shape.kv_heads} kv heads")
+    return shape
+
+
 def shape_of(family: Family, config: dict) -> Shape:
-    """Read a Shape from a config.json dict."""
+    """Read a Shape from a config.json dict (whole, positive, bounded numbers)."""
     k = family.config_keys
+
+    def whole(key: str, default=None) -> int:
+        v = config.get(key, default) if default is not None else config[key]
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise CBDError(f"config.json: {key} is {v!r}, not a whole number; the config is damaged")
+        return v
+
     try:
-        layers = int(config[k["layers"]])
-        hidden = int(config[k["hidden"]])
-        heads = int(config[k["heads"]])
-        vocab = int(config[k["vocab"]])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CBDError(f"config.json lacks or mangles {e} for a {family.name} model") from None
-    kv = int(config.get(k.get("kv_heads", ""), None) or heads)
-    head_dim = int(config.get(k.get("head_dim", ""), None) or hidden // heads)
-    if family.ffn_multiple:
-        ffn = family.ffn_multiple * hidden
-    else:
-        ffn = int(config[k["ffn"]])
-    return Shape(layers, hidden, ffn, heads, kv, head_dim, vocab)
+        layers, hidden, heads, vocab = (whole(k[f]) for f in ("layers", "hidden", "heads", "vocab"))
+    except KeyError as e:
+        raise CBDError(f"config.json lacks {e} for a {family.name} model") from None
+    if heads <= 0 or hidden <= 0:
+        raise CBDError(f"config.json: {k['hidden']} {hidden} / {k['heads']} {heads} must be positive")
+    kv = whole(k["kv_heads"], heads) if config.get(k.get("kv_heads", "")) is not None else heads
+    head_dim = whole(k["head_dim"], 0) if config.get(k.get("head_dim", "")) is not None else hidden // heads
+    ffn = family.ffn_multiple * hidden if family.ffn_multiple else whole(k["ffn"])
+    shape = check_shape(Shape(layers, hidden, ffn, heads, kv, head_dim, vocab), "config.json")
+    eps = config.get(family.eps_key)
+    if eps is not None and not (isinstance(eps, (int, float)) and 0 < eps < 1):
+        raise CBDError(f"config.json: {family.eps_key} {eps!r} must be a small positive number")
+    return shape
 
 
 def config_for(family: Family, base_config: dict, shape: Shape) -> dict:
