@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import CBDError
-from .loader import resolve
+from .loader import read_json, resolve
 
 PROMPT_WORDS = 24  # words per prompt drawn from text files
 GEN_DIR = "generated"
@@ -49,7 +49,7 @@ def load_source(source: str):
 
     path = resolve(source)
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = read_json(path / "config.json", "source's config.json")
     except (OSError, json.JSONDecodeError):
         raise CBDError(f"source {source} has no readable config.json") from None
     try:
@@ -184,7 +184,7 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
     load_anchor(student)  # the chain family's model must load (family, tokenizer) before hours of generation
     work = out.with_name(out.name + ".bridge")
     model, tok, src_path = load_source(source)
-    src_cfg = json.loads((src_path / "config.json").read_text())
+    src_cfg = read_json(src_path / "config.json", "source's config.json")
     context = int(src_cfg.get("max_position_embeddings") or src_cfg.get("n_positions") or 2048)
     stats = generate(model, tok, prompts, work / GEN_DIR, max_new_tokens, gen_batch, temperature, top_p,
                      cfg.seed, context, log)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .errors import CBDError
 from .evaluate import encode_text
-from .loader import load_tokenizer, resolve, tokenizer_fingerprint
+from .loader import load_tokenizer, read_json, resolve, tokenizer_fingerprint
 from .save import atomic_dir
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
@@ -135,7 +135,7 @@ def open_cache(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     path = Path(path)
     if not (path / CACHE_META).is_file():
         raise CBDError(f"{path} is not a token cache (no {CACHE_META}); make one with `cbd-mlx data prepare`")
-    meta = json.loads((path / CACHE_META).read_text())
+    meta = read_json(path / CACHE_META, "token cache (rebuild it with `cbd-mlx data prepare`)")
     arrays = {}
     for s in SPLITS:
         f = path / f"{s}.bin"

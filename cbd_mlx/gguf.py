@@ -306,7 +306,9 @@ def gguf_name(hf: str) -> str:
 
 def _bpe_vocab(model_dir: Path) -> tuple[list[str], list[int], list[str], dict]:
     """(tokens, token types, merges, special ids) of a byte-level BPE tokenizer.json."""
-    data = json.loads((Path(model_dir) / "tokenizer.json").read_text())
+    from .loader import read_json
+
+    data = read_json(Path(model_dir) / "tokenizer.json", "tokenizer")
     if data.get("model", {}).get("type") != "BPE":
         raise CBDError("GGUF export supports byte-level BPE tokenizers (tokenizer.json model 'BPE') only")
     vocab = dict(data["model"]["vocab"])
@@ -320,7 +322,9 @@ def _bpe_vocab(model_dir: Path) -> tuple[list[str], list[int], list[str], dict]:
              TOKEN_TYPE_USER_DEFINED if t in added else 1 for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
     cfg_path = Path(model_dir) / "tokenizer_config.json"
-    tcfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    from .loader import read_json
+
+    tcfg = read_json(cfg_path, "tokenizer") if cfg_path.is_file() else {}
     special = {k: vocab.get(tcfg.get(f"{k}_token") if isinstance(tcfg.get(f"{k}_token"), str) else None)
                for k in ("bos", "eos", "unk", "pad")}
     return tokens, types, merges, special | {"chat_template": tcfg.get("chat_template")}

@@ -143,14 +143,23 @@ def model_from_weights(config: dict, weights: dict[str, np.ndarray], dtype=mx.fl
 def read_provenance(model_dir: Path) -> dict:
     """A model directory's cbd.json record ({} when it has none)."""
     f = Path(model_dir) / "cbd.json"
-    return _read_json(f, "cbd.json") if f.is_file() else {}
+    return read_json(f, "cbd.json") if f.is_file() else {}
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a file the user gave us; one clear error otherwise."""
+    path = Path(path)
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CBDError(f"{path} is not valid JSON ({e}); restore or re-download the {what}") from None
+    except FileNotFoundError:
+        raise CBDError(f"{path} does not exist; restore or re-download the {what}") from None
+    except OSError as e:
+        raise CBDError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(obj, dict):
+        raise CBDError(f"{path} is not a JSON object; restore or re-download the {what}")
+    return obj
 
 
 SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
@@ -266,7 +275,7 @@ def load_anchor(source: str, revision: str | None = None, check_finite: bool = T
     path = resolve(source, revision)
     if not (path / "config.json").is_file():
         raise CBDError(f"{path} has no config.json; is it a model directory?")
-    config = _read_json(path / "config.json", "model's config.json")
+    config = read_json(path / "config.json", "model's config.json")
     family = family_of(config)
     if not list(path.glob("model*.safetensors")):
         raise CBDError(f"{path} has no model*.safetensors weights")

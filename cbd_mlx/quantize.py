@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import CBDError
-from .loader import Anchor, model_from_weights
+from .loader import Anchor, model_from_weights, read_json
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -25,7 +24,7 @@ CALIB_SEQ_LEN = 256
 
 def is_quantized(path: Path) -> dict | None:
     """The ``quantization`` block of a model directory's config, if any."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
+    cfg = read_json(Path(path) / "config.json", "model's config.json")
     return cfg.get("quantization") or cfg.get("quantization_config")
 
 

@@ -82,6 +82,8 @@ def shape_of(family: Family, config: dict) -> Shape:
     k = family.config_keys
 
     def whole(key: str, default=None) -> int:
+        if default is None and key not in config:
+            raise CBDError(f"config.json lacks '{key}' for a {family.name} model; the config is damaged")
         v = config.get(key, default) if default is not None else config[key]
         if isinstance(v, float) and v.is_integer():
             v = int(v)
@@ -89,10 +91,7 @@ def shape_of(family: Family, config: dict) -> Shape:
             raise CBDError(f"config.json: {key} is {v!r}, not a whole number; the config is damaged")
         return v
 
-    try:
-        layers, hidden, heads, vocab = (whole(k[f]) for f in ("layers", "hidden", "heads", "vocab"))
-    except KeyError as e:
-        raise CBDError(f"config.json lacks {e} for a {family.name} model") from None
+    layers, hidden, heads, vocab = (whole(k[f]) for f in ("layers", "hidden", "heads", "vocab"))
     if heads <= 0 or hidden <= 0:
         raise CBDError(f"config.json: {k['hidden']} {hidden} / {k['heads']} {heads} must be positive")
     kv = whole(k["kv_heads"], heads) if config.get(k.get("kv_heads", "")) is not None else heads
@@ -100,7 +99,7 @@ def shape_of(family: Family, config: dict) -> Shape:
     ffn = family.ffn_multiple * hidden if family.ffn_multiple else whole(k["ffn"])
     shape = check_shape(Shape(layers, hidden, ffn, heads, kv, head_dim, vocab), "config.json")
     eps = config.get(family.eps_key)
-    if eps is not None and not (isinstance(eps, (int, float)) and 0 < eps < 1):
+    if family.eps_key in config and not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1):
         raise CBDError(f"config.json: {family.eps_key} {eps!r} must be a small positive number")
     return shape
 
