@@ -508,8 +508,8 @@ def bridge_cmd(source, student, size, init, prompts, prompt_data, num_prompts, m
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None,
               help="Held-out text: perplexity before/after quantization goes into the model card.")
 @click.option("--eval-tokens", type=POSITIVE, default=8192, show_default=True)
-@click.option("--gguf", "gguf_type", type=click.Choice(["f16", "q8_0"]), default=None,
-              help="Also write a llama.cpp GGUF (llama family) of this precision.")
+@click.option("--gguf", "gguf_type", type=click.Choice(["f16", "q8_0", "q5_0", "q4_1", "q4_0"]), default=None,
+              help="Also write a llama.cpp GGUF (llama, qwen3, gpt2, gpt_neox) of this precision.")
 @click.option("--package", is_flag=True, help="Also write OUT.tar.gz: model, MANIFEST.json (sha256), model card.")
 @click.option("--force", is_flag=True, help="Replace --out (and the tarball) if they exist.")
 def export_cmd(model, out, bits, group_size, method, recipe, calib, eval_data, eval_tokens, gguf_type, package, force):
@@ -531,18 +531,24 @@ def export_cmd(model, out, bits, group_size, method, recipe, calib, eval_data, e
 @click.option("--batch-size", type=POSITIVE, default=4, show_default=True)
 @click.option("--cloze", type=NON_NEGATIVE, default=0, show_default=True,
               help="Also score N last-word cloze items (LAMBADA-style) built from --data.")
+@click.option("--choice", type=NON_NEGATIVE, default=0, show_default=True,
+              help="Also score N next-sentence choice items (HellaSwag-like: the true next sentence among 4, "
+                   "by length-normalized log-likelihood; random = 25%) built from --data.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of the choice distractors.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
-def eval_cmd(model, data, max_tokens, seq_len, batch_size, cloze, as_json):
+def eval_cmd(model, data, max_tokens, seq_len, batch_size, cloze, choice, seed, as_json):
     """Held-out perplexity and tokens/s of MODEL on a text file (and, with
-    --cloze N, last-word cloze accuracy on the same text)."""
+    --cloze N / --choice N, last-word cloze / next-sentence choice accuracy on
+    items built from the same text)."""
     from .evaluate import evaluate
 
     r = evaluate(model, data, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, cloze=cloze,
-                 progress=not as_json)
+                 choice=choice, seed=seed, progress=not as_json)
     if as_json:
         click.echo(json.dumps(r))
     else:
         extra = f", cloze {r['cloze_acc']:.1%} of {r['cloze_items']}" if cloze else ""
+        extra += f", choice {r['choice_accuracy']:.1%} of {r['choice_items']} (random 25%)" if choice else ""
         click.echo(f"{model}: ppl {r['ppl']:.3f} on {r['tokens']:,} tokens ({r['tokens_per_s']:.0f} tokens/s){extra}")
 
 

@@ -98,10 +98,12 @@ def perplexity(
 
 
 def evaluate(model: str, data: Path, *, max_tokens: int = 16384, seq_len: int = EVAL_SEQ_LEN,
-             batch_size: int = EVAL_BATCH, cloze: int = 0, progress: bool = False) -> dict:
+             batch_size: int = EVAL_BATCH, cloze: int = 0, choice: int = 0, seed: int = 0,
+             progress: bool = False) -> dict:
     """Held-out perplexity and tokens/s of ``model`` (any anchor source) on the
     text file ``data``; with ``cloze`` N, last-word cloze accuracy on N items
-    built from the same text."""
+    built from the same text; with ``choice`` N, next-sentence choice accuracy
+    (4 candidates, random = 25%) on N items (``seed`` draws the distractors)."""
     from .loader import load_anchor, load_tokenizer, model_from_weights
 
     a = load_anchor(model)
@@ -116,4 +118,10 @@ def evaluate(model: str, data: Path, *, max_tokens: int = 16384, seq_len: int = 
 
         items = build_items(read_text(data), tok, cloze)
         r.update(cloze_acc=cloze_accuracy(m, items), cloze_items=len(items))
+    if choice:
+        from .choice import build_items as choice_items
+        from .choice import choice_accuracy
+
+        items = choice_items(read_text(data), tok, choice, seed)
+        r.update(choice_accuracy=choice_accuracy(m, items), choice_items=len(items))
     return r

@@ -90,8 +90,11 @@ class ExportConfig:
     package: bool = False  # also OUT.tar.gz with a sha256 manifest and the model card
 
     def __post_init__(self):
+        from .gguf import GGUF_TYPES
         from .quantize import BITS, GROUP_SIZES, METHODS
 
+        if self.gguf is not None and self.gguf not in GGUF_TYPES:
+            raise CBDError(f"--gguf {self.gguf!r} is invalid: choose one of {', '.join(GGUF_TYPES)}")
         if self.bits not in BITS:
             raise CBDError(f"--bits {self.bits!r} is invalid: choose one of {', '.join(map(str, BITS))}")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
@@ -148,8 +151,12 @@ def _export(src: str, out: Path, bits: int, group_size: int | None, method: str,
         raise CBDError(f"{tar_path} already exists; choose another --out or pass --force to replace it")
     t0 = time.time()
     a = load_anchor(src)
-    if gguf_type and a.config.get("model_type") not in ("llama", "mistral"):
-        raise CBDError(f"--gguf supports the llama family, not '{a.config.get('model_type')}'")
+    if gguf_type:
+        from .gguf import GGUF_ARCH, pre_tokenizer_type
+
+        if a.config.get("model_type") not in GGUF_ARCH:
+            raise CBDError(f"--gguf supports {', '.join(sorted(GGUF_ARCH))}, not '{a.config.get('model_type')}'")
+        pre_tokenizer_type(a.path)  # refuse a tokenizer llama.cpp would split differently, before any work
     ppl_fp = eval_ppl(model_from_weights(a.config, a.weights), eval_tokens) if eval_tokens is not None else None
     group_size = group_size or auto_group_size(a)
     model, qconfig = quantize_anchor(a, bits, group_size, method, recipe, calib)

@@ -285,8 +285,22 @@ def spm_tokenizer_from_gguf(meta: dict, out_dir: Path) -> None:
     AutoTokenizer.from_pretrained(str(out_dir)).save_pretrained(str(out_dir))  # adds tokenizer.json
 
 
-GGUF_TYPES = ("f16", "q8_0")  # what `export --gguf` writes (llama.cpp requantizes further)
+GGUF_TYPES = ("f16", "q8_0", "q5_0", "q4_1", "q4_0")  # what `export --gguf` writes
 HF_TO_GGUF = {v: k for k, v in NAME_MAP.items()}
+# per family: llama.cpp's architecture and its tensor names for the family's local names
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3", "gpt2": "gpt2", "gpt_neox": "gptneox"}
+GGUF_TENSORS = {
+    "llama": HF_TO_GGUF,
+    "qwen3": HF_TO_GGUF | {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
+    "gpt2": {"model.wte": "token_embd", "model.wpe": "position_embd", "model.ln_f": "output_norm",
+             "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"},
+    "gptneox": {"model.embed_in": "token_embd", "model.embed_out": "output", "model.final_layer_norm": "output_norm",
+                "input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv",
+                "attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
+                "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"},
+}
+LAYER_PREFIXES = ("model.layers.", "model.h.")
 
 
 def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -295,13 +309,35 @@ def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, arch: str = "llama") -> str:
     """mlx-lm/Hugging Face parameter name -> llama.cpp tensor name."""
-    base = hf.removesuffix(".weight")
-    if base.startswith("model.layers."):
-        _, _, i, rest = base.split(".", 3)
-        return f"blk.{i}.{HF_TO_GGUF[rest]}.weight"
-    return f"{HF_TO_GGUF[base]}.weight"
+    table = GGUF_TENSORS[arch]
+    base, _, kind = hf.rpartition(".")
+    for prefix in LAYER_PREFIXES:
+        if base.startswith(prefix):
+            i, rest = base[len(prefix):].split(".", 1)
+            return f"blk.{i}.{table[rest]}.{kind}"
+    return f"{table[base]}.{kind}"
+
+
+def pre_tokenizer_type(model_dir: Path) -> str:
+    """llama.cpp's pre-tokenizer name ("tokenizer.ggml.pre") for a byte-level
+    BPE tokenizer.json, read from its pre-tokenizer: GPT-2's regex ("gpt-2"),
+    the same with single digits split first (SmolLM's "smollm"), or Qwen2's
+    split pattern ("qwen2")."""
+    from .loader import read_json
+
+    pre = read_json(Path(model_dir) / "tokenizer.json", "tokenizer").get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    if kinds and kinds[0] == "Split" and r"\p{N}" in json.dumps(parts[0].get("pattern", {})) and "ByteLevel" in kinds:
+        return "qwen2"
+    raise CBDError(f"the tokenizer in {model_dir} has a pre-tokenizer llama.cpp is not known to match ({kinds}); "
+                   "GGUF export supports GPT-2, SmolLM and Qwen2 style byte-level BPE tokenizers")
 
 
 def _bpe_vocab(model_dir: Path) -> tuple[list[str], list[int], list[str], dict]:
@@ -330,36 +366,80 @@ def _bpe_vocab(model_dir: Path) -> tuple[list[str], list[int], list[str], dict]:
     return tokens, types, merges, special | {"chat_template": tcfg.get("chat_template")}
 
 
+def _qkv_blocks(w: np.ndarray, n_head: int) -> np.ndarray:
+    """GPT-NeoX's per-head [q_h, k_h, v_h] rows -> [all q | all k | all v] (llama.cpp's layout)."""
+    return w.reshape(n_head, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+
+
+def _tensor_for(arch: str, name: str, v: np.ndarray, config: dict) -> np.ndarray:
+    """A weight in llama.cpp's layout: llama's Q/K rows permuted for its RoPE,
+    GPT-NeoX's fused QKV regrouped."""
+    n_head = int(config.get("num_attention_heads") or config.get("n_head"))
+    if arch == "llama" and name.endswith("q_proj.weight"):
+        return permute_rope(v, n_head)
+    if arch == "llama" and name.endswith("k_proj.weight"):
+        return permute_rope(v, int(config.get("num_key_value_heads", n_head)))
+    if arch == "gptneox" and "query_key_value" in name:
+        return _qkv_blocks(v, n_head)
+    return v
+
+
+def _add_hparams(w, arch: str, config: dict) -> None:
+    """The architecture's hyperparameters, complete (llama.cpp reads head
+    sizes from key/value_length when hidden != heads x head_dim)."""
+    g = config.get
+    hidden = int(g("hidden_size") or g("n_embd"))
+    n_head = int(g("num_attention_heads") or g("n_head"))
+    head_dim = int(g("head_dim") or hidden // n_head)
+    w.add_context_length(int(g("max_position_embeddings") or g("n_positions") or g("n_ctx") or 2048))
+    w.add_embedding_length(hidden)
+    w.add_block_count(int(g("num_hidden_layers") or g("n_layer")))
+    w.add_head_count(n_head)
+    if arch in ("llama", "qwen3"):
+        w.add_feed_forward_length(int(g("intermediate_size")))
+        w.add_head_count_kv(int(g("num_key_value_heads") or n_head))
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(float(g("rope_theta") or 10000.0))
+        w.add_layer_norm_rms_eps(float(g("rms_norm_eps") or 1e-6))
+    elif arch == "gpt2":
+        w.add_feed_forward_length(int(g("n_inner") or 4 * hidden))
+        w.add_head_count_kv(n_head)
+        w.add_layer_norm_eps(float(g("layer_norm_epsilon") or 1e-5))
+    else:  # gptneox
+        w.add_feed_forward_length(int(g("intermediate_size")))
+        w.add_head_count_kv(n_head)
+        w.add_rope_dimension_count(int(float(g("rotary_pct") or 1.0) * head_dim))
+        w.add_rope_freq_base(float(g("rotary_emb_base") or 10000.0))
+        w.add_parallel_residual(bool(g("use_parallel_residual", True)))
+        w.add_layer_norm_eps(float(g("layer_norm_eps") or 1e-5))
+
+
 def write_gguf(config: dict, weights: dict[str, np.ndarray], model_dir: Path, path: Path, qtype: str = "f16",
                name: str = "cbd-mlx") -> None:
-    """A llama.cpp GGUF of a llama-family model (``qtype`` f16 or q8_0 for 2-D
-    weights; norms stay f32), written with llama.cpp's own ``gguf`` package."""
+    """A llama.cpp GGUF of a llama, qwen3, gpt2 or gpt_neox model, written with
+    llama.cpp's own ``gguf`` package: ``qtype`` (f16, q8_0, q5_0, q4_1, q4_0)
+    for 2-D weights whose rows fit its blocks (else f16); norms and biases f32."""
     import gguf
 
-    if config.get("model_type") not in ("llama", "mistral"):
-        raise CBDError(f"GGUF export supports the llama family, not '{config.get('model_type')}'")
+    arch = GGUF_ARCH.get(config.get("model_type"))
+    if arch is None:
+        raise CBDError(f"GGUF export supports {', '.join(sorted(GGUF_ARCH))}, not '{config.get('model_type')}'")
     if qtype not in GGUF_TYPES:
-        raise CBDError(f"--gguf-type must be one of {GGUF_TYPES}")
-    n_head, hidden = config["num_attention_heads"], config["hidden_size"]
-    n_kv = config.get("num_key_value_heads", n_head)
+        raise CBDError(f"--gguf must be one of {', '.join(GGUF_TYPES)}")
     tokens, types, merges, special = _bpe_vocab(model_dir)
-    w = gguf.GGUFWriter(str(path), "llama")
+    pre = pre_tokenizer_type(model_dir)
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
-    w.add_context_length(int(config.get("max_position_embeddings", 2048)))
-    w.add_embedding_length(hidden)
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_rope_dimension_count(int(config.get("head_dim") or hidden // n_head))
-    w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
-    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
+    _add_hparams(w, arch, config)
     w.add_vocab_size(len(tokens))
-    ftype = gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
-    w.add_file_type(ftype)
+    ftype = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1",
+             "q4_0": "MOSTLY_Q4_0"}[qtype]
+    w.add_file_type(getattr(gguf.LlamaFileType, ftype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -367,21 +447,18 @@ def write_gguf(config: dict, weights: dict[str, np.ndarray], model_dir: Path, pa
                      ("pad", w.add_pad_token_id)):
         if special.get(key) is not None:
             add(int(special[key]))
+    w.add_add_bos_token(False)
     if special.get("chat_template"):
         w.add_chat_template(special["chat_template"])
+    qt = None if qtype == "f16" else getattr(gguf.GGMLQuantizationType, qtype.upper())
     for k in sorted(weights):
-        v = np.asarray(weights[k], dtype=np.float32)
-        if k.endswith("q_proj.weight"):
-            v = permute_rope(v, n_head)
-        elif k.endswith("k_proj.weight"):
-            v = permute_rope(v, n_kv)
+        v = _tensor_for(arch, k, np.asarray(weights[k], dtype=np.float32), config)
         if v.ndim == 1:
-            w.add_tensor(gguf_name(k), v)
-        elif qtype == "q8_0" and v.shape[-1] % 32 == 0:
-            q = gguf.GGMLQuantizationType.Q8_0
-            w.add_tensor(gguf_name(k), gguf.quants.quantize(v, q), raw_dtype=q)
+            w.add_tensor(gguf_name(k, arch), v)
+        elif qt is not None and v.shape[-1] % 32 == 0:
+            w.add_tensor(gguf_name(k, arch), gguf.quants.quantize(v, qt), raw_dtype=qt)
         else:
-            w.add_tensor(gguf_name(k), v.astype(np.float16))
+            w.add_tensor(gguf_name(k, arch), v.astype(np.float16))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

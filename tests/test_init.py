@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from cbd_mlx.errors import CBDError
 from cbd_mlx.evaluate import tokenize_file
 from cbd_mlx.families import family_of
 from cbd_mlx.selection import align, calibration_batches, placement
@@ -157,3 +158,28 @@ def test_solver_hits_requested_size(pair):
         got = count_params(big.family, big.template, shape)
         assert abs(got - n) / n <= 0.01
         assert small.shape.layers <= shape.layers <= big.shape.layers
+
+
+def test_choice_items_and_scoring(tokenizer_dir, tmp_path):
+    """Choice items hold the true next sentence among 4 of similar length,
+    are seeded, and batched scoring equals scoring each candidate alone."""
+    from cbd_mlx.choice import build_items, candidate_scores, choice_accuracy, sentences
+    from cbd_mlx.loader import load_tokenizer, model_from_weights
+    from conftest import CALIB, TINY_CONFIGS, random_weights
+
+    text = CALIB.read_text() + " " + HELDOUT.read_text()
+    tok = load_tokenizer(tokenizer_dir)
+    items = build_items(text, tok, 12, seed=3)
+    assert 8 <= len(items) <= 12 and items == build_items(text, tok, 12, seed=3)
+    sents = [tok.encode(" " + s) for s in sentences(text)]
+    for ctx, cands, truth in items:
+        assert len(cands) == 4 and 0 <= truth < 4 and cands[truth] in sents
+        assert len({tuple(c) for c in cands}) == 4
+    model = model_from_weights(TINY_CONFIGS["llama"], random_weights(TINY_CONFIGS["llama"], 4))
+    ctx, cands, _ = items[0]
+    together = candidate_scores(model, ctx, cands)
+    alone = [candidate_scores(model, ctx, [c])[0] for c in cands]
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
+    assert 0.0 <= choice_accuracy(model, items) <= 1.0
+    with pytest.raises(CBDError, match="too short for the choice task"):
+        build_items("One sentence. Two sentences.", tok, 5)
