@@ -43,10 +43,10 @@ RESUME_KEYS = ("tokens", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ra
 @dataclass
 class TrainConfig:
     tokens: int
-    batch_size: int = 8
+    batch_size: int = 4
     seq_len: int = 256
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 2.5e-4
     min_lr_ratio: float = 0.1
     warmup_fraction: float = 0.05
     weight_decay: float = 0.01

