@@ -112,7 +112,7 @@ def main() -> None:
     cfg = TrainConfig(tokens=(args.reps + 1) * n_tok, batch_size=args.batch_size, seq_len=args.seq_len,
                       eval_every=10**9, save_every=10**9, min_warmup_steps=1)
     metrics = train(ours_model, PackedSequences(tokens, args.seq_len), None, cfg, work / "run", t_model,
-                    log=lambda *_: None)
+                    log=lambda *_: None).metrics
     t_ours = statistics.median(n_tok / m["tokens_per_s"] for m in metrics[1:])
 
     flops_ours = 6 * student.n_params * n_tok + 2 * teacher.n_params * n_tok

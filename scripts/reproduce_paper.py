@@ -207,7 +207,8 @@ def recover(model, args, tok) -> list[dict]:
     heldout = PackedSequences(splits["heldout"], 128, 1)
     start = heldout_loss(model, heldout, cfg)
     with tempfile.TemporaryDirectory() as work:
-        metrics = train(model, PackedSequences(splits["train"], 128), heldout, cfg, Path(work), log=lambda *_: None).metrics
+        metrics = train(model, PackedSequences(splits["train"], 128), heldout, cfg, Path(work),
+                        log=lambda *_: None).metrics
     return [{"tokens": 0, "heldout_loss": start}] + [
         {"tokens": m["tokens"], "heldout_loss": m["heldout_loss"]} for m in metrics if m.get("heldout_loss")]
 
