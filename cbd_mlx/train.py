@@ -319,6 +319,27 @@ class _Point:
     loss: float | None = None
 
 
+INIT_STD = 0.02
+
+
+def random_model(config: dict, seed: int = 0, std: float = INIT_STD) -> nn.Module:
+    """A model of ``config`` initialized for training from scratch (GPT-2
+    style): N(0, ``std``) matrices and embeddings, unit norm gains, zero biases."""
+    from .loader import build_model
+
+    mx.random.seed(seed)
+    model = build_model(config)
+    params = []
+    for k, v in tree_flatten(model.parameters()):
+        if v.ndim >= 2:
+            params.append((k, mx.random.normal(v.shape) * std))
+        else:
+            params.append((k, mx.zeros(v.shape) if k.endswith("bias") else mx.ones(v.shape)))
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+    return model
+
+
 def freeze_embeddings(model: nn.Module) -> None:
     """Freeze every token embedding and an untied output head (a tied head is
     the embedding itself)."""

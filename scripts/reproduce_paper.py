@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
-import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
@@ -37,15 +36,14 @@ MODES = ("cbd", "subset", "expand", "random", "auto")
 
 def build(big, small, size: int, mode: str, calib):
     from cbd_mlx.interpolate import interpolate, target_config
-    from cbd_mlx.loader import build_model
     from cbd_mlx.shapes import solve_shape
 
     target = solve_shape(big.family, big.template, small.shape, big.shape, size)
-    if mode == "random":
-        mx.random.seed(0)
+    if mode == "random":  # a sane scratch init (GPT-2 style N(0, 0.02)), the one scratch training uses
+        from cbd_mlx.train import random_model
+
         cfg = target_config(big, small, target, 0.0)
-        model = build_model(cfg)
-        mx.eval(model.parameters())
+        model = random_model(cfg)
         return {k: np.array(v) for k, v in tree_flatten(model.parameters())}, cfg, target, None
     alpha = {"cbd": None, "subset": 0.0, "expand": 1.0, "auto": "auto"}[mode]
     res = interpolate(big, small, target, alpha, calib, log=lambda *_: None)
@@ -105,11 +103,15 @@ def main() -> None:
     ap.add_argument("--calib", type=Path, default=ROOT / "cbd_mlx" / "assets" / "calib.txt")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--cloze", type=int, default=0, help="cloze items (0: skip)")
-    ap.add_argument("--cloze-data", type=Path, help="held-out book for cloze items [default: --heldout]")
+    ap.add_argument("--cloze-data", type=Path, help="held-out book for cloze/choice items [default: --heldout]")
+    ap.add_argument("--choice", type=int, default=0, help="next-sentence choice items (0: skip)")
     ap.add_argument("--recover-tokens", type=int, default=0, help="recovery budget per init (0: step 0 only)")
     ap.add_argument("--recover-modes", default="cbd,subset,expand,random")
     ap.add_argument("--recover-sizes", help="sizes to run recovery at [default: all --sizes]")
     ap.add_argument("--data", type=Path, help="token cache for recovery (cbd-mlx data prepare)")
+    ap.add_argument("--recover-lr", type=float, default=3e-4)
+    ap.add_argument("--recover-kd", action="store_true", help="recover with KD from the bigger anchor (+ CE)")
+    ap.add_argument("--scratch", type=Path, help="scratch.json (scripts/scratch_baseline.py) to draw beside recovery")
     ap.add_argument("--density", action="store_true",
                     help="also init every size from the chain without its middle anchor (2 vs 3 anchors)")
     ap.add_argument("--out", type=Path, default=Path("paper-results"))
@@ -117,6 +119,8 @@ def main() -> None:
     if not args.chain and not args.small:
         ap.error("give --chain or --small")
 
+    from cbd_mlx.choice import build_items as choice_items
+    from cbd_mlx.choice import choice_accuracy
     from cbd_mlx.cloze import build_items, cloze_accuracy
     from cbd_mlx.evaluate import perplexity, read_text, tokenize_file
     from cbd_mlx.selection import calibration_batches
@@ -127,6 +131,7 @@ def main() -> None:
     heldout = tokenize_file(tok, args.heldout, args.max_tokens)
     calib = calibration_batches(tokenize_file(tok, args.calib), max_tokens=2048)
     items = build_items(read_text(args.cloze_data or args.heldout), tok, args.cloze) if args.cloze else None
+    choices = choice_items(read_text(args.cloze_data or args.heldout), tok, args.choice) if args.choice else None
     args.out.mkdir(parents=True, exist_ok=True)
     sparse = sparse_pair(args) if args.density else None
     rows = []
@@ -142,15 +147,17 @@ def main() -> None:
                    "alpha": alpha, "shape": shape.as_dict(), "ppl": r["ppl"], "nll": r["nll"]}
             if items:
                 row["cloze"] = cloze_accuracy(model, items)
+            if choices:
+                row["choice"] = choice_accuracy(model, choices)
             rec_sizes = (args.recover_sizes or args.sizes).split(",")
             if (args.recover_tokens and density == "dense" and mode in args.recover_modes.split(",")
                     and size_text in rec_sizes):
-                row["recovery"] = recover(model, args, tok)
+                row["recovery"] = recover(model, args, tok, b if args.recover_kd else None)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "recovery"}), flush=True)
             (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, args.out)
-    print_tables(rows, bool(items))
+    plot(rows, args.out, args.scratch)
+    print_tables(rows, bool(items), bool(choices))
 
 
 def parse_size_(text: str) -> int:
@@ -171,12 +178,13 @@ def zero_step_advantage(rows: list[dict], size: str) -> str:
         f"{rnd['recovery'][-1]['heldout_loss']:.2f} nats vs CBD's {target:.2f} at step 0)"
 
 
-def print_tables(rows: list[dict], cloze: bool) -> None:
-    print("\n| size | mode | anchors | alpha | held-out ppl |" + (" cloze |" if cloze else ""))
-    print("|---|---|---|---|---|" + ("---|" if cloze else ""))
+def print_tables(rows: list[dict], cloze: bool, choice: bool = False) -> None:
+    print("\n| size | mode | anchors | alpha | held-out ppl |" + (" cloze |" if cloze else "")
+          + (" choice |" if choice else ""))
+    print("|---|---|---|---|---|" + ("---|" if cloze else "") + ("---|" if choice else ""))
     for r in rows:
         a = "" if r["alpha"] is None else f"{r['alpha']:.3f}"
-        c = f" {r['cloze']:.1%} |" if cloze else ""
+        c = (f" {r['cloze']:.1%} |" if cloze else "") + (f" {r['choice']:.1%} |" if choice else "")
         names = " + ".join(Path(x).name for x in r["anchors"])
         print(f"| {r['size']} | {r['mode']} ({r['density']}) | {names} | {a} | {r['ppl']:.2f} |{c}")
     if any(r.get("recovery") for r in rows):
@@ -192,28 +200,34 @@ def print_tables(rows: list[dict], cloze: bool) -> None:
                   "to reach CBD's step-0 held-out loss")
 
 
-def recover(model, args, tok) -> list[dict]:
-    """A short CE training of an init; returns its held-out curve."""
+def recover(model, args, tok, teacher=None) -> list[dict]:
+    """A short training of an init (CE, or forward KL + CE from ``teacher``);
+    returns its held-out curve on the cache's held-out split."""
     import tempfile
 
     from cbd_mlx.data import PackedSequences, open_cache
+    from cbd_mlx.loader import model_from_weights
     from cbd_mlx.train import TrainConfig, heldout_loss, train
 
     if args.data is None:
         raise SystemExit("--recover-tokens needs --data CACHE")
     _, splits = open_cache(args.data)
-    cfg = TrainConfig(tokens=args.recover_tokens, batch_size=4, seq_len=128, lr=3e-4, loss="ce",
-                      eval_every=max(1, args.recover_tokens // 512 // 8), save_every=10**9)
-    heldout = PackedSequences(splits["heldout"], 128, 1)
+    # held-out: the same 64 windows of 256 tokens scripts/scratch_baseline.py scores (batch 8 x 8 there)
+    cfg = TrainConfig(tokens=args.recover_tokens, batch_size=4, seq_len=256, lr=args.recover_lr,
+                      loss="forward_kl" if teacher is not None else "ce", ce_weight=0.5 if teacher is not None else 0.0,
+                      eval_every=max(1, args.recover_tokens // 1024 // 8), eval_batches=16, save_every=10**9)
+    heldout = PackedSequences(splits["heldout"], 256, 1)
     start = heldout_loss(model, heldout, cfg)
+    t_model = model_from_weights(teacher.config, teacher.weights) if teacher is not None else None
     with tempfile.TemporaryDirectory() as work:
-        metrics = train(model, PackedSequences(splits["train"], 128), heldout, cfg, Path(work),
+        metrics = train(model, PackedSequences(splits["train"], 256), heldout, cfg, Path(work), t_model,
                         log=lambda *_: None).metrics
     return [{"tokens": 0, "heldout_loss": start}] + [
-        {"tokens": m["tokens"], "heldout_loss": m["heldout_loss"]} for m in metrics if m.get("heldout_loss")]
+        {"tokens": m["tokens"], "heldout_loss": m["heldout_loss"]} for m in metrics
+        if m.get("heldout_loss") is not None and "event" not in m]
 
 
-def plot(rows: list[dict], out: Path) -> None:
+def plot(rows: list[dict], out: Path, scratch: Path | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,6 +256,11 @@ def plot(rows: list[dict], out: Path) -> None:
                 if r["size"] == s and r.get("recovery") and r["density"] == "dense":
                     ax.plot([p["tokens"] for p in r["recovery"]], [p["heldout_loss"] for p in r["recovery"]],
                             "o-", label=r["mode"])
+            if scratch is not None and scratch.is_file():
+                sc = json.loads(scratch.read_text())
+                pts = [p for p in sc["curve"] if p[0] <= max(q["tokens"] for r in rows if r.get("recovery")
+                                                             for q in r["recovery"])] or sc["curve"][:2]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", label="scratch (1M-token run)")
             ax.set_title(f"recovery at {s}")
             ax.set_xlabel("tokens")
             ax.set_ylabel("held-out CE (nats)")

@@ -25,32 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
-
-INIT_STD = 0.02
-
-
-def scratch_model(config: dict, seed: int = 0):
-    """A model of ``config`` with GPT-2 style weights: N(0, 0.02) matrices and
-    embeddings, unit norm gains, zero biases."""
-    from cbd_mlx.loader import build_model
-
-    mx.random.seed(seed)
-    model = build_model(config)
-    params = []
-    for k, v in tree_flatten(model.parameters()):
-        if v.ndim >= 2:
-            params.append((k, mx.random.normal(v.shape) * INIT_STD))
-        elif k.endswith("bias"):
-            params.append((k, mx.zeros(v.shape)))
-        else:
-            params.append((k, mx.ones(v.shape)))
-    model.update(tree_unflatten(params))
-    mx.eval(model.parameters())
-    return model
-
+from cbd_mlx.train import INIT_STD  # noqa: E402
 
 def chain_tokens(init_dir: Path) -> int | None:
     """Distillation tokens spent building the chain down to the init's smaller
@@ -117,7 +92,7 @@ def report(args, curve: list, cbd_loss: float, shape: dict, chain_toks) -> dict:
 def main() -> None:
     from cbd_mlx.data import open_cache, run_splits
     from cbd_mlx.loader import load_anchor, model_from_weights
-    from cbd_mlx.train import CHECKPOINT, TrainConfig, heldout_loss, train
+    from cbd_mlx.train import CHECKPOINT, TrainConfig, heldout_loss, random_model, train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--like", type=Path, required=True, help="a CBD init: its shape, and its step-0 loss")
@@ -146,7 +121,7 @@ def main() -> None:
         state = json.loads((args.work / CHECKPOINT / "state.json").read_text())
         metrics, start = state["metrics"], state["heldout_before"]
     else:
-        res = train(scratch_model(like.config), train_data, heldout, cfg, args.work, log=print)
+        res = train(random_model(like.config), train_data, heldout, cfg, args.work, log=print)
         metrics, start = res.metrics, res.heldout_before
     curve = [[0, start]] + [[m["tokens"], m["heldout_loss"]] for m in metrics
                             if m.get("heldout_loss") is not None and "event" not in m]
