@@ -129,6 +129,7 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
     does not pay the teacher again. With ``bridge`` (keys: source, prompts,
     size, max_new_tokens), A0 is a bridge anchor shaped after ``source`` and
     trained from ``bridge['source']``."""
+    out, cache = Path(out), Path(cache)
     out.mkdir(parents=True, exist_ok=True)
     anchors_dir = out / "anchors"
     if bridge:

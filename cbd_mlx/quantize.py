@@ -34,11 +34,13 @@ def check_group_size(model: nn.Module, group_size: int) -> None:
            if hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size]
     if bad:
         name, dim = bad[0]
-        fits = [g for g in GROUP_SIZES if all(d % g == 0 for _, d in bad) and g < group_size] or [32]
-        raise CBDError(
-            f"group size {group_size} does not divide {len(bad)} layer(s) (e.g. {name}, input dim {dim}); "
-            f"use --group-size {fits[-1]}"
-        )
+        dims = {d for _, m in model.named_modules() if hasattr(m, "to_quantized") for d in [m.weight.shape[-1]]}
+        fits = [g for g in GROUP_SIZES if g != group_size and all(d % g == 0 for d in dims)]
+        fix = (f"use --group-size {fits[-1]}" if fits else
+               "no group size of 32/64/128 divides its widths: make the model with sizes whose widths are "
+               "multiples of 32 (cbd-mlx init picks such shapes)")
+        raise CBDError(f"group size {group_size} does not divide {len(bad)} layer(s) (e.g. {name}, input dim "
+                       f"{dim}); {fix}")
 
 
 def auto_group_size(a: Anchor) -> int:

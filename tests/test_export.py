@@ -106,9 +106,15 @@ def test_export_bad_input(tiny, tokenizer_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     code, _, err = run(capsys, "export", tiny, "--out", tmp_path / "file" / "sub")
     assert_one_line_error(code, err, "cannot write")
-    # GGUF of a non-llama family
-    g2 = TINY_CONFIGS["gpt2"]
-    gpt2 = save_tiny(tmp_path / "gpt2", g2, random_weights(g2, 1), tokenizer_dir)
-    code, _, err = run(capsys, "export", gpt2, "--out", tmp_path / "g", "--gguf", "f16", "--group-size", "32")
-    assert_one_line_error(code, err, "llama family")
+    # GGUF of a tokenizer whose pre-tokenizer llama.cpp would not reproduce: refused before any work
+    import json
+    import shutil
+
+    odd_tok = tmp_path / "oddtok"
+    shutil.copytree(tiny, odd_tok)
+    tj = json.loads((odd_tok / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Whitespace"}
+    (odd_tok / "tokenizer.json").write_text(json.dumps(tj))
+    code, _, err = run(capsys, "export", odd_tok, "--out", tmp_path / "g", "--gguf", "f16", "--group-size", "32")
+    assert_one_line_error(code, err, "pre-tokenizer")
     assert not (tmp_path / "g").exists()
