@@ -386,8 +386,13 @@ def _tensor_for(arch: str, name: str, v: np.ndarray, config: dict) -> np.ndarray
 
 def _add_hparams(w, arch: str, config: dict) -> None:
     """The architecture's hyperparameters, complete (llama.cpp reads head
-    sizes from key/value_length when hidden != heads x head_dim)."""
+    sizes from key/value_length when hidden != heads x head_dim); widths as
+    mlx-lm builds the model (gpt_neox's FFN is 4 x hidden whatever the config says)."""
+    from .families import family_of
+    from .shapes import shape_of
+
     g = config.get
+    ffn = shape_of(family_of(config), config).ffn
     hidden = int(g("hidden_size") or g("n_embd"))
     n_head = int(g("num_attention_heads") or g("n_head"))
     head_dim = int(g("head_dim") or hidden // n_head)
@@ -396,7 +401,7 @@ def _add_hparams(w, arch: str, config: dict) -> None:
     w.add_block_count(int(g("num_hidden_layers") or g("n_layer")))
     w.add_head_count(n_head)
     if arch in ("llama", "qwen3"):
-        w.add_feed_forward_length(int(g("intermediate_size")))
+        w.add_feed_forward_length(ffn)
         w.add_head_count_kv(int(g("num_key_value_heads") or n_head))
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -404,11 +409,11 @@ def _add_hparams(w, arch: str, config: dict) -> None:
         w.add_rope_freq_base(float(g("rope_theta") or 10000.0))
         w.add_layer_norm_rms_eps(float(g("rms_norm_eps") or 1e-6))
     elif arch == "gpt2":
-        w.add_feed_forward_length(int(g("n_inner") or 4 * hidden))
+        w.add_feed_forward_length(ffn)
         w.add_head_count_kv(n_head)
         w.add_layer_norm_eps(float(g("layer_norm_epsilon") or 1e-5))
     else:  # gptneox
-        w.add_feed_forward_length(int(g("intermediate_size")))
+        w.add_feed_forward_length(ffn)
         w.add_head_count_kv(n_head)
         w.add_rope_dimension_count(int(float(g("rotary_pct") or 1.0) * head_dim))
         w.add_rope_freq_base(float(g("rotary_emb_base") or 10000.0))
