@@ -468,3 +468,32 @@ def write_gguf(config: dict, weights: dict[str, np.ndarray], model_dir: Path, pa
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def llama_cpp_perplexity(path: Path, tokens: list[int], seq_len: int = 512, threads: int | None = None) -> dict:
+    """Perplexity of ``tokens`` under a GGUF file as llama.cpp itself computes
+    the logits (through llama-cpp-python), over the same non-overlapping
+    windows as ``evaluate.perplexity``; plus llama.cpp's prompt tokens/s."""
+    import time
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise CBDError("llama-cpp-python is not installed (scripts/setup.sh builds it)") from None
+    n = len(tokens) // seq_len
+    if n == 0:
+        raise CBDError(f"need at least {seq_len} tokens, got {len(tokens)}")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=seq_len, logits_all=True, verbose=False,
+                          n_threads=threads, n_batch=seq_len)
+    total, count, t0 = 0.0, 0, time.time()
+    for i in range(n):
+        window = tokens[i * seq_len:(i + 1) * seq_len]
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[:seq_len], dtype=np.float64)
+        m = logits.max(-1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        total -= logp[np.arange(seq_len - 1), window[1:]].sum()
+        count += seq_len - 1
+    secs = time.time() - t0
+    return {"ppl": float(np.exp(total / count)), "tokens": count, "tokens_per_s": n * seq_len / secs}

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Export figures for one model: size on disk, bits per weight, held-out
 perplexity and mlx-lm generation tokens/s for fp32, 8-bit, 4-bit RTN and 4-bit
-with learned methods (AWQ, GPTQ), plus the export wall time. Prints a markdown
-table and writes OUT/export.json.
+with learned methods (AWQ, GPTQ), plus the export wall time; then every GGUF
+type `export --gguf` writes, scored by llama.cpp itself on the same tokens.
+Prints markdown tables and writes OUT/export.json.
 
     python scripts/bench_export.py MODEL --heldout tests/data/heldout.txt
 """
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--group-size", default="64")
     ap.add_argument("--learned", default="gptq", help="learned 4-bit methods to include (awq is slow on CPU)")
+    ap.add_argument("--gguf", default="f16,q8_0,q5_0,q4_1,q4_0", help="GGUF types to score in llama.cpp ('' : none)")
     ap.add_argument("--out", type=Path, default=Path("export-bench"))
     args = ap.parse_args()
     variants = VARIANTS + [(f"4-bit {m}", ["--bits", "4", "--method", m]) for m in args.learned.split(",")
@@ -81,13 +83,33 @@ def main() -> None:
         row["gen_tok_s"] = gen_speed(d, args.gen_tokens)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    (args.out / "export.json").write_text(json.dumps(rows, indent=2))
+    from cbd_mlx.gguf import llama_cpp_perplexity
+
+    grows = []
+    for t in [t for t in args.gguf.split(",") if t]:
+        d = args.out / f"gguf-{t}"
+        r = subprocess.run([sys.executable, "-m", "cbd_mlx.cli", "export", args.model, "--out", str(d), "--bits", "8",
+                            "--group-size", args.group_size, "--gguf", t, "--force"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(r.stderr[-2000:])
+        g = next(d.glob("*.gguf"))
+        lc = llama_cpp_perplexity(g, ids, 512)
+        grows.append({"gguf": t, "size_mb": g.stat().st_size / 1e6, "llama_cpp_ppl": lc["ppl"],
+                      "llama_cpp_prompt_tok_s": lc["tokens_per_s"]})
+        print(json.dumps(grows[-1]), flush=True)
+    (args.out / "export.json").write_text(json.dumps({"mlx": rows, "gguf": grows}, indent=2))
     base = rows[0]["ppl"]
     print(f"\n| variant | size | bits/weight | held-out ppl ({len(ids):,} tokens) | vs fp32 | generation tok/s | export |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['size_mb']:.1f} MB | {r['bits_per_weight']:.2f} | {r['ppl']:.2f} | "
               f"{(r['ppl'] - base) / base:+.1%} | {r['gen_tok_s']:.1f} | {r['export_s']:.1f} s |")
+    if grows:
+        print(f"\n| GGUF | size | llama.cpp ppl | ours (fp32) | vs ours | llama.cpp prompt tok/s |")
+        print("|---|---|---|---|---|---|")
+        for g in grows:
+            print(f"| {g['gguf']} | {g['size_mb']:.1f} MB | {g['llama_cpp_ppl']:.2f} | {base:.2f} | "
+                  f"{g['llama_cpp_ppl'] / base - 1:+.1%} | {g['llama_cpp_prompt_tok_s']:.0f} |")
 
 
 if __name__ == "__main__":

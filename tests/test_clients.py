@@ -44,15 +44,12 @@ def llama_cpp():
 
 
 def llama_cpp_ppl(llama_cpp, gguf_path, tokens: list[int]):
-    """Perplexity of ``tokens`` (one window) computed from llama.cpp's own logits."""
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=len(tokens) + 8, logits_all=True, verbose=False,
-                          n_threads=2)
-    llm.eval(tokens)
-    logits = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
-    m = logits.max(-1, keepdims=True)
-    logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-    nll = -logp[np.arange(len(tokens) - 1), tokens[1:]].mean()
-    return float(np.exp(nll)), llm
+    """(llama.cpp's perplexity of ``tokens`` as one window, the Llama object)."""
+    from cbd_mlx.gguf import llama_cpp_perplexity
+
+    r = llama_cpp_perplexity(gguf_path, tokens, seq_len=len(tokens), threads=2)
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, vocab_only=True, verbose=False)
+    return r["ppl"], llm
 
 
 def our_ppl(model_dir, tokens: list[int]) -> float:
