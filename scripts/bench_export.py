@@ -105,7 +105,7 @@ def main() -> None:
         print(f"| {r['variant']} | {r['size_mb']:.1f} MB | {r['bits_per_weight']:.2f} | {r['ppl']:.2f} | "
               f"{(r['ppl'] - base) / base:+.1%} | {r['gen_tok_s']:.1f} | {r['export_s']:.1f} s |")
     if grows:
-        print(f"\n| GGUF | size | llama.cpp ppl | ours (fp32) | vs ours | llama.cpp prompt tok/s |")
+        print("\n| GGUF | size | llama.cpp ppl | ours (fp32) | vs ours | llama.cpp prompt tok/s |")
         print("|---|---|---|---|---|---|")
         for g in grows:
             print(f"| {g['gguf']} | {g['size_mb']:.1f} MB | {g['llama_cpp_ppl']:.2f} | {base:.2f} | "
