@@ -9,9 +9,10 @@ scores the CBD init on the same held-out batches. Writes OUT (JSON with shape,
 tokens, curve [[tokens, heldout_loss], ...], cbd_step0_heldout_loss,
 chain_tokens, tokens_to_cbd_step0) and a plot beside it.
 
-    python scripts/scratch_baseline.py --like cbd-init-50M --data CACHE --tokens 1048576 \\
-        --work ~/.cache/cbd-mlx/scratch-50M --out results/smollm2-mini/scratch.json
+    python scripts/scratch_baseline.py --like cbd-init-45M --data CACHE --tokens 1048576 \\
+        --work ~/.cache/cbd-mlx/scratch-45M --out results/smollm2-mini/scratch.json
     # while it runs (or after): --report-only writes the JSON and plot from the last checkpoint
+    # (--shape-of DIR trains on DIR's shape before the init exists; --like is then needed for the report)
 """
 
 from __future__ import annotations
@@ -91,11 +92,12 @@ def report(args, curve: list, cbd_loss: float, shape: dict, chain_toks) -> dict:
 
 def main() -> None:
     from cbd_mlx.data import open_cache, run_splits
-    from cbd_mlx.loader import load_anchor, model_from_weights
+    from cbd_mlx.loader import model_from_weights
     from cbd_mlx.train import CHECKPOINT, TrainConfig, heldout_loss, random_model, train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--like", type=Path, required=True, help="a CBD init: its shape, and its step-0 loss")
+    ap.add_argument("--like", type=Path, help="a CBD init: its shape, and its step-0 loss")
+    ap.add_argument("--shape-of", type=Path, help="a model whose shape to train (default: --like's)")
     ap.add_argument("--data", type=Path, required=True, help="token cache (the chain's)")
     ap.add_argument("--tokens", type=int, default=1 << 20)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -107,7 +109,11 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="write the JSON/plot from the last checkpoint")
     args = ap.parse_args()
 
-    like = load_anchor(str(args.like))
+    if not (args.like or args.shape_of):
+        ap.error("give --like INIT (or --shape-of MODEL to train before the init exists)")
+    from cbd_mlx.loader import load_anchor as _load, read_json
+
+    shape_cfg = read_json((args.shape_of or args.like) / "config.json", "config.json")
     _, splits = open_cache(args.data)
     train_data, heldout, _ = run_splits(splits, args.seq_len, 0)
     per_step = args.batch_size * args.seq_len
@@ -115,17 +121,22 @@ def main() -> None:
     cfg = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       warmup_fraction=0.02, weight_decay=0.1, loss="ce", eval_every=max(1, steps // args.evals),
                       eval_batches=8, save_every=max(1, min(20, steps // args.evals)))
-    cbd_loss = heldout_loss(model_from_weights(like.config, like.weights), heldout, cfg)
-    shape = like.shape.as_dict()
     if args.report_only:
         state = json.loads((args.work / CHECKPOINT / "state.json").read_text())
         metrics, start = state["metrics"], state["heldout_before"]
     else:
-        res = train(random_model(like.config), train_data, heldout, cfg, args.work, log=print)
+        res = train(random_model(shape_cfg), train_data, heldout, cfg, args.work, log=print)
         metrics, start = res.metrics, res.heldout_before
     curve = [[0, start]] + [[m["tokens"], m["heldout_loss"]] for m in metrics
                             if m.get("heldout_loss") is not None and "event" not in m]
-    report(args, curve, cbd_loss, shape, chain_tokens(args.like))
+    if args.like is None:
+        print(f"trained {curve[-1][0]:,} tokens; rerun with --like INIT --report-only for the report")
+        return
+    like = _load(str(args.like))
+    if args.shape_of and _load(str(args.shape_of)).shape != like.shape:
+        raise SystemExit(f"--shape-of {args.shape_of} and --like {args.like} have different shapes")
+    cbd_loss = heldout_loss(model_from_weights(like.config, like.weights), heldout, cfg)
+    report(args, curve, cbd_loss, like.shape.as_dict(), chain_tokens(args.like))
 
 
 if __name__ == "__main__":
