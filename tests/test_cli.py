@@ -294,3 +294,30 @@ def test_sigkill_during_init_keeps_previous_output(tiny_pair, tmp_path, delay):
     # the next writer clears what the killed one left behind
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert [q.name for q in tmp_path.iterdir() if ".tmp-" in q.name] == []
+
+
+def test_a_size_a_little_above_the_chain_is_grown_without_a_flag(tiny_pair, capsys, tmp_path):
+    """Up to 10% above a chain's largest anchor: function-preserving growth,
+    one line that says so; further above: refused without --extrapolate."""
+    from cbd_mlx.chain import Chain, ChainAnchor, dump_chain
+    from cbd_mlx.loader import load_anchor
+
+    big, small = tiny_pair
+    root = tmp_path / "chain"
+    entries = []
+    for name, src, parent in (("a0", big, None), ("a1", small, "a0")):
+        import shutil
+
+        shutil.copytree(src, root / "anchors" / name)
+        a = load_anchor(str(root / "anchors" / name))
+        entries.append(ChainAnchor(name, f"anchors/{name}", a.n_params, a.shape, None, None, parent, True))
+    (root / "chain.toml").write_text(dump_chain(Chain("t", "llama", "tiny", root / "chain.toml", entries)))
+    top = entries[0].params
+    near = f"{top * 1.06 / 1e3:.1f}K"
+    code, _, err = run(capsys, "init", "--size", near, "--chain", root, "--out", tmp_path / "near")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "above chain 't'" in notes[0] and "grown function-preservingly" in notes[0]
+    assert json.loads((tmp_path / "near" / "cbd.json").read_text())["mode"] == "grow-above"
+    code, _, err = run(capsys, "init", "--size", f"{top * 1.3 / 1e3:.1f}K", "--chain", root, "--out", tmp_path / "far")
+    assert_one_line_error(code, err, "outside chain", "--extrapolate")

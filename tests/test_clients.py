@@ -12,7 +12,6 @@ import sys
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 
 from cbd_mlx.cli import main
