@@ -366,10 +366,12 @@ def train(
 ) -> TrainResult:
     """Train ``model`` in place; checkpoints go to ``work`` (resumed if present).
 
-    Guarded: a non-finite or exploding step loss, or a held-out loss
-    ``DIVERGE_FACTOR`` above the best so far, rolls back to the last good
-    point and halves the lr (``MAX_ROLLBACKS`` times, then the run stops with
-    one clear line). The model ends holding its best weights by held-out loss
+    Guarded: a non-finite step loss, or a held-out loss ``DIVERGE_FACTOR``
+    above the best so far, rolls back to the last good point and halves the
+    lr (``MAX_ROLLBACKS`` times, then the run stops with one clear line); a
+    step loss ``EXPLODE_FACTOR`` above the recent median is checked on the
+    held-out split at once: rollback when that diverged too, else the batch
+    is an outlier and its update is skipped. The model ends holding its best weights by held-out loss
     (the start's when training never improved on them).
 
     Each process of an ``mlx.launch`` group reads its own slice of every
@@ -462,24 +464,33 @@ def train(
             bar.reset(steps)
             bar.update(step)
             continue
+        skip = False
         if len(recent) >= 8 and loss_val > EXPLODE_FACTOR * statistics.median(recent):
-            step = rollback(f"the loss jumped to {loss_val:.3g} at step {step + 1} "
-                            f"(median of the last {len(recent)}: {statistics.median(recent):.3g})")
-            bar.reset(steps)
-            bar.update(step)
-            continue
+            why = (f"the loss jumped to {loss_val:.3g} at step {step + 1} "
+                   f"(median of the last {len(recent)}: {statistics.median(recent):.3g})")
+            h = heldout_loss(model, heldout, cfg)
+            if h is None or not math.isfinite(h) or (best.loss is not None and h > DIVERGE_FACTOR * best.loss):
+                step = rollback(why)
+                bar.reset(steps)
+                bar.update(step)
+                continue
+            skip = True  # the model is fine: an outlier batch, whose update is left out
+            log(f"{why}; the held-out loss is fine ({h:.3f}): skipping that batch's update")
         # mean over micro-batches and processes, and global-norm clipping, in one pass
         scale = 1.0 / (cfg.grad_accum * world)
         if cfg.max_grad_norm > 0:
             sq = sum(mx.sum(mx.square(g)) for _, g in tree_flatten(acc))
             scale = mx.minimum(scale, cfg.max_grad_norm / (mx.sqrt(sq) + 1e-6))
-        grads = tree_map(lambda g: g * scale, acc)
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state)
+        if not skip:
+            grads = tree_map(lambda g: g * scale, acc)
+            opt.update(model, grads)
+            mx.eval(model.parameters(), opt.state)
         step += 1
         done += 1
         tok_since += tokens_per_step
         rec = {"step": step, "tokens": step * tokens_per_step, "loss": loss_val, "lr": float(opt.learning_rate)}
+        if skip:
+            rec["event"] = "skipped"
         last = step == steps
         if step % cfg.eval_every == 0 or last:
             h = heldout_loss(model, heldout, cfg)

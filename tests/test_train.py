@@ -576,3 +576,21 @@ def test_chain_pack_ships_a_subset_and_shares_frozen_embeddings(setup, tmp_path)
         model, tok = mlx_load(str(d))  # mlx-lm loads the anchor as it is
     with pytest.raises(CBDError, match="has no anchor nope"):
         pack_chain(find_chain(str(tmp_path / "chain")), tmp_path / "p2", 8, 32, ship=["nope"])
+
+
+def test_an_outlier_batch_is_skipped_not_rolled_back(setup, tmp_path, monkeypatch):
+    import cbd_mlx.train as T
+
+    teacher, student, cache = setup
+    real, calls = T.distill_loss, {"n": 0}
+
+    def spiky(logits, y, t, c):
+        calls["n"] += 1
+        loss = real(logits, y, t, c)
+        return loss * 50.0 if calls["n"] == 11 else loss  # one batch whose loss is far above the others
+
+    monkeypatch.setattr(T, "distill_loss", spiky)
+    logs = []
+    rec = distill(str(teacher), str(student), cache, tmp_path / "o", cfg(), log=logs.append)
+    assert rec["rollbacks"] == 0 and rec["steps"] == 12
+    assert any("skipping that batch's update" in line for line in logs), logs
