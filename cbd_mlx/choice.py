@@ -58,19 +58,38 @@ def build_items(text: str, tokenizer, n_items: int, seed: int = 0) -> list[tuple
 
 
 def candidate_scores(model, context: list[int], candidates: list[list[int]]) -> np.ndarray:
-    """Mean log-probability per token of each candidate after ``context``
-    (one batched forward pass over context + candidate, right-padded)."""
+    """Mean log-probability per token of each candidate after ``context``: the
+    context runs once into a KV cache, which the candidates (one batch,
+    right-padded) then share."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    first = model(mx.array([context]), cache=cache)[:, -1:].astype(mx.float32)  # predicts each first token
+    for c in cache:
+        c.keys, c.values = (mx.repeat(t, len(candidates), axis=0) for t in (c.keys, c.values))
+    width = max(len(c) for c in candidates)
+    seqs = np.zeros((len(candidates), width), dtype=np.int32)
+    for r, c in enumerate(candidates):
+        seqs[r, : len(c)] = c
+    rest = model(mx.array(seqs), cache=cache).astype(mx.float32)
+    logits = mx.concatenate([mx.repeat(first, len(candidates), axis=0), rest[:, :-1]], axis=1)
+    logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    out = np.empty(len(candidates))
+    for r, c in enumerate(candidates):
+        out[r] = logp[r, np.arange(len(c)), c].mean()
+    return out
+
+
+def full_sequence_scores(model, context: list[int], candidates: list[list[int]]) -> np.ndarray:
+    """The same scores from whole context + candidate sequences (no cache): the reference."""
     width = max(len(context) + len(c) for c in candidates)
     seqs = np.zeros((len(candidates), width), dtype=np.int32)
     for r, c in enumerate(candidates):
         seqs[r, : len(context) + len(c)] = context + c
     logits = model(mx.array(seqs)).astype(mx.float32)
     logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-    out = np.empty(len(candidates))
-    for r, c in enumerate(candidates):
-        pos = np.arange(len(context) - 1, len(context) - 1 + len(c))  # logits at p predict token p + 1
-        out[r] = logp[r, pos, c].mean()
-    return out
+    return np.array([logp[r, np.arange(len(context) - 1, len(context) - 1 + len(c)), c].mean()
+                     for r, c in enumerate(candidates)])
 
 
 def choice_accuracy(model, items) -> float:

@@ -163,7 +163,7 @@ def test_solver_hits_requested_size(pair):
 def test_choice_items_and_scoring(tokenizer_dir, tmp_path):
     """Choice items hold the true next sentence among 4 of similar length,
     are seeded, and batched scoring equals scoring each candidate alone."""
-    from cbd_mlx.choice import build_items, candidate_scores, choice_accuracy, sentences
+    from cbd_mlx.choice import build_items, candidate_scores, choice_accuracy, full_sequence_scores, sentences
     from cbd_mlx.loader import load_tokenizer, model_from_weights
     from conftest import CALIB, TINY_CONFIGS, random_weights
 
@@ -175,11 +175,11 @@ def test_choice_items_and_scoring(tokenizer_dir, tmp_path):
     for ctx, cands, truth in items:
         assert len(cands) == 4 and 0 <= truth < 4 and cands[truth] in sents
         assert len({tuple(c) for c in cands}) == 4
-    model = model_from_weights(TINY_CONFIGS["llama"], random_weights(TINY_CONFIGS["llama"], 4))
-    ctx, cands, _ = items[0]
-    together = candidate_scores(model, ctx, cands)
-    alone = [candidate_scores(model, ctx, [c])[0] for c in cands]
-    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
+    for family in ("llama", "qwen3", "gpt2", "gpt_neox"):  # the shared KV cache gives the full-sequence scores
+        model = model_from_weights(TINY_CONFIGS[family], random_weights(TINY_CONFIGS[family], 4))
+        ctx, cands, _ = items[0]
+        np.testing.assert_allclose(candidate_scores(model, ctx, cands), full_sequence_scores(model, ctx, cands),
+                                   rtol=1e-4, atol=1e-4)
     assert 0.0 <= choice_accuracy(model, items) <= 1.0
     with pytest.raises(CBDError, match="too short for the choice task"):
         build_items("One sentence. Two sentences.", tok, 5)
