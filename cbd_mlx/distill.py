@@ -107,6 +107,7 @@ def distill(
         "tokens_per_s": round(res.tokens_per_s, 1) if res.tokens_per_s else None,
         "heldout_loss_before": before,
         "heldout_loss_after": after,
+        "heldout_loss_last": res.last.get("heldout_loss"),
         "heldout_ppl_before": float(np.exp(before)) if before is not None else None,
         "heldout_ppl_after": float(np.exp(after)) if after is not None else None,
         "seconds": round(time.time() - t0, 1),

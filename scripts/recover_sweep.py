@@ -49,16 +49,18 @@ def main() -> None:
             rec = recover(args.model, data, args.work / f"{name}-{data_name.replace(' ', '-')}", cfg,
                           "auto" if kd else None, force=True, log=print)
             row = {"recipe": name, "data": data_name, "heldout_before": rec["heldout_loss_before"],
-                   "heldout_after": rec["heldout_loss_after"], "best_step": rec["best_step"],
+                   "heldout_after": rec["heldout_loss_after"], "heldout_last": rec["heldout_loss_last"],
+                   "best_step": rec["best_step"],
                    "steps": rec["steps"], "seconds": round(time.time() - t0)}
             rows.append(row)
             print("RESULT", json.dumps(row), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rows, indent=1))
-    print("\n| recipe | data | held-out CE before -> after |")
+    print("\n| recipe | data | held-out CE: before -> last step (best, kept) |")
     print("|---|---|---|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['data']} | {r['heldout_before']:.3f} -> {r['heldout_after']:.3f} |")
+        print(f"| {r['recipe']} | {r['data']} | {r['heldout_before']:.3f} -> {r['heldout_last']:.3f} "
+              f"({r['heldout_after']:.3f} at step {r['best_step']}) |")
 
 
 if __name__ == "__main__":
