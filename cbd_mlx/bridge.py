@@ -112,7 +112,8 @@ def write_documents(gen_dir: Path, docs_dir: Path) -> int:
     n = 0
     for f in sorted(gen_dir.glob("*.json")):
         for i, d in enumerate(json.loads(f.read_text())):
-            (docs_dir / f"{f.stem}-{i:03d}.txt").write_text(d["text"])
+            # a NUL that a sampler emitted is not text: `data prepare` would refuse the file as binary
+            (docs_dir / f"{f.stem}-{i:03d}.txt").write_text(d["text"].replace("\0", ""), encoding="utf-8")
             n += 1
     return n
 

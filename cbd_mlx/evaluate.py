@@ -34,7 +34,9 @@ def check_text_file(path: Path, what: str = "text file") -> Path:
             head = f.read(BINARY_PROBE)
     except OSError as e:
         raise CBDError(f"cannot read {p}: {e.strerror}") from None
-    if b"\0" in head or (head and head.decode("utf-8", errors="replace").count("\ufffd") > len(head) // 10):
+    # bytes that are not UTF-8 (a U+FFFD written as text is valid UTF-8 and counts as text)
+    invalid = len(head) - len(head.decode("utf-8", errors="ignore").encode("utf-8"))
+    if b"\0" in head or invalid > len(head) // 10:
         raise CBDError(f"{p} looks like a binary file, not text; give a UTF-8 {what}")
     return p
 

