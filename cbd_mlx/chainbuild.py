@@ -120,7 +120,8 @@ def plot_chain(out: Path, entries: list[ChainAnchor], anchors_dir: Path) -> Path
 
 def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: TrainConfig,
                 name: str | None = None, log=print, bridge: dict | None = None, keep_hidden: bool = True,
-                max_step: float = MAX_STEP, teacher_cache: bool = True) -> Chain:
+                max_step: float = MAX_STEP, teacher_cache: bool = True,
+                step_tokens: list[int] | None = None) -> Chain:
     """Build (or resume building) a chain under ``out``; returns its manifest.
 
     Each anchor is pruned from the previous one (importance on calibration
@@ -128,7 +129,8 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
     the teacher's top-k log-probs cached under OUT/.work so that a resumed step
     does not pay the teacher again. With ``bridge`` (keys: source, prompts,
     size, max_new_tokens), A0 is a bridge anchor shaped after ``source`` and
-    trained from ``bridge['source']``."""
+    trained from ``bridge['source']``. ``step_tokens`` gives each step its own
+    distillation budget (one per size) instead of ``cfg.tokens``."""
     out, cache = Path(out), Path(cache)
     out.mkdir(parents=True, exist_ok=True)
     anchors_dir = out / "anchors"
@@ -147,6 +149,8 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
         a0_name = f"a0-{format_size(src.n_params)}"
         a0_dir = anchors_dir / a0_name
     check_steps(src.n_params, sizes, max_step)
+    if step_tokens is not None and len(step_tokens) != len(sizes):
+        raise CBDError(f"give one token budget per size ({len(sizes)}), or one for every step; got {len(step_tokens)}")
     if not (a0_dir / "cbd.json").exists():
         log(f"[chain] copying the source into {a0_dir}")
         write_model(a0_dir, src.config, src.weights, src.path, {"kind": "source", "source": source}, force=True)
@@ -166,9 +170,10 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
                 w, lineage = prune_weights(prev, shape, batches)
                 prov = {"kind": "pruned", "lineage": lineage, "parent": prev_name}
                 write_model(pruned, config_for(prev.family, prev.config, shape), w, prev.path, prov, force=True)
-            log(f"[chain] {name_i}: distill from {prev_name} on {cfg.tokens:,} tokens")
+            cfg_i = replace(cfg, tokens=step_tokens[i - 1]) if step_tokens else cfg
+            log(f"[chain] {name_i}: distill from {prev_name} on {cfg_i.tokens:,} tokens")
             tc = out / ".work" / f"teacher-cache-{name_i}" if teacher_cache else None
-            distill(str(anchors_dir / prev_name), str(pruned), cache, final, cfg, force=True, log=log,
+            distill(str(anchors_dir / prev_name), str(pruned), cache, final, cfg_i, force=True, log=log,
                     teacher_cache=tc, cache_k=CACHE_K)
             shutil.rmtree(pruned, ignore_errors=True)
             if tc is not None:

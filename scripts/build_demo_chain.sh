@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-$HOME/.cache/cbd-mlx/build-smollm2-mini}
-TOKENS=${TOKENS:-131072}        # distillation tokens per anchor
+TOKENS=${TOKENS:-131072,131072,65536,65536}   # distillation tokens per anchor (a3, a4: half, for time on 2 cores)
 SIZES=${SIZES:-101M,76M,57M,43M}
 SHIP=${SHIP:-a0-134.5M,a2-76.0M,a3-57.0M,a4-43.0M}   # a1 is only the teacher of a2 (80 MB budget)
 LR=${LR:-2.5e-4}

@@ -195,8 +195,10 @@ def test_chain_build_then_init_from_it(setup, tmp_path):
     sizes = [int(big.n_params * 0.7), int(big.n_params * 0.45)]
     out = tmp_path / "chain"
     chain = build_chain(str(teacher), sizes, cache, out, cfg(tokens=4 * 4 * 64), log=lambda *_: None,
-                        max_step=0.6)
+                        max_step=0.6, step_tokens=[4 * 4 * 64, 2 * 4 * 64])  # a budget per step
     assert [a.name for a in chain.anchors][0].startswith("a0-") and len(chain.anchors) == 3
+    seen = [load_anchor(str(out / a.source)).provenance["history"][-1]["tokens_seen"] for a in chain.anchors[1:]]
+    assert seen == [4 * 4 * 64, 2 * 4 * 64]
     again = find_chain(str(out))
     assert [a.params for a in again.anchors] == [a.params for a in chain.anchors]
     child = load_anchor(str(out / again.anchors[1].source))
