@@ -86,8 +86,8 @@ def resolve(source: str, revision: str | None = None) -> Path:
 def _converted_gguf(path: Path) -> Path:
     from .gguf import gguf_to_model_dir
 
-    key = file_sha256(path)[:16]  # keyed by content: a moved or touched file reuses its conversion
-    out = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    # keyed by content alone: a moved, renamed, copied or touched file reuses its conversion
+    out = cache_dir() / "gguf" / file_sha256(path)[:32]
     if (out / "config.json").exists():
         return out
     with atomic_dir(out, force=True) as tmp:

@@ -187,17 +187,17 @@ def test_wheel_installs_and_inits_from_anywhere(tmp_path, smollm2_gguf):
     assert r.returncode == 0, r.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "CBD_MLX_CHAINS"}
+    env = {k: v for k, v in os.environ.items() if k != "CBD_MLX_CHAINS"} | {"HF_HUB_OFFLINE": "1"}
     r = subprocess.run([str(py), "-c", "import cbd_mlx, cbd_mlx.chain as c; print(cbd_mlx.__file__, c.CHAINS_DIR)"],
                        capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120)
     assert str(venv) in r.stdout and "chains" in r.stdout, r.stdout + r.stderr  # the installed copy, not the checkout
     r = subprocess.run([str(py), "-m", "cbd_mlx", "chains"], capture_output=True, text=True, cwd=elsewhere, env=env,
                        timeout=120)
     assert r.returncode == 0 and "smollm2-mini" in r.stdout, r.stdout + r.stderr
-    r = subprocess.run([str(py), "-m", "cbd_mlx", "init", "--size", "60M", "--out", "m60"], capture_output=True,
+    r = subprocess.run([str(py), "-m", "cbd_mlx", "init", "--size", "50M", "--out", "m50"], capture_output=True,
                        text=True, cwd=elsewhere, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (elsewhere / "m60" / "cbd.json").is_file()
+    assert (elsewhere / "m50" / "cbd.json").is_file()
 
 
 @pytest.mark.slow
@@ -224,3 +224,49 @@ def test_llama_cpp_scores_a_real_init_like_we_do(smollm2_gguf, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         theirs = llama_cpp_perplexity(next(out.glob("*.gguf")), tokens, 512)["ppl"]
         assert abs(theirs / ours - 1) < tol, (qtype, ours, theirs)
+
+
+def test_readme_python_snippet_runs(smollm2_gguf, tmp_path):
+    """The README's Python snippet, exactly as printed there, with a novel as
+    book.txt, offline, in a fresh process."""
+    import shutil
+
+    from cbd_mlx.corpus import fetch
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    corpus = fetch(tmp_path / "corpus", ("austen",))
+    shutil.copy(corpus / "heldout" / "austen" / "persuasion.txt", tmp_path / "book.txt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "choice_accuracy" in r.stdout
+    for d in ("my-70m", "my-70m-r", "my-70m-4bit", "child", "child-kd"):
+        assert (tmp_path / d / "cbd.json").is_file(), d
+    assert list((tmp_path / "my-70m-4bit").glob("*.gguf"))
+
+
+def test_api_init_returns_a_model_mlx_lm_generates_with(smollm2_gguf):
+    """`cbd_mlx.init("45M")` in memory, like mlx_lm.load: mlx-lm's generate takes it."""
+    from mlx_lm import generate
+
+    import cbd_mlx
+
+    model, tokenizer = cbd_mlx.init("45M")
+    text = generate(model, tokenizer, "The garden was", max_tokens=4)
+    assert isinstance(text, str) and text.strip()
+
+
+def test_two_copies_of_one_gguf_share_one_conversion(smollm2_gguf, tmp_path):
+    import shutil
+
+    from cbd_mlx.loader import cache_dir, resolve
+
+    a, b = tmp_path / "a.gguf", tmp_path / "other-name.gguf"
+    shutil.copy(smollm2_gguf, a)
+    shutil.copy(smollm2_gguf, b)
+    before = set((cache_dir() / "gguf").glob("*")) if (cache_dir() / "gguf").exists() else set()
+    da, db = resolve(str(a)), resolve(str(b))
+    assert da == db and da == resolve(str(smollm2_gguf))
+    assert len(set((cache_dir() / "gguf").glob("*")) - before) <= 1
