@@ -105,6 +105,8 @@ def main() -> None:
     ap.add_argument("--cloze", type=int, default=0, help="cloze items (0: skip)")
     ap.add_argument("--cloze-data", type=Path, help="held-out book for cloze/choice items [default: --heldout]")
     ap.add_argument("--choice", type=int, default=0, help="next-sentence choice items (0: skip)")
+    ap.add_argument("--reference", help="also score this model as it is (the chain's source) on the same tokens")
+    ap.add_argument("--choice-sizes", help="score the choice task at these sizes only [default: all --sizes]")
     ap.add_argument("--recover-tokens", type=int, default=0, help="recovery budget per init (0: step 0 only)")
     ap.add_argument("--recover-modes", default="cbd,subset,expand,random")
     ap.add_argument("--recover-sizes", help="sizes to run recovery at [default: all --sizes]")
@@ -135,9 +137,21 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     sparse = sparse_pair(args) if args.density else None
     rows = []
+    if args.reference:  # the chain's source (or any model) on the same tokens and items, for the ratios
+        from cbd_mlx.loader import load_anchor
+
+        ref = load_anchor(args.reference)
+        model = model_from_weights(ref.config, ref.weights)
+        r = perplexity(model, heldout, 512, 4, progress=False)
+        row = {"size": f"{ref.n_params / 1e6:.1f}M", "mode": "reference", "density": "-", "anchors": [ref.source],
+               "alpha": None, "shape": ref.shape.as_dict(), "ppl": r["ppl"], "nll": r["nll"]}
+        if choices:
+            row["choice"] = choice_accuracy(model, choices)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     for size_text, big, small in pairs:
         runs = [(m, big, small, "dense") for m in args.modes.split(",")]
-        if sparse is not None:
+        if sparse is not None and sparse[1].n_params < parse_size_(size_text) < sparse[0].n_params:
             runs.append(("cbd", *sparse, "sparse"))
         for mode, b, s, density in runs:
             weights, cfg, shape, alpha = build(b, s, parse_size_(size_text), mode, calib)
@@ -147,7 +161,7 @@ def main() -> None:
                    "alpha": alpha, "shape": shape.as_dict(), "ppl": r["ppl"], "nll": r["nll"]}
             if items:
                 row["cloze"] = cloze_accuracy(model, items)
-            if choices:
+            if choices and (not args.choice_sizes or size_text in args.choice_sizes.split(",")):
                 row["choice"] = choice_accuracy(model, choices)
             rec_sizes = (args.recover_sizes or args.sizes).split(",")
             if (args.recover_tokens and density == "dense" and mode in args.recover_modes.split(",")
@@ -184,7 +198,7 @@ def print_tables(rows: list[dict], cloze: bool, choice: bool = False) -> None:
     print("|---|---|---|---|---|" + ("---|" if cloze else "") + ("---|" if choice else ""))
     for r in rows:
         a = "" if r["alpha"] is None else f"{r['alpha']:.3f}"
-        c = (f" {r['cloze']:.1%} |" if cloze else "") + (f" {r['choice']:.1%} |" if choice else "")
+        c = (f" {r['cloze']:.1%} |" if cloze else "") + ((f" {r['choice']:.1%} |" if 'choice' in r else ' — |') if choice else "")
         names = " + ".join(Path(x).name for x in r["anchors"])
         print(f"| {r['size']} | {r['mode']} ({r['density']}) | {names} | {a} | {r['ppl']:.2f} |{c}")
     if any(r.get("recovery") for r in rows):
@@ -233,9 +247,12 @@ def plot(rows: list[dict], out: Path, scratch: Path | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    sizes = list(dict.fromkeys(r["size"] for r in rows if r["mode"] != "reference"))
     modes = list(dict.fromkeys(r["mode"] for r in rows if r["density"] == "dense"))
     fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["mode"] == "reference":
+            ax.axhline(math.log10(r["ppl"]), color="k", ls="--", lw=1, label=f"{Path(r['anchors'][0]).name} (source)")
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):
         vals = [next(r["ppl"] for r in rows if r["size"] == s and r["mode"] == mode and r["density"] == "dense")
