@@ -38,12 +38,9 @@ TOKENIZER_FILES = (
 LOW_SPACE = 1 << 20  # free bytes below which a failed write is reported as a full disk
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
-        while data := f.read(chunk):
-            h.update(data)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def weights_sha256(path: Path) -> str:
