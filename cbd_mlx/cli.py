@@ -30,12 +30,12 @@ class Finite(click.FloatRange):
 
 
 class Alpha(click.ParamType):
-    """--alpha: a number in [0, 1] or 'auto'."""
+    """--alpha: a number in [0, 1], 'auto' or 'distance'."""
 
-    name = "ALPHA|auto"
+    name = "ALPHA|auto|distance"
 
     def convert(self, value, param, ctx):
-        if value is None or value == "auto":
+        if value is None or value in ("auto", "distance"):
             return value
         return Finite(0.0, 1.0).convert(value, param, ctx)
 
@@ -297,7 +297,7 @@ def prune_cmd(parent, size, calib, calib_tokens, out, force, dtype, **fixed):
 @click.option("--size", required=True, help="Target size, e.g. 138M.")
 @click.option("--chain", "chain_name", help="Chain name or path (see `cbd-mlx chains`).")
 @click.option("--anchors", nargs=2, help="BIG SMALL: two anchors (dirs, .gguf files or hub ids) instead of a chain.")
-@click.option("--alpha", type=Alpha(), default=None, help="Blend weight of the smaller anchor: a number in [0,1] or 'auto' (default: parameter distance).")
+@click.option("--alpha", type=Alpha(), default=None, help="Blend weight of the smaller anchor: a number in [0,1], 'auto' (best of a grid on calibration text; the default) or 'distance' (relative distance in parameters; fast, no calibration).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for --alpha auto and for aligning anchors without lineage [default: a built-in English excerpt].")
 @click.option("--calib-tokens", type=POSITIVE, default=2048, show_default=True)
 @shape_options

@@ -95,3 +95,30 @@ def test_bracket_refuses_sizes_outside_chain():
         c.bracket(parse_size("50M"))
     with pytest.raises(CBDError, match="outside chain"):
         c.bracket(parse_size("3B"))
+
+
+def test_every_init_shape_of_the_shipped_chains_is_exportable():
+    """Across the range of every shipped chain, the solver's shapes keep
+    hidden % heads == 0 (mlx-lm/transformers load them) and widths that a
+    quantization group of 32 divides (export with default options)."""
+    from cbd_mlx.chain import list_chains, manifest_config
+    from cbd_mlx.errors import CBDError
+    from cbd_mlx.families import FAMILIES
+    from cbd_mlx.loader import param_template
+
+    checked = 0
+    for c in list_chains():
+        fam = FAMILIES[c.family]
+        for big, small in zip(c.anchors, c.anchors[1:]):
+            if big.shape.head_dim != small.shape.head_dim:
+                continue
+            template = param_template(manifest_config(c.family, big.shape))
+            for f in (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95):
+                n = int(small.params + f * (big.params - small.params))
+                try:
+                    s = solve_shape(fam, template, small.shape, big.shape, n)
+                except CBDError:
+                    continue  # a size the family cannot reach within 1% (gpt2/neox fix ffn = 4 hidden)
+                assert s.hidden % s.heads == 0 and s.hidden % 32 == 0 and s.ffn % 32 == 0, (c.name, n, s)
+                checked += 1
+    assert checked >= 20
