@@ -245,13 +245,17 @@ def test_llama_cpp_scores_a_real_init_like_we_do(smollm2_gguf, tmp_path):
     tokens = tokenize_file(load_tokenizer(init), HELDOUT, 1024)
     a = load_anchor(str(init))
     ours = perplexity(model_from_weights(a.config, a.weights), tokens, 512, 2, progress=False)["ppl"]
-    for qtype, tol in (("f16", 0.01), ("q8_0", 0.01), ("q4_0", 0.15)):
+    for qtype in ("f16", "q8_0", "q4_0"):
         out = tmp_path / qtype
         r = subprocess.run([sys.executable, "-m", "cbd_mlx", "export", str(init), "--bits", "8", "--gguf", qtype,
                             "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
-        theirs = llama_cpp_perplexity(next(out.glob("*.gguf")), tokens, 512)["ppl"]
-        assert abs(theirs / ours - 1) < tol, (qtype, ours, theirs)
+        gguf_file = next(out.glob("*.gguf"))
+        theirs = llama_cpp_perplexity(gguf_file, tokens, 512)["ppl"]
+        if qtype == "q4_0":  # 4 bits cost this model ~30%: compare with our reading of the same 4-bit weights
+            q = load_anchor(str(gguf_file))
+            ours = perplexity(model_from_weights(q.config, q.weights), tokens, 512, 2, progress=False)["ppl"]
+        assert abs(theirs / ours - 1) < 0.02, (qtype, ours, theirs)
 
 
 def test_readme_python_snippet_runs(smollm2_gguf, tmp_path):
