@@ -137,16 +137,23 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     sparse = sparse_pair(args) if args.density else None
     rows = []
+
+    def score(model, with_choice: bool = True) -> dict:
+        """Held-out ppl, and cloze / choice accuracy on the same items for every row."""
+        r = perplexity(model, heldout, 512, 4, progress=False)
+        out = {"ppl": r["ppl"], "nll": r["nll"]}
+        if items:
+            out["cloze"] = cloze_accuracy(model, items)
+        if choices and with_choice:
+            out["choice"] = choice_accuracy(model, choices)
+        return out
+
     if args.reference:  # the chain's source (or any model) on the same tokens and items, for the ratios
         from cbd_mlx.loader import load_anchor
 
         ref = load_anchor(args.reference)
-        model = model_from_weights(ref.config, ref.weights)
-        r = perplexity(model, heldout, 512, 4, progress=False)
         row = {"size": f"{ref.n_params / 1e6:.1f}M", "mode": "reference", "density": "-", "anchors": [ref.source],
-               "alpha": None, "shape": ref.shape.as_dict(), "ppl": r["ppl"], "nll": r["nll"]}
-        if choices:
-            row["choice"] = choice_accuracy(model, choices)
+               "alpha": None, "shape": ref.shape.as_dict(), **score(model_from_weights(ref.config, ref.weights))}
         rows.append(row)
         print(json.dumps(row), flush=True)
     for size_text, big, small in pairs:
@@ -156,13 +163,9 @@ def main() -> None:
         for mode, b, s, density in runs:
             weights, cfg, shape, alpha = build(b, s, parse_size_(size_text), mode, calib)
             model = model_from_weights(cfg, weights)
-            r = perplexity(model, heldout, 512, 4, progress=False)
             row = {"size": size_text, "mode": mode, "density": density, "anchors": [b.source, s.source],
-                   "alpha": alpha, "shape": shape.as_dict(), "ppl": r["ppl"], "nll": r["nll"]}
-            if items:
-                row["cloze"] = cloze_accuracy(model, items)
-            if choices and (not args.choice_sizes or size_text in args.choice_sizes.split(",")):
-                row["choice"] = choice_accuracy(model, choices)
+                   "alpha": alpha, "shape": shape.as_dict(),
+                   **score(model, not args.choice_sizes or size_text in args.choice_sizes.split(","))}
             rec_sizes = (args.recover_sizes or args.sizes).split(",")
             if (args.recover_tokens and density == "dense" and mode in args.recover_modes.split(",")
                     and size_text in rec_sizes):
