@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,7 @@ MAX_STEP = 0.25  # the most of its parent's parameters one chain step may remove
 CHAIN_CALIB_TOKENS = 32768  # calibration tokens for each pruning, spread over the cache
 ANCHOR_MULTIPLE = 64  # anchor widths: multiples of 64 (mlx quantizes them in groups of 64)
 CACHE_K = 32  # top-k of each step's teacher cache
+STEP_METRICS = "metrics.chain.jsonl"  # a polished anchor's chain-step curve
 
 
 def cache_calibration(cache: Path, tokens: int = CHAIN_CALIB_TOKENS, seq_len: int = CALIB_SEQ_LEN) -> np.ndarray:
@@ -86,42 +88,139 @@ def _child_shape(parent: Anchor, n: int, keep_hidden: bool, log) -> Shape:
     return child_shape(parent, n, multiple=8)
 
 
-def plot_chain(out: Path, entries: list[ChainAnchor], anchors_dir: Path) -> Path | None:
-    """OUT/curves.png: every distilled anchor's held-out loss over its tokens."""
+def plot_chain(out: Path, entries: list[ChainAnchor], anchors_dir: Path,
+               name: str | None = None) -> Path | None:
+    """OUT/curves.png: every distilled anchor's held-out loss over its tokens
+    (its chain step, then its polish from A0, dashed, when it had one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = 0
-    for e in entries:
-        f = anchors_dir / e.name / "metrics.jsonl"
+    def points(f: Path) -> list[tuple[int, float]]:
         if not f.is_file():
+            return []
+        return [(m["tokens"], m["heldout_loss"]) for m in map(json.loads, f.read_text().splitlines())
+                if m.get("heldout_loss") is not None and "event" not in m]
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn, polish = 0, False
+    for e in entries:
+        d = anchors_dir / e.name
+        step, polished = points(d / STEP_METRICS), (d / STEP_METRICS).is_file()
+        if not polished:
+            step = points(d / "metrics.jsonl")
+        if not step:
             continue
-        pts = [(m["tokens"], m["heldout_loss"]) for m in map(json.loads, f.read_text().splitlines())
-               if m.get("heldout_loss") is not None and "event" not in m]
-        if pts:
-            ax.plot(*zip(*pts), "o-", ms=3, label=f"{e.name} (from {e.parent})")
-            drawn += 1
+        line, = ax.plot(*zip(*step), "o-", ms=3, label=f"{e.name} (from {e.parent})")
+        if polished and (more := points(d / "metrics.jsonl")):
+            t0 = step[-1][0]
+            ax.plot([t0 + t for t, _ in more], [h for _, h in more], "o--", ms=3, color=line.get_color(),
+                    label=f"{e.name}: polish from {entries[0].name}")
+            polish = True
+        drawn += 1
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xlabel("distillation tokens")
     ax.set_ylabel("held-out CE (nats)")
-    ax.set_title(f"chain {out.name}: each anchor distilled from the previous")
+    ax.set_title(f"chain {name or out.name}: each anchor distilled from the previous"
+                 + ("\n(dashed: then from A0, held out on other windows)" if polish else ""))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
     return out / "curves.png"
 
 
+def _rewrite_provenance(d: Path, update) -> None:
+    """Apply ``update`` to d/cbd.json (atomically; the weights are untouched)."""
+    prov = json.loads((d / "cbd.json").read_text())
+    update(prov)
+    tmp = d / "cbd.json.tmp"
+    tmp.write_text(json.dumps(prov, indent=2))
+    os.replace(tmp, d / "cbd.json")
+
+
+def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | None = None, log=print,
+                   teacher_cache: bool = True) -> list[str]:
+    """Distill the chain's anchors once more, each from the source A0 (the
+    best teacher there is) on other windows of the cache (seed + 1), for
+    ``cfg.tokens`` tokens. Every anchor shares one teacher cache, so A0's
+    forward pass is paid once per token for the whole chain. The anchors keep
+    their shapes and lineage; a polished anchor's children are re-pointed to
+    its new weights hash. ``names``: the anchors to polish (default: all but
+    A0). Resumable; anchors already polished are skipped. Returns the names
+    polished by this call."""
+    out = Path(out)
+    anchors_dir = out / "anchors"
+    chain = _read_entries(out)
+    a0 = chain[0].name
+    known = [e.name for e in chain[1:]]
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise CBDError(f"--polish: the chain has no anchor {', '.join(unknown)}; its anchors: {', '.join(known)}")
+    cfg_p = replace(cfg, seed=cfg.seed + 1)
+    tc = out / ".work" / "teacher-cache-polish" if teacher_cache else None
+    done = []
+    for e in chain[1:]:
+        if names is not None and e.name not in names:
+            continue
+        d, new, old = anchors_dir / e.name, anchors_dir / f".{e.name}.polish", anchors_dir / f".{e.name}.old"
+        if not d.exists() and old.exists() and (new / "cbd.json").exists():
+            os.rename(new, d)  # a swap interrupted between its two renames
+        shutil.rmtree(old, ignore_errors=True)
+        a = load_anchor(str(d))
+        if a.provenance.get("polished"):
+            continue
+        log(f"[chain] {e.name}: polish from {a0} on {cfg_p.tokens:,} tokens")
+        sha = anchor_sha256(a)
+        distill(str(anchors_dir / a0), str(d), cache, new, cfg_p, force=True, log=log, teacher_cache=tc,
+                cache_k=CACHE_K)
+        _rewrite_provenance(new, lambda p: p.update(polished={"teacher": a0, "tokens": cfg_p.tokens,
+                                                              "seed": cfg_p.seed, "from_sha256": sha}))
+        if (d / "metrics.jsonl").is_file():
+            shutil.copy2(d / "metrics.jsonl", new / STEP_METRICS)
+        os.rename(d, old)
+        os.rename(new, d)
+        shutil.rmtree(old, ignore_errors=True)
+        rec = load_anchor(str(d)).provenance["history"][-1]
+        log(f"[chain] {e.name}: held-out ppl {rec['heldout_ppl_before']:.1f} -> {rec['heldout_ppl_after']:.1f} "
+            f"after polishing")
+        done.append(e.name)
+    _repoint_children(anchors_dir, chain)
+    if tc is not None and (names is None or all(
+            load_anchor(str(anchors_dir / n)).provenance.get("polished") for n in names)):
+        shutil.rmtree(tc, ignore_errors=True)
+    return done
+
+
+def _read_entries(out: Path) -> list[ChainAnchor]:
+    from .chain import load_chain
+
+    return load_chain(out / MANIFEST_NAME).anchors
+
+
+def _repoint_children(anchors_dir: Path, chain: list[ChainAnchor]) -> None:
+    """A child pruned from an anchor that was polished afterwards names its
+    parent's old weights hash; point it at the new one (same shapes, same
+    channels: the lineage holds)."""
+    for e in chain[1:]:
+        parent = load_anchor(str(anchors_dir / e.parent))
+        pol = parent.provenance.get("polished")
+        child = anchors_dir / e.name
+        lin = json.loads((child / "cbd.json").read_text()).get("lineage") or {}
+        if pol and lin.get("parent_sha256") == pol["from_sha256"]:
+            new_sha = anchor_sha256(parent)
+            _rewrite_provenance(child, lambda p: p["lineage"].update(parent_sha256=new_sha, parent_polished=True))
+
+
 def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: TrainConfig,
                 name: str | None = None, log=print, bridge: dict | None = None, keep_hidden: bool = True,
                 max_step: float = MAX_STEP, teacher_cache: bool = True,
-                step_tokens: list[int] | None = None) -> Chain:
+                step_tokens: list[int] | None = None, polish_tokens: int = 0,
+                polish: list[str] | None = None) -> Chain:
     """Build (or resume building) a chain under ``out``; returns its manifest.
 
     Each anchor is pruned from the previous one (importance on calibration
@@ -130,7 +229,9 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
     does not pay the teacher again. With ``bridge`` (keys: source, prompts,
     size, max_new_tokens), A0 is a bridge anchor shaped after ``source`` and
     trained from ``bridge['source']``. ``step_tokens`` gives each step its own
-    distillation budget (one per size) instead of ``cfg.tokens``."""
+    distillation budget (one per size) instead of ``cfg.tokens``. With
+    ``polish_tokens``, the anchors named in ``polish`` (default: all) are then
+    distilled from A0 for that many more tokens (`polish_anchors`)."""
     out, cache = Path(out), Path(cache)
     out.mkdir(parents=True, exist_ok=True)
     anchors_dir = out / "anchors"
@@ -149,6 +250,9 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
         a0_name = f"a0-{format_size(src.n_params)}"
         a0_dir = anchors_dir / a0_name
     check_steps(src.n_params, sizes, max_step)
+    names = [f"a{i}-{format_size(n)}" for i, n in enumerate(sizes, start=1)]
+    if polish and (unknown := sorted(set(polish) - set(names))):
+        raise CBDError(f"--polish: the chain will have no anchor {', '.join(unknown)}; its anchors: {', '.join(names)}")
     if step_tokens is not None and len(step_tokens) != len(sizes):
         raise CBDError(f"give one token budget per size ({len(sizes)}), or one for every step; got {len(step_tokens)}")
     if not (a0_dir / "cbd.json").exists():
@@ -184,12 +288,18 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
         if rec.get("heldout_ppl_after"):
             log(f"[chain] {name_i}: held-out ppl {rec['heldout_ppl_before']:.1f} -> {rec['heldout_ppl_after']:.1f} "
                 f"({rec.get('tokens_seen', 0):,} tokens, {rec.get('tokens_per_s') or 0:.0f} tokens/s)")
-        plot_chain(out, entries, anchors_dir)
+        plot_chain(out, entries, anchors_dir, name)
         prev, prev_name = cur, name_i
     meta = json.loads((Path(cache) / "meta.json").read_text())
     chain = Chain(name or out.name, src.family.name, meta.get("tokenizer", source), out / MANIFEST_NAME, entries,
                   f"built by cbd-mlx chain build from {source}")
     (out / MANIFEST_NAME).write_text(dump_chain(chain))
+    if polish_tokens:
+        polish_anchors(out, cache, replace(cfg, tokens=polish_tokens), polish, log, teacher_cache)
+        entries = [_entry(e.name, load_anchor(str(anchors_dir / e.name)), e.parent) for e in entries]
+        chain = replace(chain, anchors=entries)
+        (out / MANIFEST_NAME).write_text(dump_chain(chain))
+        plot_chain(out, entries, anchors_dir, chain.name)
     return chain
 
 

@@ -172,6 +172,11 @@ def chain_show(name):
 @click.option("--lr", type=LR, default=2.5e-4, show_default=True)
 @click.option("--save-every", type=POSITIVE, default=20, show_default=True)
 @click.option("--eval-every", type=POSITIVE, default=20, show_default=True)
+@click.option("--polish-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Then distill each anchor once more from the source A0 for this many tokens (one teacher cache "
+                   "serves the whole chain); 0: no polish.")
+@click.option("--polish", "polish_names", default=None,
+              help="The anchors to polish, e.g. a2-76.0M,a4-43.0M [default: all but A0].")
 @click.option("--bridge-from", default=None,
               help="Start the chain from a bridge anchor trained from this source (another architecture/vocabulary); "
                    "--source then gives the chain's family and tokenizer.")
@@ -179,8 +184,8 @@ def chain_show(name):
 @click.option("--prompt-data", multiple=True, type=click.Path(path_type=Path), help="Text to draw bridge prompts from.")
 @click.option("--num-prompts", type=POSITIVE, default=256, show_default=True)
 def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep_hidden, freeze_embeddings, loss,
-                ce_weight, batch_size, seq_len, grad_accum, lr, save_every, eval_every, bridge_from, bridge_size, prompt_data,
-                num_prompts):
+                ce_weight, batch_size, seq_len, grad_accum, lr, save_every, eval_every, polish_tokens, polish_names,
+                bridge_from, bridge_size, prompt_data, num_prompts):
     """Build a chain: each anchor is pruned from the previous one (lineage
     recorded) and distilled from it; writes OUT/chain.toml for `init --chain OUT`.
     Rerun the same command to resume after an interruption."""
@@ -208,7 +213,8 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep
                   "size": parse_size(bridge_size) if bridge_size else None}
     chain = build_chain(source, [parse_size(s) for s in sizes.split(",")], cache, out, cfg, name, log=say,
                         bridge=bridge, keep_hidden=keep_hidden, max_step=max_step,
-                        step_tokens=budgets if len(budgets) > 1 else None)
+                        step_tokens=budgets if len(budgets) > 1 else None, polish_tokens=polish_tokens,
+                        polish=[n.strip() for n in polish_names.split(",") if n.strip()] if polish_names else None)
     say(f"wrote {chain.path} with {len(chain.anchors)} anchors")
 
 

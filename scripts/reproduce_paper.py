@@ -10,7 +10,8 @@ step 0; with --recover-tokens N each init is also trained for N tokens (CE,
 same data and schedule), the curves are plotted and the zero-step advantage
 (tokens random init needs to reach CBD's step-0 held-out loss) is printed;
 with --density every size is also initialized from the chain without its
-middle anchor (A0 + A2, A2's lineage composed through A1): 2 vs 3 anchors.
+middle anchor (A0 + A2, A2's lineage composed through A1; alpha auto when
+--modes has it, else distance): 2 vs 3 anchors.
 
 Writes OUT/results.json, OUT/step0.png and, with recovery, OUT/recovery.png;
 prints a markdown table.
@@ -159,7 +160,7 @@ def main() -> None:
     for size_text, big, small in pairs:
         runs = [(m, big, small, "dense") for m in args.modes.split(",")]
         if sparse is not None and sparse[1].n_params < parse_size_(size_text) < sparse[0].n_params:
-            runs.append(("cbd", *sparse, "sparse"))
+            runs.append(("auto" if "auto" in args.modes.split(",") else "cbd", *sparse, "sparse"))
         for mode, b, s, density in runs:
             weights, cfg, shape, alpha = build(b, s, parse_size_(size_text), mode, calib)
             model = model_from_weights(cfg, weights)

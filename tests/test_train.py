@@ -11,7 +11,7 @@ import pytest
 from cbd_mlx.data import PackedSequences, open_cache, prepare
 from cbd_mlx.distill import distill, work_dir
 from cbd_mlx.errors import CBDError
-from cbd_mlx.loader import load_anchor
+from cbd_mlx.loader import anchor_sha256, load_anchor
 from cbd_mlx.prune import prune_weights
 from cbd_mlx.shapes import config_for
 from cbd_mlx.train import TrainConfig
@@ -578,6 +578,59 @@ def test_chain_pack_ships_a_subset_and_shares_frozen_embeddings(setup, tmp_path)
         model, tok = mlx_load(str(d))  # mlx-lm loads the anchor as it is
     with pytest.raises(CBDError, match="has no anchor nope"):
         pack_chain(find_chain(str(tmp_path / "chain")), tmp_path / "p2", 8, 32, ship=["nope"])
+
+
+def test_chain_polish_from_a0_keeps_lineage_and_resumes(setup, tmp_path):
+    import shutil
+
+    from cbd_mlx.chain import find_chain, load_chain_anchor
+    from cbd_mlx.chainbuild import STEP_METRICS, build_chain, pack_chain, polish_anchors
+    from cbd_mlx.interpolate import has_lineage
+
+    teacher, _, cache = setup
+    big = load_anchor(str(teacher))
+    sizes = [int(big.n_params * 0.7), int(big.n_params * 0.45)]
+    out = tmp_path / "chain"
+    c = cfg(tokens=2 * 4 * 64, freeze_embeddings=True)
+    with pytest.raises(CBDError, match="will have no anchor nope"):
+        build_chain(str(teacher), sizes, cache, out, c, log=lambda *_: None, max_step=0.6, polish_tokens=256,
+                    polish=["nope"])
+    assert not (out / "anchors").exists() or not any((out / "anchors").iterdir())
+    plain = build_chain(str(teacher), sizes, cache, out, c, log=lambda *_: None, max_step=0.6)
+    names = [a.name for a in plain.anchors]
+    before = load_anchor(str(out / "anchors" / names[1]))
+    chain = build_chain(str(teacher), sizes, cache, out, c, log=lambda *_: None, max_step=0.6,
+                        polish_tokens=2 * 4 * 64, polish=[names[1]])
+    a0, a1, a2 = (load_anchor(str(out / "anchors" / n)) for n in names)
+    rec = a1.provenance["history"][-1]
+    assert rec["teacher"].endswith(names[0]) and rec["tokens_seen"] == 2 * 4 * 64 and rec["config"]["seed"] == 1
+    assert a1.provenance["polished"]["from_sha256"] == anchor_sha256(before)  # the same when no step beat the start
+    assert a1.lineage == before.lineage and a1.shape == before.shape
+    assert np.array_equal(a1.weights["model.embed_tokens.weight"], before.weights["model.embed_tokens.weight"])
+    assert has_lineage(a1, a0) and has_lineage(a2, a1)  # the child now names the polished weights
+    assert not a2.provenance.get("polished") and (out / "anchors" / names[1] / STEP_METRICS).is_file()
+    assert [e.sha256 for e in chain.anchors] == [anchor_sha256(a) for a in (a0, a1, a2)]
+    assert not (out / ".work" / "teacher-cache-polish").exists()
+    # an interrupted swap is finished on the next run; a polished anchor is not polished again
+    d = out / "anchors" / names[1]
+    shutil.copytree(d, d.with_name(f".{names[1]}.polish"))
+    d.rename(d.with_name(f".{names[1]}.old"))
+    assert polish_anchors(out, cache, c, [names[1]], log=lambda *_: None) == []
+    assert anchor_sha256(load_anchor(str(d))) == anchor_sha256(a1)
+    assert sorted(p.name for p in (out / "anchors").iterdir()) == sorted(names)
+    # a child pruned before its parent's polish names the old hash and is re-pointed to the new one
+    for n, edit in ((names[1], lambda p: p["polished"].update(from_sha256="0" * 64)),
+                    (names[2], lambda p: p["lineage"].update(parent_sha256="0" * 64))):
+        f = out / "anchors" / n / "cbd.json"
+        prov = json.loads(f.read_text())
+        edit(prov)
+        f.write_text(json.dumps(prov))
+    polish_anchors(out, cache, c, [names[1]], log=lambda *_: None)
+    assert has_lineage(load_anchor(str(out / "anchors" / names[2])), a1)
+    packed = pack_chain(find_chain(str(out)), tmp_path / "packed", 8, 32, ship=[names[0], names[2]],
+                        log=lambda *_: None, embed_bits=8, embed_group_size=32)
+    p0, p2 = (load_chain_anchor(packed, a) for a in packed.anchors)
+    assert has_lineage(p2, p0) and p2.lineage["through"] == [names[1]]
 
 
 def test_an_outlier_batch_is_skipped_not_rolled_back(setup, tmp_path, monkeypatch):
