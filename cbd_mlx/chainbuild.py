@@ -174,10 +174,11 @@ def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | 
         a = load_anchor(str(d))
         if a.provenance.get("polished"):
             continue
-        log(f"[chain] {e.name}: polish from {a0} on {cfg_p.tokens:,} tokens")
         sha = anchor_sha256(a)
-        distill(str(anchors_dir / a0), str(d), cache, new, cfg_p, force=True, log=log, teacher_cache=tc,
-                cache_k=CACHE_K)
+        if not _finished_polish(new, anchors_dir / a0, d, cfg_p):  # else: written before an interruption
+            log(f"[chain] {e.name}: polish from {a0} on {cfg_p.tokens:,} tokens")
+            distill(str(anchors_dir / a0), str(d), cache, new, cfg_p, force=True, log=log, teacher_cache=tc,
+                    cache_k=CACHE_K)
         _rewrite_provenance(new, lambda p: p.update(polished={"teacher": a0, "tokens": cfg_p.tokens,
                                                               "seed": cfg_p.seed, "from_sha256": sha}))
         if (d / "metrics.jsonl").is_file():
@@ -194,6 +195,16 @@ def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | 
             load_anchor(str(anchors_dir / n)).provenance.get("polished") for n in names)):
         shutil.rmtree(tc, ignore_errors=True)
     return done
+
+
+def _finished_polish(new: Path, teacher: Path, student: Path, cfg: TrainConfig) -> bool:
+    """Whether ``new`` holds a finished polish of ``student`` from ``teacher``."""
+    try:
+        rec = json.loads((new / "cbd.json").read_text())["history"][-1]
+    except (OSError, ValueError, KeyError, IndexError):
+        return False
+    return (rec.get("teacher") == str(teacher) and rec.get("student") == str(student)
+            and rec.get("config", {}).get("tokens") == cfg.tokens and rec.get("config", {}).get("seed") == cfg.seed)
 
 
 def _read_entries(out: Path) -> list[ChainAnchor]:
@@ -284,7 +295,8 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
                 shutil.rmtree(tc, ignore_errors=True)
         cur = load_anchor(str(final))
         entries.append(_entry(name_i, cur, prev_name))
-        rec = (cur.provenance.get("history") or [{}])[-1]
+        teacher = str(anchors_dir / prev_name)  # this step's record, not a later polish's
+        rec = next((h for h in reversed(cur.provenance.get("history") or []) if h.get("teacher") == teacher), {})
         if rec.get("heldout_ppl_after"):
             log(f"[chain] {name_i}: held-out ppl {rec['heldout_ppl_before']:.1f} -> {rec['heldout_ppl_after']:.1f} "
                 f"({rec.get('tokens_seen', 0):,} tokens, {rec.get('tokens_per_s') or 0:.0f} tokens/s)")

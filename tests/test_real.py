@@ -186,6 +186,9 @@ def test_embedded_chain_manifest_and_size():
         rec = next(h for h in prov["history"] if h["kind"] == "distill")
         assert rec["tokens_seen"] > 0 and rec["heldout_loss_after"] < rec["heldout_loss_before"]
         assert prov["lineage"]["parent_sha256"] and prov["packed"]["bits"] == 5
+        last = prov["history"][-1]  # then polished from the source
+        assert prov["polished"]["teacher"] == c.anchors[0].name and last["teacher"].endswith(c.anchors[0].name)
+        assert last["heldout_loss_after"] < last["heldout_loss_before"]
         packed = prov["packed"]
         assert packed["ppl_packed"] <= 1.03 * packed["ppl_full_precision"], (a.name, packed)
         assert a.shape.hidden % a.shape.heads == 0 and a.shape.hidden % 64 == 0 and a.shape.ffn % 64 == 0

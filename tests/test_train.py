@@ -618,6 +618,15 @@ def test_chain_polish_from_a0_keeps_lineage_and_resumes(setup, tmp_path):
     assert polish_anchors(out, cache, c, [names[1]], log=lambda *_: None) == []
     assert anchor_sha256(load_anchor(str(d))) == anchor_sha256(a1)
     assert sorted(p.name for p in (out / "anchors").iterdir()) == sorted(names)
+    # a polish written just before an interruption (not yet swapped in) is not trained again
+    shutil.copytree(d, d.with_name(f".{names[1]}.polish"))
+    prov = json.loads((d / "cbd.json").read_text())
+    del prov["polished"]
+    (d / "cbd.json").write_text(json.dumps(prov))
+    logs = []
+    assert polish_anchors(out, cache, c, [names[1]], log=logs.append) == [names[1]]
+    assert not any("polish from" in str(line) for line in logs), logs
+    assert load_anchor(str(d)).provenance["polished"]
     # a child pruned before its parent's polish names the old hash and is re-pointed to the new one
     for n, edit in ((names[1], lambda p: p["polished"].update(from_sha256="0" * 64)),
                     (names[2], lambda p: p["lineage"].update(parent_sha256="0" * 64))):
