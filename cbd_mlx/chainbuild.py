@@ -167,10 +167,7 @@ def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | 
     for e in chain[1:]:
         if names is not None and e.name not in names:
             continue
-        d, new, old = anchors_dir / e.name, anchors_dir / f".{e.name}.polish", anchors_dir / f".{e.name}.old"
-        if not d.exists() and old.exists() and (new / "cbd.json").exists():
-            os.rename(new, d)  # a swap interrupted between its two renames
-        shutil.rmtree(old, ignore_errors=True)
+        d, new, old = _finish_swap(anchors_dir, e.name)
         a = load_anchor(str(d))
         if a.provenance.get("polished"):
             continue
@@ -186,24 +183,51 @@ def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | 
         os.rename(d, old)
         os.rename(new, d)
         shutil.rmtree(old, ignore_errors=True)
+        _repoint_children(anchors_dir, chain)  # the manifest and the lineage follow each swap at once
+        _refresh_manifest(out)
         rec = load_anchor(str(d)).provenance["history"][-1]
         log(f"[chain] {e.name}: held-out ppl {rec['heldout_ppl_before']:.1f} -> {rec['heldout_ppl_after']:.1f} "
             f"after polishing")
         done.append(e.name)
     _repoint_children(anchors_dir, chain)
-    if tc is not None and (names is None or all(
-            load_anchor(str(anchors_dir / n)).provenance.get("polished") for n in names)):
+    if tc is not None:  # every named anchor is polished now
         shutil.rmtree(tc, ignore_errors=True)
     return done
+
+
+def _finish_swap(anchors_dir: Path, name: str) -> tuple[Path, Path, Path]:
+    """(anchor dir, its polish dir, its old dir), after finishing a polish swap
+    that was interrupted between its two renames (or putting the old anchor
+    back when the polish had not been written)."""
+    d, new, old = anchors_dir / name, anchors_dir / f".{name}.polish", anchors_dir / f".{name}.old"
+    if not d.exists() and old.exists():
+        os.rename(new if (new / "cbd.json").exists() else old, d)
+    if d.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    return d, new, old
+
+
+def _refresh_manifest(out: Path) -> None:
+    """Rewrite OUT/chain.toml (atomically) with the anchors' current hashes."""
+    from .chain import load_chain
+
+    c = load_chain(out / MANIFEST_NAME)
+    c = replace(c, anchors=[_entry(e.name, load_anchor(str(out / "anchors" / e.name)), e.parent) for e in c.anchors])
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(dump_chain(c))
+    os.replace(tmp, out / MANIFEST_NAME)
 
 
 def _finished_polish(new: Path, teacher: Path, student: Path, cfg: TrainConfig) -> bool:
     """Whether ``new`` holds a finished polish of ``student`` from ``teacher``."""
     try:
-        rec = json.loads((new / "cbd.json").read_text())["history"][-1]
+        history = json.loads((new / "cbd.json").read_text())["history"]
+        base = json.loads((student / "cbd.json").read_text()).get("history", [])
+        rec = history[-1]
     except (OSError, ValueError, KeyError, IndexError):
         return False
-    return (rec.get("teacher") == str(teacher) and rec.get("student") == str(student)
+    same = lambda a, b: a is not None and Path(a).resolve() == Path(b).resolve()  # noqa: E731
+    return (history[:-1] == base and same(rec.get("teacher"), teacher) and same(rec.get("student"), student)
             and rec.get("config", {}).get("tokens") == cfg.tokens and rec.get("config", {}).get("seed") == cfg.seed)
 
 
@@ -218,12 +242,11 @@ def _repoint_children(anchors_dir: Path, chain: list[ChainAnchor]) -> None:
     parent's old weights hash; point it at the new one (same shapes, same
     channels: the lineage holds)."""
     for e in chain[1:]:
-        parent = load_anchor(str(anchors_dir / e.parent))
-        pol = parent.provenance.get("polished")
+        pol = json.loads((anchors_dir / e.parent / "cbd.json").read_text()).get("polished")
         child = anchors_dir / e.name
         lin = json.loads((child / "cbd.json").read_text()).get("lineage") or {}
         if pol and lin.get("parent_sha256") == pol["from_sha256"]:
-            new_sha = anchor_sha256(parent)
+            new_sha = anchor_sha256(load_anchor(str(anchors_dir / e.parent)))
             _rewrite_provenance(child, lambda p: p["lineage"].update(parent_sha256=new_sha, parent_polished=True))
 
 
@@ -263,6 +286,8 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
     check_steps(src.n_params, sizes, max_step)
     names = [f"a{i}-{format_size(n)}" for i, n in enumerate(sizes, start=1)]
     if polish and (unknown := sorted(set(polish) - set(names))):
+        if any(u.startswith("a0-") for u in unknown):
+            raise CBDError("--polish: A0 is the polish's teacher; name the anchors below it")
         raise CBDError(f"--polish: the chain will have no anchor {', '.join(unknown)}; its anchors: {', '.join(names)}")
     if step_tokens is not None and len(step_tokens) != len(sizes):
         raise CBDError(f"give one token budget per size ({len(sizes)}), or one for every step; got {len(step_tokens)}")
@@ -272,6 +297,8 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
     prev, prev_name = load_anchor(str(a0_dir)), a0_name
     entries = [_entry(a0_name, prev, None)]
     batches = None
+    for n in names:
+        _finish_swap(anchors_dir, n)
     for i, n in enumerate(sizes, start=1):
         name_i = f"a{i}-{format_size(n)}"
         final = anchors_dir / name_i
@@ -295,13 +322,14 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
                 shutil.rmtree(tc, ignore_errors=True)
         cur = load_anchor(str(final))
         entries.append(_entry(name_i, cur, prev_name))
-        teacher = str(anchors_dir / prev_name)  # this step's record, not a later polish's
-        rec = next((h for h in reversed(cur.provenance.get("history") or []) if h.get("teacher") == teacher), {})
+        teacher = str(anchors_dir / prev_name)  # this step's record (the first from its teacher), not a polish's
+        rec = next((h for h in cur.provenance.get("history") or [] if h.get("teacher") == teacher), {})
         if rec.get("heldout_ppl_after"):
             log(f"[chain] {name_i}: held-out ppl {rec['heldout_ppl_before']:.1f} -> {rec['heldout_ppl_after']:.1f} "
                 f"({rec.get('tokens_seen', 0):,} tokens, {rec.get('tokens_per_s') or 0:.0f} tokens/s)")
         plot_chain(out, entries, anchors_dir, name)
         prev, prev_name = cur, name_i
+    _repoint_children(anchors_dir, entries)
     meta = json.loads((Path(cache) / "meta.json").read_text())
     chain = Chain(name or out.name, src.family.name, meta.get("tokenizer", source), out / MANIFEST_NAME, entries,
                   f"built by cbd-mlx chain build from {source}")

@@ -599,6 +599,7 @@ def test_chain_polish_from_a0_keeps_lineage_and_resumes(setup, tmp_path):
     plain = build_chain(str(teacher), sizes, cache, out, c, log=lambda *_: None, max_step=0.6)
     names = [a.name for a in plain.anchors]
     before = load_anchor(str(out / "anchors" / names[1]))
+    shutil.copytree(out / "anchors" / names[1], tmp_path / "unpolished")
     chain = build_chain(str(teacher), sizes, cache, out, c, log=lambda *_: None, max_step=0.6,
                         polish_tokens=2 * 4 * 64, polish=[names[1]])
     a0, a1, a2 = (load_anchor(str(out / "anchors" / n)) for n in names)
@@ -613,20 +614,23 @@ def test_chain_polish_from_a0_keeps_lineage_and_resumes(setup, tmp_path):
     assert not (out / ".work" / "teacher-cache-polish").exists()
     # an interrupted swap is finished on the next run; a polished anchor is not polished again
     d = out / "anchors" / names[1]
-    shutil.copytree(d, d.with_name(f".{names[1]}.polish"))
-    d.rename(d.with_name(f".{names[1]}.old"))
+    d.rename(d.with_name(f".{names[1]}.polish"))
+    shutil.copytree(tmp_path / "unpolished", d.with_name(f".{names[1]}.old"))
     assert polish_anchors(out, cache, c, [names[1]], log=lambda *_: None) == []
-    assert anchor_sha256(load_anchor(str(d))) == anchor_sha256(a1)
+    assert load_anchor(str(d)).provenance["polished"] and anchor_sha256(load_anchor(str(d))) == anchor_sha256(a1)
+    # the manifest names the polished weights (rewritten after each swap)
+    assert find_chain(str(out)).anchors[1].sha256 == anchor_sha256(a1)
     assert sorted(p.name for p in (out / "anchors").iterdir()) == sorted(names)
     # a polish written just before an interruption (not yet swapped in) is not trained again
-    shutil.copytree(d, d.with_name(f".{names[1]}.polish"))
-    prov = json.loads((d / "cbd.json").read_text())
+    d.rename(d.with_name(f".{names[1]}.polish"))
+    prov = json.loads((d.with_name(f".{names[1]}.polish") / "cbd.json").read_text())
     del prov["polished"]
-    (d / "cbd.json").write_text(json.dumps(prov))
+    (d.with_name(f".{names[1]}.polish") / "cbd.json").write_text(json.dumps(prov))
+    shutil.copytree(tmp_path / "unpolished", d)
     logs = []
     assert polish_anchors(out, cache, c, [names[1]], log=logs.append) == [names[1]]
     assert not any("polish from" in str(line) for line in logs), logs
-    assert load_anchor(str(d)).provenance["polished"]
+    assert load_anchor(str(d)).provenance["polished"] and anchor_sha256(load_anchor(str(d))) == anchor_sha256(a1)
     # a child pruned before its parent's polish names the old hash and is re-pointed to the new one
     for n, edit in ((names[1], lambda p: p["polished"].update(from_sha256="0" * 64)),
                     (names[2], lambda p: p["lineage"].update(parent_sha256="0" * 64))):
