@@ -218,7 +218,7 @@ def test_wheel_installs_and_inits_from_anywhere(tmp_path, smollm2_gguf):
     assert r.returncode == 0, r.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "CBD_MLX_CHAINS"} | {"HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("CBD_MLX_CHAINS", "PYTHONPATH")} | {"HF_HUB_OFFLINE": "1"}
     r = subprocess.run([str(py), "-c", "import cbd_mlx, cbd_mlx.chain as c; print(cbd_mlx.__file__, c.CHAINS_DIR)"],
                        capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120)
     assert str(venv) in r.stdout and "chains" in r.stdout, r.stdout + r.stderr  # the installed copy, not the checkout
