@@ -14,7 +14,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .chain import HUB_PREFIX, MANIFEST_NAME, PKG_PREFIX, Chain, ChainAnchor, dump_chain, load_chain_anchor
+from .chain import (HUB_PREFIX, MANIFEST_NAME, PKG_PREFIX, Chain, ChainAnchor, dump_chain, load_chain,
+                    load_chain_anchor)
 from .data import open_cache
 from .distill import distill
 from .errors import CBDError
@@ -107,9 +108,8 @@ def plot_chain(out: Path, entries: list[ChainAnchor], anchors_dir: Path,
     drawn, polish = 0, False
     for e in entries:
         d = anchors_dir / e.name
-        step, polished = points(d / STEP_METRICS), (d / STEP_METRICS).is_file()
-        if not polished:
-            step = points(d / "metrics.jsonl")
+        polished = (d / STEP_METRICS).is_file()
+        step = points(d / (STEP_METRICS if polished else "metrics.jsonl"))
         if not step:
             continue
         line, = ax.plot(*zip(*step), "o-", ms=3, label=f"{e.name} (from {e.parent})")
@@ -155,7 +155,7 @@ def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | 
     polished by this call."""
     out = Path(out)
     anchors_dir = out / "anchors"
-    chain = _read_entries(out)
+    chain = load_chain(out / MANIFEST_NAME).anchors
     a0 = chain[0].name
     known = [e.name for e in chain[1:]]
     unknown = sorted(set(names or []) - set(known))
@@ -185,7 +185,7 @@ def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | 
         shutil.rmtree(old, ignore_errors=True)
         _repoint_children(anchors_dir, chain)  # the manifest and the lineage follow each swap at once
         _refresh_manifest(out)
-        rec = load_anchor(str(d)).provenance["history"][-1]
+        rec = json.loads((d / "cbd.json").read_text())["history"][-1]
         log(f"[chain] {e.name}: held-out ppl {rec['heldout_ppl_before']:.1f} -> {rec['heldout_ppl_after']:.1f} "
             f"after polishing")
         done.append(e.name)
@@ -207,15 +207,18 @@ def _finish_swap(anchors_dir: Path, name: str) -> tuple[Path, Path, Path]:
     return d, new, old
 
 
-def _refresh_manifest(out: Path) -> None:
-    """Rewrite OUT/chain.toml (atomically) with the anchors' current hashes."""
-    from .chain import load_chain
-
-    c = load_chain(out / MANIFEST_NAME)
-    c = replace(c, anchors=[_entry(e.name, load_anchor(str(out / "anchors" / e.name)), e.parent) for e in c.anchors])
+def _write_manifest(out: Path, chain: Chain) -> None:
+    """OUT/chain.toml, written atomically."""
     tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(dump_chain(c))
+    tmp.write_text(dump_chain(chain))
     os.replace(tmp, out / MANIFEST_NAME)
+
+
+def _refresh_manifest(out: Path) -> None:
+    """Rewrite OUT/chain.toml with the anchors' current hashes."""
+    c = load_chain(out / MANIFEST_NAME)
+    _write_manifest(out, replace(c, anchors=[_entry(e.name, load_anchor(str(out / "anchors" / e.name)), e.parent)
+                                             for e in c.anchors]))
 
 
 def _finished_polish(new: Path, teacher: Path, student: Path, cfg: TrainConfig) -> bool:
@@ -229,12 +232,6 @@ def _finished_polish(new: Path, teacher: Path, student: Path, cfg: TrainConfig) 
     same = lambda a, b: a is not None and Path(a).resolve() == Path(b).resolve()  # noqa: E731
     return (history[:-1] == base and same(rec.get("teacher"), teacher) and same(rec.get("student"), student)
             and rec.get("config", {}).get("tokens") == cfg.tokens and rec.get("config", {}).get("seed") == cfg.seed)
-
-
-def _read_entries(out: Path) -> list[ChainAnchor]:
-    from .chain import load_chain
-
-    return load_chain(out / MANIFEST_NAME).anchors
 
 
 def _repoint_children(anchors_dir: Path, chain: list[ChainAnchor]) -> None:
@@ -299,8 +296,7 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
     batches = None
     for n in names:
         _finish_swap(anchors_dir, n)
-    for i, n in enumerate(sizes, start=1):
-        name_i = f"a{i}-{format_size(n)}"
+    for i, (n, name_i) in enumerate(zip(sizes, names), start=1):
         final = anchors_dir / name_i
         if not (final / "cbd.json").exists():
             pruned = anchors_dir / f".{name_i}.pruned"
@@ -333,13 +329,11 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
     meta = json.loads((Path(cache) / "meta.json").read_text())
     chain = Chain(name or out.name, src.family.name, meta.get("tokenizer", source), out / MANIFEST_NAME, entries,
                   f"built by cbd-mlx chain build from {source}")
-    (out / MANIFEST_NAME).write_text(dump_chain(chain))
-    if polish_tokens:
+    _write_manifest(out, chain)
+    if polish_tokens:  # rewrites the manifest after each anchor it polishes
         polish_anchors(out, cache, replace(cfg, tokens=polish_tokens), polish, log, teacher_cache)
-        entries = [_entry(e.name, load_anchor(str(anchors_dir / e.name)), e.parent) for e in entries]
-        chain = replace(chain, anchors=entries)
-        (out / MANIFEST_NAME).write_text(dump_chain(chain))
-        plot_chain(out, entries, anchors_dir, chain.name)
+        chain = load_chain(out / MANIFEST_NAME)
+        plot_chain(out, chain.anchors, anchors_dir, chain.name)
     return chain
 
 
