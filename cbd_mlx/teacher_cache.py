@@ -12,7 +12,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import cpu_head
 from .errors import CBDError
+from .losses import HeadOut, TopK, fast_cpu, head_out
 
 META = "teacher_cache.json"
 FILES = ("topk_idx.npy", "topk_logprob.npy", "filled.npy")
@@ -88,32 +90,33 @@ class TeacherCache:
     def n_filled(self) -> int:
         return int(np.count_nonzero(self.filled))
 
-    def topk(self, index: int, x: mx.array) -> tuple[mx.array, mx.array]:
+    def topk(self, index: int, x: mx.array) -> TopK:
         """(indices int32, log-probs float32), each (batch, seq_len, k), of
         batch ``index`` whose inputs are ``x``."""
         if not self.filled[index]:
             if self.teacher is None:
                 raise CBDError(f"the teacher cache {self.path} lacks batch {index}; give --teacher to fill it")
-            logits = self.teacher(x).astype(mx.float32)
-            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            top = mx.argpartition(-logp, self.k - 1, axis=-1)[..., : self.k]
-            vals = mx.take_along_axis(logp, top, axis=-1)
-            self.idx[index] = np.array(top).astype(self.idx.dtype)
-            self.logp[index] = np.array(vals).astype(np.float16)
+            top, vals = teacher_topk(self.teacher, x, self.k)
+            self.idx[index] = top.reshape(self.idx.shape[1:]).astype(self.idx.dtype)
+            self.logp[index] = vals.reshape(self.logp.shape[1:]).astype(np.float16)
             self.filled[index] = True
-        return (mx.array(np.asarray(self.idx[index], dtype=np.int32)),
-                mx.array(np.asarray(self.logp[index], dtype=np.float32)))
+        return TopK(mx.array(np.asarray(self.idx[index], dtype=np.int32)),
+                    mx.array(np.asarray(self.logp[index], dtype=np.float32)))
 
     def flush(self) -> None:
         for a in (self.idx, self.logp, self.filled):
             a.flush()
 
 
-def dense_logprobs(idx: mx.array, logp: mx.array, vocab: int) -> mx.array:
-    """Full-vocabulary teacher log-probs from top-k: the k entries as stored,
-    the remaining mass spread evenly over the rest of the vocabulary."""
-    k = logp.shape[-1]
-    rest = mx.maximum(1.0 - mx.exp(logp).sum(-1, keepdims=True), 1e-6)
-    fill = mx.log(rest / max(vocab - k, 1))
-    full = mx.broadcast_to(fill, (*logp.shape[:-1], vocab))
-    return mx.put_along_axis(full, idx, logp, axis=-1)
+def teacher_topk(teacher, x: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's top-``k`` log-probs (indices, values) at each position of
+    ``x``, as (batch * seq, k) arrays; the vocabulary passes in numpy on the CPU."""
+    out = head_out(teacher, x)
+    if fast_cpu() and isinstance(out, HeadOut) and out.h.dtype == mx.float32 and out.w.dtype == mx.float32:
+        h = np.asarray(out.h)
+        return cpu_head.topk_logprobs(h.reshape(-1, h.shape[-1]), np.asarray(out.w), k)
+    logits = (out.logits() if isinstance(out, HeadOut) else out).astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    top = mx.argpartition(-logp, k - 1, axis=-1)[..., :k]
+    vals = mx.take_along_axis(logp, top, axis=-1)
+    return np.array(top).reshape(-1, k), np.array(vals).reshape(-1, k)

@@ -1,10 +1,13 @@
-"""The one MLX training loop behind distill, recover and bridge.
+"""The one MLX training loop behind distill, recover, bridge and the scratch
+baseline, shaped like mlx-lm's trainer: it takes the loss as a function
+(``losses.py``) and knows none of them.
 
 Packed sequences from a memory-mapped token cache, gradient accumulation,
-AdamW with warmup + cosine decay, distillation losses (reverse/forward KL,
-JSD, CE), held-out loss at intervals, checkpoints with exact resume, a
-metrics log, a loss-curve PNG, and data parallelism through mx.distributed
-(``mlx.launch`` runs the same command on several processes or machines).
+AdamW with warmup + cosine decay (a compiled update, clipping through
+``optim.clip_grad_norm``), held-out loss at intervals, checkpoints with exact
+resume, guards against divergence, a metrics log, a loss-curve PNG, and data
+parallelism through mx.distributed (``nn.average_gradients``; ``mlx.launch``
+runs the same command on several processes or machines).
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from tqdm import tqdm
 from .data import PackedSequences
 from .errors import CBDError
 from .save import atomic_dir
-from .teacher_cache import dense_logprobs
+from . import losses
+from .losses import LOSSES, Batch, LossFn
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "ce")
 CHECKPOINT = "checkpoint"
 EXPLODE_FACTOR = 3.0  # a step's loss above this many times the recent median is an explosion
 EXPLODE_WINDOW = 16  # steps in that median (checked once 8 are known)
@@ -85,110 +88,6 @@ class TrainConfig:
         return max(1, self.tokens // per_step)
 
 
-def _softmax_lse(z: mx.array) -> tuple[mx.array, mx.array]:
-    """(softmax, logsumexp) with a single exp pass over the vocabulary."""
-    m = mx.stop_gradient(z.max(-1, keepdims=True))
-    e = mx.exp(z - m)
-    s = e.sum(-1, keepdims=True)
-    return e / s, m + mx.log(s)
-
-
-def _fused_kd(mode: str, ce_weight: float):
-    """Per-token KL(student || teacher) (reverse) or KL(teacher || student)
-    (forward), plus ``ce_weight`` * CE, with a hand-written gradient: two exp
-    passes over the vocabulary for forward and backward together (autodiff
-    needs about five; on CPU these passes dominate a distillation step)."""
-
-    @mx.custom_function
-    def rows(zs, zt, y):
-        ps, lse_s = _softmax_lse(zs)
-        if mode == "reverse_kl":  # only the teacher's normalizer is needed
-            pt, lse_t = mx.zeros((1,)), mx.logsumexp(zt, axis=-1, keepdims=True)
-        else:
-            pt, lse_t = _softmax_lse(zt)
-        d = (zs - zt) - (lse_s - lse_t)  # log p_s - log p_t
-        kl = (ps * d).sum(-1) if mode == "reverse_kl" else -(pt * d).sum(-1)
-        loss = kl
-        if ce_weight:
-            loss = loss + ce_weight * (lse_s[..., 0] - mx.take_along_axis(zs, y[..., None], -1)[..., 0])
-        return loss, ps, pt, d, kl
-
-    @rows.vjp
-    def rows_vjp(primals, cotangents, outputs):
-        zs, zt, y = primals
-        _, ps, pt, d, kl = outputs
-        g = ps * (d - kl[..., None]) if mode == "reverse_kl" else ps - pt
-        if ce_weight:
-            g = g + ce_weight * _minus_onehot(ps, y)
-        return g * cotangents[0][..., None], mx.zeros_like(zt), mx.zeros_like(y)
-
-    return rows
-
-
-def _topk_forward_kl(ce_weight: float):
-    """Per-token KL(teacher || student) against a top-k teacher (the k
-    log-probs as cached, the remaining mass spread evenly over the rest of the
-    vocabulary), plus ``ce_weight`` * CE; one exp pass over the vocabulary, the
-    teacher's full distribution never materialized."""
-
-    @mx.custom_function
-    def rows(zs, idx, lp, y):
-        vocab, k = zs.shape[-1], lp.shape[-1]
-        ps, lse = _softmax_lse(zs)
-        q = mx.exp(lp)
-        rest = mx.maximum(1.0 - q.sum(-1, keepdims=True), 1e-6)
-        u = rest / max(vocab - k, 1)
-        logp_top = mx.take_along_axis(zs, idx, -1) - lse
-        logp_rest = zs.sum(-1, keepdims=True) - vocab * lse - logp_top.sum(-1, keepdims=True)
-        loss = (q * (lp - logp_top)).sum(-1) + (rest * mx.log(u) - u * logp_rest)[..., 0]
-        if ce_weight:
-            loss = loss + ce_weight * (lse[..., 0] - mx.take_along_axis(zs, y[..., None], -1)[..., 0])
-        return loss, ps, q, u
-
-    @rows.vjp
-    def rows_vjp(primals, cotangents, outputs):
-        zs, idx, lp, y = primals
-        _, ps, q, u = outputs
-        g = mx.put_along_axis(ps - u, idx, mx.take_along_axis(ps, idx, -1) - q, axis=-1)
-        if ce_weight:
-            g = g + ce_weight * _minus_onehot(ps, y)
-        return g * cotangents[0][..., None], mx.zeros_like(idx), mx.zeros_like(lp), mx.zeros_like(y)
-
-    return rows
-
-
-def _minus_onehot(ps: mx.array, y: mx.array) -> mx.array:
-    """ps - onehot(y): the gradient of CE with respect to the logits."""
-    return mx.put_along_axis(mx.zeros_like(ps), y[..., None], mx.full(y[..., None].shape, -1.0), axis=-1) + ps
-
-
-def distill_loss(logits: mx.array, targets: mx.array, teacher, cfg: TrainConfig) -> mx.array:
-    """Mean per-token loss: a KL-type distance to the teacher (times T^2) plus
-    ``ce_weight`` * cross-entropy; plain CE without a teacher or with loss=ce.
-    ``teacher`` is the teacher's logits or a top-k (indices, log-probs) pair."""
-    if teacher is None or cfg.loss == "ce":
-        return nn.losses.cross_entropy(logits, targets).mean()
-    t = cfg.temperature
-    if isinstance(teacher, tuple):
-        if cfg.loss == "forward_kl" and t == 1.0:
-            return _topk_forward_kl(cfg.ce_weight)(logits, *teacher, targets)[0].mean()
-        teacher = dense_logprobs(*teacher, logits.shape[-1])
-    if cfg.loss in ("reverse_kl", "forward_kl"):
-        if t == 1.0:
-            return _fused_kd(cfg.loss, cfg.ce_weight)(logits, teacher, targets)[0].mean()
-        kl = _fused_kd(cfg.loss, 0.0)(logits / t, teacher / t, targets)[0].mean() * t * t
-        return kl + cfg.ce_weight * nn.losses.cross_entropy(logits, targets).mean() if cfg.ce_weight else kl
-    if cfg.loss != "jsd":
-        raise CBDError(f"unknown loss '{cfg.loss}'; choose one of {', '.join(LOSSES)}")
-    log_s = nn.log_softmax(logits / t, axis=-1)
-    log_t = nn.log_softmax(teacher / t, axis=-1)
-    p_s, p_t = mx.exp(log_s), mx.exp(log_t)
-    log_m = mx.log(0.5 * (p_s + p_t) + 1e-20)
-    kl = 0.5 * (p_t * (log_t - log_m)).sum(-1) + 0.5 * (p_s * (log_s - log_m)).sum(-1)
-    loss = kl.mean() * t * t
-    return loss + cfg.ce_weight * nn.losses.cross_entropy(logits, targets).mean() if cfg.ce_weight else loss
-
-
 def schedule(cfg: TrainConfig, steps: int):
     warmup = min(max(1, int(steps * cfg.warmup_fraction), cfg.min_warmup_steps), max(1, steps // 2))
     decay = optim.cosine_decay(cfg.lr, max(1, steps - warmup), cfg.lr * cfg.min_lr_ratio)
@@ -222,7 +121,7 @@ def _resume_record(cfg: TrainConfig) -> dict:
     return {k: c[k] for k in RESUME_KEYS}
 
 
-def _save_checkpoint(work: Path, model: nn.Module, opt: optim.Optimizer, state: dict, best) -> None:
+def _save_checkpoint(work: Path, model: nn.Module, opt, state: dict, best) -> None:
     """Atomically replace work/checkpoint (weights, optimizer state, the run's
     state and the best weights so far when they are neither the start's nor
     the current ones)."""
@@ -247,7 +146,7 @@ def _read_state(work: Path) -> dict | None:
         return None
 
 
-def _load_checkpoint(work: Path, model: nn.Module, opt: optim.Optimizer, cfg: TrainConfig):
+def _load_checkpoint(work: Path, model: nn.Module, opt, cfg: TrainConfig):
     """(state, best params or None) of work/checkpoint, loaded into model and
     optimizer; None when there is none. Refuses a checkpoint of other options."""
     ck = work / CHECKPOINT
@@ -273,13 +172,13 @@ def _load_checkpoint(work: Path, model: nn.Module, opt: optim.Optimizer, cfg: Tr
 
 
 def heldout_loss(model: nn.Module, data: PackedSequences | None, cfg: TrainConfig) -> float | None:
+    """Mean next-token CE over the first ``cfg.eval_batches`` held-out batches."""
     if data is None:
         return None
     total, n = 0.0, 0
     for i in range(min(cfg.eval_batches, max(1, data.n // cfg.batch_size))):
         b = mx.array(data.batch(i, cfg.batch_size))
-        logits = model(b[:, :-1])
-        total += float(nn.losses.cross_entropy(logits, b[:, 1:], reduction="sum"))
+        total += losses.heldout_sum(model, b[:, :-1], b[:, 1:])
         n += b[:, 1:].size
     return total / n
 
@@ -352,6 +251,74 @@ def _copy_tree(t):
     return tree_map(lambda x: x, t)
 
 
+class _Updater:
+    """AdamW with the run's schedule, its step compiled (mean over
+    micro-batches, global-norm clipping, the update) with the model's and
+    the optimizer's state as inputs and outputs, as mlx-lm compiles its step.
+    ``lr_scale`` (halved by each rollback) is an array input, not a constant."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, steps: int):
+        base_lr = schedule(cfg, steps)
+        self.model, self.max_norm = model, cfg.max_grad_norm
+        self.held = {"lr_scale": mx.array(1.0), "model": model.state, "opt": None}
+        self.opt = optim.AdamW(learning_rate=lambda s: self.held["lr_scale"] * base_lr(s),
+                               weight_decay=cfg.weight_decay)
+        self.opt.init(model.trainable_parameters())
+        self.held["opt"] = self.opt.state
+        self._step = mx.compile(self._apply, inputs=self.held, outputs=self.held)
+
+    def _apply(self, grads: dict, scale: mx.array) -> mx.array:
+        grads = tree_map(lambda g: g * scale, grads)
+        if self.max_norm > 0:
+            grads, _ = optim.clip_grad_norm(grads, self.max_norm)
+        self.opt.update(self.model, grads)
+        return self.opt.learning_rate
+
+    def apply(self, grads: dict, scale: float) -> None:
+        mx.eval(self._step(grads, mx.array(scale, mx.float32)), self.held)
+
+    @property
+    def state(self) -> dict:
+        return self.opt.state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        self.opt.state = state
+        self.opt.init(self.model.trainable_parameters())
+        self.held["opt"] = self.opt.state
+
+    @property
+    def lr_scale(self) -> float:
+        return float(self.held["lr_scale"])
+
+    @lr_scale.setter
+    def lr_scale(self, value: float) -> None:
+        self.held["lr_scale"] = mx.array(value)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.opt.learning_rate)
+
+
+class _Signals:
+    """What each batch carries beside its tokens: the teacher's head output
+    (or its cached top-k) and the bridge's ULD targets."""
+
+    def __init__(self, teacher, teacher_cache, xvocab, train_data: PackedSequences, cfg: TrainConfig):
+        self.teacher, self.cache, self.xvocab = teacher, teacher_cache, xvocab
+        self.data, self.cfg = train_data, cfg
+
+    def batch(self, index: int) -> Batch:
+        b = mx.array(self.data.batch(index, self.cfg.batch_size))
+        x, y = b[:, :-1], b[:, 1:]
+        if self.cache is not None:
+            t = self.cache.topk(index, x)
+        else:
+            t = losses.teacher_out(self.teacher, x) if self.teacher is not None else None
+        u = self.xvocab.window(self.data.starts(index, self.cfg.batch_size), self.cfg.seq_len) if self.xvocab else None
+        return Batch(x, y, t, u)
+
+
 def train(
     model: nn.Module,
     train_data: PackedSequences,
@@ -363,39 +330,40 @@ def train(
     stop_after: int | None = None,
     teacher_cache=None,
     xvocab=None,
+    loss_fn: LossFn | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; checkpoints go to ``work`` (resumed if present).
+    """Train ``model`` in place with ``loss_fn(model, batch)`` (default: the
+    loss ``cfg`` names, ``losses.from_config``); checkpoints go to ``work``
+    (resumed if present).
 
     Guarded: a non-finite step loss, or a held-out loss ``DIVERGE_FACTOR``
     above the best so far, rolls back to the last good point and halves the
     lr (``MAX_ROLLBACKS`` times, then the run stops with one clear line); a
     step loss ``EXPLODE_FACTOR`` above the recent median is checked on the
     held-out split at once: rollback when that diverged too, else the batch
-    is an outlier and its update is skipped. The model ends holding its best weights by held-out loss
-    (the start's when training never improved on them).
+    is an outlier and its update is skipped. The model ends holding its best
+    weights by held-out loss (the start's when training never improved on them).
 
     Each process of an ``mlx.launch`` group reads its own slice of every
-    global batch; gradients are averaged with ``mx.distributed.all_sum``.
+    global batch; gradients are averaged with ``nn.average_gradients``.
     ``stop_after`` ends the run after that many steps (tests use it).
-    ``teacher_cache`` (a TeacherCache) gives the teacher's top-k log-probs,
-    computed once per batch. ``xvocab`` (uld.XVocabTargets) adds
-    ``cfg.xvocab_weight`` x the ULD loss."""
+    Batches carry ``teacher``'s head output, or its top-k from
+    ``teacher_cache`` (a TeacherCache, computed once per batch), and the
+    window of ``xvocab`` (uld.XVocabTargets) when given."""
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     steps = cfg.steps(world)
+    loss_fn = loss_fn or losses.from_config(cfg)
     if cfg.freeze_embeddings:
         freeze_embeddings(model)
-    base_lr = schedule(cfg, steps)
-    lr_scale = 1.0
-    opt = optim.AdamW(learning_rate=lambda s: lr_scale * base_lr(s), weight_decay=cfg.weight_decay)
-    opt.init(model.trainable_parameters())
+    opt = _Updater(model, cfg, steps)
     work.mkdir(parents=True, exist_ok=True)
     initial = model.parameters()
     loaded = _load_checkpoint(work, model, opt, cfg)
     if loaded:
         state, best_params = loaded
         start, metrics = state["step"], state["metrics"]
-        lr_scale, rollbacks, before = state["lr_scale"], state["rollbacks"], state["heldout_before"]
+        opt.lr_scale, rollbacks, before = state["lr_scale"], state["rollbacks"], state["heldout_before"]
         best_step = state["best_step"]
         best_params = {0: initial, start: model.parameters()}.get(best_step, best_params)
         best = _Point(best_step, best_params, loss=state["best_loss"])
@@ -407,31 +375,24 @@ def train(
     good = _Point(start, model.parameters(), _copy_tree(opt.state), len(metrics))
     if teacher is not None:
         teacher.freeze()
-
-    def loss_fn(m, x, y, t, u):
-        logits = m(x)
-        loss = distill_loss(logits, y, t, cfg)
-        if u is not None:
-            from .uld import uld_loss
-
-            loss = loss + cfg.xvocab_weight * uld_loss(logits, *u)
-        return loss
+    signals = _Signals(teacher, teacher_cache, xvocab, train_data, cfg)
 
     def rollback(why: str) -> int:
-        nonlocal lr_scale, rollbacks
+        nonlocal rollbacks
         rollbacks += 1
         if rollbacks > MAX_ROLLBACKS:
             if teacher_cache is not None:
                 teacher_cache.flush()
-            raise CBDError(f"training diverged {rollbacks} times ({why}), the last at lr {cfg.lr * lr_scale:.2e}; "
-                           f"lower --lr (try {cfg.lr * lr_scale / 4:.1e}) or check the data")
-        lr_scale *= 0.5
+            raise CBDError(f"training diverged {rollbacks} times ({why}), the last at lr "
+                           f"{cfg.lr * opt.lr_scale:.2e}; lower --lr (try {cfg.lr * opt.lr_scale / 4:.1e}) "
+                           "or check the data")
+        opt.lr_scale = opt.lr_scale * 0.5
         model.update(good.params)
         opt.state = _copy_tree(good.opt_state)
         del metrics[good.n_metrics:]
         metrics.append({"step": good.step, "tokens": good.step * tokens_per_step, "event": "rollback",
-                        "why": why, "lr_scale": lr_scale})
-        log(f"{why}: rolled back to step {good.step}, lr x{lr_scale:g} ({rollbacks}/{MAX_ROLLBACKS})")
+                        "why": why, "lr_scale": opt.lr_scale})
+        log(f"{why}: rolled back to step {good.step}, lr x{opt.lr_scale:g} ({rollbacks}/{MAX_ROLLBACKS})")
         return good.step
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
@@ -443,20 +404,13 @@ def train(
         acc, loss_sum = None, 0.0
         for micro in range(cfg.grad_accum):
             index = (step * cfg.grad_accum + micro) * world + rank
-            b = mx.array(train_data.batch(index, cfg.batch_size))
-            x, y = b[:, :-1], b[:, 1:]
-            if teacher_cache is not None:
-                t_out = teacher_cache.topk(index, x)
-            else:
-                t_out = mx.stop_gradient(teacher(x)) if teacher is not None else None
-            u = xvocab.window(train_data.starts(index, cfg.batch_size), cfg.seq_len) if xvocab else None
-            loss, grads = loss_and_grad(model, x, y, t_out, u)
+            loss, grads = loss_and_grad(model, signals.batch(index))
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             mx.eval(acc, loss)
             loss_sum += float(loss)
         loss_val = loss_sum / cfg.grad_accum
         if world > 1:
-            acc = tree_map(mx.distributed.all_sum, acc)
+            acc = nn.average_gradients(acc)
             loss_val = float(mx.distributed.all_sum(mx.array(loss_val))) / world
         recent = [m["loss"] for m in metrics[-EXPLODE_WINDOW:] if "loss" in m]
         if not math.isfinite(loss_val):
@@ -476,19 +430,12 @@ def train(
                 continue
             skip = True  # the model is fine: an outlier batch, whose update is left out
             log(f"{why}; the held-out loss is fine ({h:.3f}): skipping that batch's update")
-        # mean over micro-batches and processes, and global-norm clipping, in one pass
-        scale = 1.0 / (cfg.grad_accum * world)
-        if cfg.max_grad_norm > 0:
-            sq = sum(mx.sum(mx.square(g)) for _, g in tree_flatten(acc))
-            scale = mx.minimum(scale, cfg.max_grad_norm / (mx.sqrt(sq) + 1e-6))
         if not skip:
-            grads = tree_map(lambda g: g * scale, acc)
-            opt.update(model, grads)
-            mx.eval(model.parameters(), opt.state)
+            opt.apply(acc, 1.0 / cfg.grad_accum)
         step += 1
         done += 1
         tok_since += tokens_per_step
-        rec = {"step": step, "tokens": step * tokens_per_step, "loss": loss_val, "lr": float(opt.learning_rate)}
+        rec = {"step": step, "tokens": step * tokens_per_step, "loss": loss_val, "lr": opt.learning_rate}
         if skip:
             rec["event"] = "skipped"
         last = step == steps
@@ -518,7 +465,7 @@ def train(
             if rank == 0:
                 if teacher_cache is not None:
                     teacher_cache.flush()
-                state = {"step": step, "metrics": metrics, "lr_scale": lr_scale, "rollbacks": rollbacks,
+                state = {"step": step, "metrics": metrics, "lr_scale": opt.lr_scale, "rollbacks": rollbacks,
                          "heldout_before": before, "best_step": best.step, "best_loss": best.loss,
                          "config": _resume_record(cfg)}
                 _save_checkpoint(work, model, opt, state, best)

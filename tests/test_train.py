@@ -222,7 +222,7 @@ def test_fused_kd_matches_autodiff(loss, temperature, ce_weight):
     import mlx.core as mx
     import mlx.nn as nn
 
-    from cbd_mlx.train import distill_loss
+    from cbd_mlx.losses import distill_loss
 
     mx.random.seed(0)
     zs, zt = mx.random.normal((2, 5, 37)) * 3, mx.random.normal((2, 5, 37)) * 3
@@ -427,8 +427,8 @@ def test_topk_forward_kl_matches_dense_teacher(ce_weight):
     import mlx.core as mx
     import mlx.nn as nn
 
-    from cbd_mlx.teacher_cache import dense_logprobs
-    from cbd_mlx.train import distill_loss
+    from cbd_mlx.losses import dense_logprobs
+    from cbd_mlx.losses import distill_loss
 
     mx.random.seed(1)
     V, k = 41, 6
@@ -450,20 +450,29 @@ def test_topk_forward_kl_matches_dense_teacher(ce_weight):
     assert float(mx.abs(g1 - g2).max()) < 1e-6
 
 
+def _patch_loss(monkeypatch, change):
+    """Every loss function train() builds passes its n-th value through change(n, loss)."""
+    import cbd_mlx.losses as L
+
+    real, calls = L.from_config, {"n": 0}
+
+    def from_config(c):
+        fn = real(c)
+
+        def wrapped(model, batch):
+            calls["n"] += 1
+            return change(calls["n"], fn(model, batch))
+
+        return wrapped
+
+    monkeypatch.setattr(L, "from_config", from_config)
+
+
 def test_nan_loss_rolls_back_and_lowers_the_lr(setup, tmp_path, monkeypatch):
     """A non-finite loss at one step rolls back to the last good point with
     half the lr; the run finishes and says so in its record."""
-    import cbd_mlx.train as T
-
     teacher, student, cache = setup
-    real, calls = T.distill_loss, {"n": 0}
-
-    def flaky(logits, y, t, c):
-        calls["n"] += 1
-        loss = real(logits, y, t, c)
-        return loss * float("nan") if calls["n"] == 7 else loss
-
-    monkeypatch.setattr(T, "distill_loss", flaky)
+    _patch_loss(monkeypatch, lambda n, loss: loss * float("nan") if n == 7 else loss)
     logs = []
     rec = distill(str(teacher), str(student), cache, tmp_path / "o", cfg(), log=logs.append)
     assert rec["rollbacks"] == 1 and rec["steps"] == 12
@@ -647,17 +656,9 @@ def test_chain_polish_from_a0_keeps_lineage_and_resumes(setup, tmp_path):
 
 
 def test_an_outlier_batch_is_skipped_not_rolled_back(setup, tmp_path, monkeypatch):
-    import cbd_mlx.train as T
-
     teacher, student, cache = setup
-    real, calls = T.distill_loss, {"n": 0}
-
-    def spiky(logits, y, t, c):
-        calls["n"] += 1
-        loss = real(logits, y, t, c)
-        return loss * 50.0 if calls["n"] == 11 else loss  # one batch whose loss is far above the others
-
-    monkeypatch.setattr(T, "distill_loss", spiky)
+    # one batch whose loss is far above the others
+    _patch_loss(monkeypatch, lambda n, loss: loss * 50.0 if n == 11 else loss)
     logs = []
     rec = distill(str(teacher), str(student), cache, tmp_path / "o", cfg(), log=logs.append)
     assert rec["rollbacks"] == 0 and rec["steps"] == 12

@@ -1,0 +1,164 @@
+"""The loss functions: the CPU fast path (cpu_head, numpy) against the plain
+MLX reference, values and gradients, on every family's output head."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from cbd_mlx import losses
+from cbd_mlx.loader import model_from_weights
+from conftest import TINY_CONFIGS, random_weights
+
+V, D, N = 300, 16, 24
+
+
+def _rel(a: mx.array, b: mx.array) -> float:
+    return float(mx.abs(a - b).max()) / max(float(mx.abs(b).max()), 1e-12)
+
+
+def _both(monkeypatch, fn):
+    """fn() on the fast path and on the plain MLX path."""
+    monkeypatch.setenv("CBD_MLX_FAST_HEAD", "1")
+    fast = fn()
+    monkeypatch.setenv("CBD_MLX_FAST_HEAD", "0")
+    plain = fn()
+    return fast, plain
+
+
+def _arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    h = mx.array(rng.standard_normal((2, N // 2, D)).astype(np.float32))
+    w = mx.array((rng.standard_normal((V, D)) * 0.7).astype(np.float32))
+    ht = mx.array(rng.standard_normal((2, N // 2, D + 8)).astype(np.float32))
+    wt = mx.array((rng.standard_normal((V, D + 8)) * 0.7).astype(np.float32))
+    y = mx.array(rng.integers(0, V, (2, N // 2)).astype(np.int32))
+    return h, w, ht, wt, y
+
+
+SPECS = [("ce", 1.0, 0.0), ("forward_kl", 1.0, 0.0), ("forward_kl", 1.0, 0.5), ("forward_kl", 2.0, 0.5),
+         ("reverse_kl", 1.0, 0.0), ("reverse_kl", 1.0, 0.5), ("reverse_kl", 2.0, 0.3)]
+
+
+@pytest.mark.parametrize("mode,t,c", SPECS)
+@pytest.mark.parametrize("trainable", [True, False])
+def test_fast_head_matches_mlx_dense_teacher(monkeypatch, mode, t, c, trainable):
+    h, w, ht, wt, y = _arrays()
+    spec = losses.cpu_head.Spec(mode, t, c)
+    teacher = losses.HeadOut(ht, wt)
+
+    def run():
+        f = lambda hh, ww: losses.vocab_loss(losses.HeadOut(hh, ww, trainable), y, teacher, spec)  # noqa: E731
+        v, (gh, gw) = mx.value_and_grad(f, argnums=(0, 1))(h, w)
+        mx.eval(v, gh, gw)
+        return v, gh, gw
+
+    (v1, gh1, gw1), (v2, gh2, gw2) = _both(monkeypatch, run)
+    assert abs(float(v1) - float(v2)) <= 1e-4 * abs(float(v2))
+    assert _rel(gh1, gh2) <= 1e-4
+    if trainable:
+        assert _rel(gw1, gw2) <= 1e-4
+
+
+@pytest.mark.parametrize("c", [0.0, 0.5])
+def test_fast_head_matches_mlx_topk_teacher(monkeypatch, c):
+    h, w, ht, wt, y = _arrays(1)
+    logp = nn.log_softmax(ht @ wt.T, axis=-1)
+    idx = mx.argsort(-logp, axis=-1)[..., :8].astype(mx.int32)
+    teacher = losses.TopK(idx, mx.take_along_axis(logp, idx, -1))
+    spec = losses.cpu_head.Spec("forward_kl", 1.0, c)
+
+    def run():
+        f = lambda hh, ww: losses.vocab_loss(losses.HeadOut(hh, ww, True), y, teacher, spec)  # noqa: E731
+        v, (gh, gw) = mx.value_and_grad(f, argnums=(0, 1))(h, w)
+        mx.eval(v, gh, gw)
+        return v, gh, gw
+
+    (v1, gh1, gw1), (v2, gh2, gw2) = _both(monkeypatch, run)
+    assert abs(float(v1) - float(v2)) <= 1e-4 * abs(float(v2))
+    assert _rel(gh1, gh2) <= 1e-4 and _rel(gw1, gw2) <= 1e-4
+
+
+def test_chunks_do_not_change_the_result(monkeypatch):
+    h, w, ht, wt, y = _arrays(2)
+    hn, wn, yn = np.asarray(h).reshape(-1, D), np.asarray(w), np.asarray(y).reshape(-1)
+    spec = losses.cpu_head.Spec("forward_kl", 1.0, 0.5)
+    teacher = ("head", np.asarray(ht).reshape(N, -1), np.asarray(wt))
+    whole = losses.cpu_head.loss_and_grads(hn, wn, yn, spec, teacher, need_dw=True)
+    monkeypatch.setattr(losses.cpu_head, "CHUNK_ELEMS", 5 * V)  # 5 rows per chunk, the last one short
+    chunked = losses.cpu_head.loss_and_grads(hn, wn, yn, spec, teacher, need_dw=True)
+    assert abs(whole[0] - chunked[0]) < 1e-4
+    np.testing.assert_allclose(whole[1], chunked[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whole[2], chunked[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_every_family_trains_the_same_on_both_paths(monkeypatch, family):
+    """head_out finds each family's head (tied or not); the model's gradients
+    through a KD + CE loss agree on both paths, and the head is restored."""
+    cfg = TINY_CONFIGS[family]
+    model = model_from_weights(cfg, random_weights(cfg, 0))
+    teacher = model_from_weights(cfg, random_weights(cfg, 1))
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.integers(0, V, (2, 9)).astype(np.int32))
+    batch_x, batch_y = x[:, :-1], x[:, 1:]
+    out = losses.head_out(model, batch_x)
+    assert isinstance(out, losses.HeadOut)
+    assert _rel(out.logits(), model(batch_x)) < 1e-5  # the tap is gone after the call
+    fn = losses.kd_loss("forward_kl", 1.0, 0.5)
+
+    def run():
+        batch = losses.Batch(batch_x, batch_y, losses.teacher_out(teacher, batch_x))
+        v, g = nn.value_and_grad(model, fn)(model, batch)
+        mx.eval(v, g)
+        return v, dict(__import__("mlx.utils").utils.tree_flatten(g))
+
+    (v1, g1), (v2, g2) = _both(monkeypatch, run)
+    assert abs(float(v1) - float(v2)) <= 1e-4 * abs(float(v2))
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        assert _rel(g1[k], g2[k]) <= 1e-4, k
+
+
+def test_frozen_head_gets_no_gradient(monkeypatch):
+    cfg = TINY_CONFIGS["llama"]
+    model = model_from_weights(cfg, random_weights(cfg, 0))
+    model.model.embed_tokens.freeze()
+    x = mx.array(np.arange(18, dtype=np.int32).reshape(2, 9))
+    out = losses.head_out(model, x)
+    assert not out.trainable
+    _, g = nn.value_and_grad(model, losses.ce_loss())(model, losses.Batch(x[:, :-1], x[:, 1:]))
+    assert "weight" not in g["model"]["embed_tokens"]
+
+
+def test_heldout_sum_matches_cross_entropy(monkeypatch):
+    cfg = TINY_CONFIGS["qwen3"]
+    model = model_from_weights(cfg, random_weights(cfg, 0))
+    x = mx.array(np.random.default_rng(3).integers(0, V, (3, 10)).astype(np.int32))
+    a, b = _both(monkeypatch, lambda: losses.heldout_sum(model, x[:, :-1], x[:, 1:]))
+    ref = float(nn.losses.cross_entropy(model(x[:, :-1]), x[:, 1:], reduction="sum"))
+    assert abs(a - ref) <= 1e-4 * ref and abs(b - ref) <= 1e-4 * ref
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 2), (4, 4), (6, 2)])
+def test_numpy_attention_matches_mlx(heads, kv):
+    from cbd_mlx import cpu_attention
+
+    rng = np.random.default_rng(heads * 10 + kv)
+    q, k, v = (mx.array(rng.standard_normal(s).astype(np.float32))
+               for s in ((2, heads, 7, 8), (2, kv, 7, 8), (2, kv, 7, 8)))
+    cot = mx.array(rng.standard_normal((2, heads, 7, 8)).astype(np.float32))
+
+    def ref(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.35, mask="causal")
+
+    def ours(q, k, v):
+        return cpu_attention.attention(q, k, v, 0.35)
+
+    o1, g1 = mx.vjp(ours, [q, k, v], [cot])
+    o2, g2 = mx.vjp(ref, [q, k, v], [cot])
+    assert _rel(o1[0], o2[0]) < 1e-5
+    for a, b in zip(g1, g2):
+        assert _rel(a, b) < 1e-4
