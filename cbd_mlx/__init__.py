@@ -28,7 +28,14 @@ OPENBLAS_CANDIDATES = (
 
 
 def _preload_openblas() -> str | None:
-    """Load OpenBLAS globally so MLX's CPU backend binds to it (Linux only)."""
+    """Load OpenBLAS globally so MLX's CPU backend binds to it (Linux only).
+
+    MLX's OpenBLAS and numpy's own each keep a thread pool that spins for a
+    while after every call; training on the CPU alternates MLX matmuls with
+    numpy kernels (``cpu_head``, ``cpu_kernels``), so both are told to stop
+    spinning soon (OPENBLAS_THREAD_TIMEOUT, read when each library loads):
+    measured, a layer's forward + backward 3.25 s -> 2.13 s."""
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")
     if sys.platform != "linux" or os.environ.get("CBD_NO_OPENBLAS"):
         return None
     if "mlx.core" in sys.modules:

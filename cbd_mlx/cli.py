@@ -363,6 +363,22 @@ def data_fetch(out, sources, force):
     say(f"wrote {path}  (next: cbd-mlx data prepare {path}/train --tokenizer MODEL --out CACHE)")
 
 
+@data_group.command("suite")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Suite directory [default: ~/.cache/cbd-mlx/eval-suite].")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def data_suite(out, force):
+    """An out-of-domain evaluation suite from Debian packages: Melville's
+    Moby-Dick (chapters 10-16), Reuters newswire (1987) and fortune-file
+    quotations; each shares nothing with `data fetch`'s corpus. Score chains
+    and inits on it (`eval --data DIR`); never distill on it."""
+    from .corpus import fetch_suite
+
+    path = fetch_suite(out, force)
+    say((path / "README.txt").read_text().strip())
+    say(f"wrote {path}")
+
+
 def train_options(f=None, lr: float = 1e-3):
     """Options shared by distill / recover (``@train_options`` or ``@train_options(lr=...)``)."""
     if f is None:

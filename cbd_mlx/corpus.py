@@ -1,6 +1,11 @@
 """Real English text offline, from Debian packages: the Python 3.11 docs
 (reST sources), the Linux 6.1 docs, and Jane Austen's six novels (inside an R
-data file). Cleaned, one document per file, whole documents held out."""
+data file). Cleaned, one document per file, whole documents held out.
+
+And an out-of-domain evaluation suite (``fetch_suite``): texts that share
+nothing with that corpus (another author, era and genre each), never to be
+distilled on: Melville's *Moby-Dick* (1851), Reuters newswire (1987) and
+fortune-file quotations."""
 
 from __future__ import annotations
 
@@ -115,6 +120,84 @@ def _austen(root: Path):
 
 
 READERS = {"python": _python_docs, "linux": _linux_docs, "austen": _austen}
+
+# the out-of-domain suite: name -> (Debian package, licence, what it is)
+SUITE = {
+    "melville": ("r-cran-tokenizers", "public domain (Project Gutenberg text)",
+                 "Herman Melville, Moby-Dick (1851): chapters 10-16, an American novel"),
+    "news": ("r-cran-tm", "Reuters-21578, free for research use (as distributed with tm, GPL-3)",
+             "80 Reuters newswire stories of 1987 (crude oil, acquisitions)"),
+    "quotes": ("fortunes", "BSD-style (fortune-mod data files)",
+               "quotations and jokes of many authors (fortune's wisdom, people, humorists, ... files)"),
+}
+SUITE_MIN_CHARS = 40_000  # about 10K tokens of English
+SUITE_MAX_CHARS = 100_000
+QUOTE_FILES = ("wisdom", "people", "humorists", "love", "politics", "science", "education", "law", "work",
+               "food", "kids", "pets", "men-women", "sports", "platitudes", "miscellaneous")
+
+
+def _melville(root: Path) -> str:
+    from .rdata import read_lazyload_db
+
+    base = next(root.rglob("tokenizers/data/Rdata.rdx")).with_suffix("")
+    text = read_lazyload_db(base)["mobydick"][0].replace("\r\n", "\n")
+    start = text.index("CHAPTER 10. A Bosom Friend.")
+    end = text.index("CHAPTER 17. The Ramadan.")
+    return re.sub(r"\n{3,}", "\n\n", text[start:end]).strip() + "\n"
+
+
+def _news(root: Path) -> str:
+    import html
+
+    texts = root.rglob("tm/texts/**/*.xml")
+    stories = []
+    for f in sorted(texts):
+        for body in re.findall(r"<BODY>(.*?)</BODY>", f.read_text(errors="replace"), flags=re.S):
+            body = html.unescape(body).replace("REUTER", "").strip()
+            stories.append(re.sub(r"\s*\n\s*", " ", body))
+    return "\n\n".join(stories) + "\n"
+
+
+def _quotes(root: Path) -> str:
+    folder = next(root.rglob("games/fortunes"))
+    items = []
+    for name in QUOTE_FILES:
+        f = folder / name
+        if f.is_file():
+            items += [q.strip() for q in f.read_text(errors="replace").split("\n%\n")]
+    kept, size = [], 0
+    for q in items:  # nothing by or about the corpus's author; about 25K tokens in all
+        if q and "austen" not in q.lower() and size < SUITE_MAX_CHARS:
+            kept.append(q)
+            size += len(q) + 2
+    return "\n\n".join(kept) + "\n"
+
+
+SUITE_READERS = {"melville": _melville, "news": _news, "quotes": _quotes}
+
+
+def fetch_suite(out: Path | None = None, force: bool = False) -> Path:
+    """Write the out-of-domain evaluation suite under ``out`` (default: the
+    user cache): one ``<name>.txt`` per text of ``SUITE`` and a README with
+    sources and licences. Never distill on these."""
+    out = Path(out) if out else cache_dir() / "eval-suite"
+    with tempfile.TemporaryDirectory() as work, atomic_dir(out, force) as tmp:
+        lines = []
+        for name in tqdm(SUITE, desc="suite", unit="text"):
+            package, licence, what = SUITE[name]
+            root = _download(package, Path(work))
+            text = SUITE_READERS[name](root)
+            if len(text) < SUITE_MIN_CHARS:
+                raise CBDError(f"{package} gave only {len(text):,} characters for '{name}'; the suite needs "
+                               f"{SUITE_MIN_CHARS:,}: is the package the expected version?")
+            (tmp / f"{name}.txt").write_text(text)
+            lines.append(f"{name}.txt: {what}; Debian package {package}; {licence}; {len(text):,} characters")
+            shutil.rmtree(root, ignore_errors=True)
+        (tmp / "README.txt").write_text(
+            "Out-of-domain evaluation suite made by `cbd-mlx data suite`: texts that share nothing with "
+            "`data fetch`'s corpus (another author, era and genre each). Never distill on them.\n"
+            + "\n".join(lines) + "\n")
+    return out
 
 
 def fetch(out: Path | None = None, sources: tuple[str, ...] = tuple(PACKAGES), force: bool = False) -> Path:

@@ -9,9 +9,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import losses
 from .data import cache_id, check_ids, open_cache, run_splits
 from .errors import CBDError
 from .loader import Anchor, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint
+from .losses import LossFn
 from .save import write_model
 from .train import TrainConfig, config_record, remove_work, train, write_training_outputs
 from mlx.utils import tree_flatten
@@ -44,12 +46,14 @@ def distill(
     teacher_cache: Path | None = None,
     cache_k: int = 32,
     xvocab=None,
+    loss_fn: LossFn | None = None,
 ) -> dict:
     """Train the student on the cache (with KD from the teacher when given)
     and write it to ``out`` with its training record in cbd.json.
 
     With ``teacher_cache`` the teacher's top-``cache_k`` log-probs are read
-    from that directory (built there first when missing)."""
+    from that directory (built there first when missing). ``loss_fn``
+    (default: the loss ``cfg`` names) scores each batch (``losses.py``)."""
     out = Path(out)
     if out.exists() and not force:
         raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
@@ -84,7 +88,7 @@ def distill(
         if tc.n_filled:
             log(f"teacher cache {teacher_cache}: {tc.n_filled} batches already computed")
     res = train(model, train_data, heldout, cfg, work, t_model, log=log, stop_after=stop_after,
-                teacher_cache=tc, xvocab=xvocab)
+                teacher_cache=tc, xvocab=xvocab, loss_fn=loss_fn or losses.from_config(cfg))
     metrics = res.metrics
     rank = mx.distributed.init().rank()
     if rank != 0:  # one writer per mlx.launch group

@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import CBDError
+from .losses import heldout_sum
 
 EVAL_SEQ_LEN = 512
 EVAL_BATCH = 4
@@ -87,9 +88,7 @@ def perplexity(
     bar = tqdm(total=n * (seq_len - 1), unit="tok", desc="eval", disable=not progress, leave=False)
     for i in range(0, n, batch_size):
         x = mx.array(data[i : i + batch_size])
-        logits = model(x[:, :-1]).astype(mx.float32)
-        loss = nn.losses.cross_entropy(logits, x[:, 1:], reduction="sum")
-        total += float(loss)
+        total += heldout_sum(model, x[:, :-1], x[:, 1:])
         k = x.shape[0] * (seq_len - 1)
         count += k
         bar.update(k)

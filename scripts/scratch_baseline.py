@@ -51,8 +51,45 @@ def chain_tokens(init_dir: Path) -> int | None:
     return total
 
 
+def power_law(d, e, b, beta):
+    return e + b * d ** (-beta)
+
+
+def fit_crossing(curve: list, target: float, boots: int = 1000, min_tokens: int = 32768, seed: int = 0) -> dict:
+    """Fit L(D) = E + B D^-beta to the curve's points past ``min_tokens`` and
+    solve L(D*) = ``target``; a bootstrap over the points gives a 5-95% band.
+    D* is None when the fitted floor E is at or above the target (never reached)."""
+    import numpy as np
+    from scipy.optimize import curve_fit
+
+    pts = np.array([(t, loss) for t, loss in curve if t >= min_tokens], dtype=np.float64)
+
+    def fit(p):
+        (e, b, beta), _ = curve_fit(power_law, p[:, 0], p[:, 1], p0=(2.0, 100.0, 0.3),
+                                    bounds=([0.0, 0.0, 0.01], [20.0, 1e9, 3.0]), maxfev=20000)
+        d = (b / (target - e)) ** (1.0 / beta) if target > e else None
+        return (e, b, beta), d
+
+    (e, b, beta), d_star = fit(pts)
+    rng = np.random.default_rng(seed)
+    ds = []
+    for _ in range(boots):
+        sample = pts[np.sort(rng.integers(0, len(pts), len(pts)))]
+        if len(np.unique(sample[:, 0])) < 4:
+            continue
+        try:
+            ds.append(fit(sample)[1])
+        except RuntimeError:
+            continue
+    finite = np.array([d for d in ds if d is not None])
+    return {"E": e, "B": b, "beta": beta, "points": len(pts), "d_star": d_star,
+            "band_5_95": [float(np.percentile(finite, 5)), float(np.percentile(finite, 95))] if len(finite) else None,
+            "bootstrap_never_reached": 1.0 - len(finite) / max(len(ds), 1), "measured_up_to": float(pts[-1, 0])}
+
+
 def report(args, curve: list, cbd_loss: float, shape: dict, chain_toks) -> dict:
     hit = next((t for t, loss in curve if loss <= cbd_loss), None)
+    fit = fit_crossing(curve, cbd_loss)
     out = {
         "shape": shape,
         "tokens": curve[-1][0] if curve else 0,
@@ -61,6 +98,9 @@ def report(args, curve: list, cbd_loss: float, shape: dict, chain_toks) -> dict:
         "chain_tokens": chain_toks,
         "tokens_to_cbd_step0": hit,
         "tokens_to_cbd_step0_is_lower_bound": hit is None,
+        "fit": fit,
+        "d_star_over_chain_tokens": (fit["d_star"] / chain_toks) if fit["d_star"] and chain_toks else None,
+        "d_star_over_measured": (fit["d_star"] / fit["measured_up_to"]) if fit["d_star"] else None,
         "recipe": {"init": f"N(0, {INIT_STD})", "lr": args.lr, "batch": [args.batch_size, args.seq_len],
                    "warmup": 0.02, "weight_decay": 0.1, "loss": "ce", "data": str(args.data)},
     }
@@ -73,6 +113,13 @@ def report(args, curve: list, cbd_loss: float, shape: dict, chain_toks) -> dict:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([t for t, _ in curve], [loss for _, loss in curve], "o-", ms=3, label="scratch (random init)")
+    if fit["d_star"]:
+        import numpy as np
+
+        xs = np.geomspace(32768, fit["d_star"] * 1.5, 200)
+        ax.plot(xs, power_law(xs, fit["E"], fit["B"], fit["beta"]), "--", color="C0", alpha=0.6,
+                label=f"fit E + B D^-{fit['beta']:.2f}; D* = {fit['d_star']:.3g} tokens")
+        ax.set_xscale("log")
     ax.axhline(cbd_loss, color="C3", ls="--", label=f"CBD init at step 0 ({cbd_loss:.3f})")
     if chain_toks:
         ax.axvline(chain_toks, color="C2", ls=":", label=f"tokens spent on the chain ({chain_toks:,})")
@@ -92,6 +139,7 @@ def report(args, curve: list, cbd_loss: float, shape: dict, chain_toks) -> dict:
 
 def main() -> None:
     from cbd_mlx.data import open_cache, run_splits
+    from cbd_mlx.losses import ce_loss
     from cbd_mlx.loader import model_from_weights
     from cbd_mlx.train import CHECKPOINT, TrainConfig, heldout_loss, random_model, train
 
@@ -125,7 +173,7 @@ def main() -> None:
         state = json.loads((args.work / CHECKPOINT / "state.json").read_text())
         metrics, start = state["metrics"], state["heldout_before"]
     else:
-        res = train(random_model(shape_cfg), train_data, heldout, cfg, args.work, log=print)
+        res = train(random_model(shape_cfg), train_data, heldout, cfg, args.work, log=print, loss_fn=ce_loss())
         metrics, start = res.metrics, res.heldout_before
     curve = [[0, start]] + [[m["tokens"], m["heldout_loss"]] for m in metrics
                             if m.get("heldout_loss") is not None and "event" not in m]

@@ -40,3 +40,16 @@ def test_fetch_austen_holds_out_a_whole_novel(tmp_path):
     assert train == ["emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility"]
     text = (out / "heldout" / "austen" / "persuasion.txt").read_text()
     assert "Sir Walter Elliot" in text and len(text) > 400_000
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs a Debian-based system")
+def test_the_out_of_domain_suite_shares_nothing_with_the_corpus(tmp_path):
+    from cbd_mlx.corpus import SUITE, SUITE_MIN_CHARS, fetch_suite
+
+    out = fetch_suite(tmp_path / "suite")
+    texts = {name: (out / f"{name}.txt").read_text() for name in SUITE}
+    assert all(len(t) >= SUITE_MIN_CHARS for t in texts.values())
+    assert "Queequeg" in texts["melville"] and "Project Gutenberg" not in texts["melville"]
+    assert "<BODY>" not in texts["news"] and "dlrs" in texts["news"]
+    assert "austen" not in texts["quotes"].lower()
+    assert "Never distill on them" in (out / "README.txt").read_text()

@@ -144,7 +144,7 @@ def test_heldout_sum_matches_cross_entropy(monkeypatch):
 
 @pytest.mark.parametrize("heads,kv", [(4, 2), (4, 4), (6, 2)])
 def test_numpy_attention_matches_mlx(heads, kv):
-    from cbd_mlx import cpu_attention
+    from cbd_mlx import cpu_kernels
 
     rng = np.random.default_rng(heads * 10 + kv)
     q, k, v = (mx.array(rng.standard_normal(s).astype(np.float32))
@@ -155,10 +155,23 @@ def test_numpy_attention_matches_mlx(heads, kv):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.35, mask="causal")
 
     def ours(q, k, v):
-        return cpu_attention.attention(q, k, v, 0.35)
+        return cpu_kernels.attention(q, k, v, 0.35)
 
     o1, g1 = mx.vjp(ours, [q, k, v], [cot])
     o2, g2 = mx.vjp(ref, [q, k, v], [cot])
+    assert _rel(o1[0], o2[0]) < 1e-5
+    for a, b in zip(g1, g2):
+        assert _rel(a, b) < 1e-4
+
+
+def test_numpy_swiglu_matches_mlx():
+    from cbd_mlx import cpu_kernels
+    from mlx_lm.models.activations import swiglu
+
+    rng = np.random.default_rng(5)
+    g, x, cot = (mx.array((rng.standard_normal((2, 5, 12)) * 4).astype(np.float32)) for _ in range(3))
+    o1, g1 = mx.vjp(cpu_kernels.swiglu, [g, x], [cot])
+    o2, g2 = mx.vjp(swiglu, [g, x], [cot])
     assert _rel(o1[0], o2[0]) < 1e-5
     for a, b in zip(g1, g2):
         assert _rel(a, b) < 1e-4

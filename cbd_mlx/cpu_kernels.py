@@ -1,0 +1,153 @@
+"""Causal self-attention and the SwiGLU gate in numpy, for training on the CPU.
+
+MLX's CPU elementwise kernels run several times slower than numpy's, and a
+layer's attention softmax (heads x seq x seq) and SiLU gate (seq x ffn) cost
+more than its projections. ``patched(model)`` swaps mlx-lm's
+``scaled_dot_product_attention`` and ``swiglu`` in the model's module for
+``attention`` and ``swiglu`` below (custom MLX functions whose forward and
+backward run in numpy) while the block runs; a call they do not cover (a KV
+cache, an explicit mask, attention sinks, half precision) goes to mlx-lm's.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+
+FLOOR = -60.0  # lowest log-probability kept; masked positions get e^-60 (~1e-26) instead of 0
+
+
+@lru_cache(maxsize=8)
+def _causal(rep: int, t: int) -> np.ndarray:
+    """0 / -inf additive mask for ``rep`` query heads stacked over ``t`` positions."""
+    m = np.triu(np.full((t, t), -np.inf, np.float32), 1)
+    return np.tile(m, (rep, 1))
+
+
+def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float):
+    """q (b, h, t, d), k/v (b, kv, t, d) -> (out (b, h, t, d), probs).
+    Query heads h*rep..h*rep+rep-1 share key/value head h (grouped queries)."""
+    b, h, t, d = q.shape
+    kv = k.shape[1]
+    rep = h // kv
+    qs = q.reshape(b, kv, rep * t, d)
+    s = qs @ k.transpose(0, 1, 3, 2)
+    s *= scale
+    s += _causal(rep, t)
+    s -= s.max(axis=-1, keepdims=True)
+    np.maximum(s, FLOOR, out=s)  # probabilities below e^-60 stay normal floats: denormals are ~100x slower
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return (s @ v).reshape(b, h, t, d), s
+
+
+def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, p: np.ndarray, out: np.ndarray, dout: np.ndarray,
+             scale: float):
+    """Gradients (dq, dk, dv) of ``forward`` given its probs, output and the
+    output's cotangent."""
+    b, h, t, d = q.shape
+    kv = k.shape[1]
+    rep = h // kv
+    qs = q.reshape(b, kv, rep * t, d)
+    do = dout.reshape(b, kv, rep * t, d)
+    dv = p.transpose(0, 1, 3, 2) @ do
+    ds = do @ v.transpose(0, 1, 3, 2)
+    ds -= np.einsum("bkid,bkid->bki", do, out.reshape(b, kv, rep * t, d))[..., None]
+    ds *= p
+    ds *= scale
+    dq = (ds @ k).reshape(b, h, t, d)
+    dk = ds.transpose(0, 1, 3, 2) @ qs
+    return dq, dk, dv
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Causal attention through numpy, differentiable (an MLX custom function)."""
+    saved = {}
+
+    def arr(a: mx.array) -> np.ndarray:  # numpy's matmul leaves BLAS for strided operands
+        return np.ascontiguousarray(np.asarray(a))
+
+    @mx.custom_function
+    def f(q, k, v):
+        out, p = forward(arr(q), arr(k), arr(v), scale)
+        saved["p"], saved["out"] = p, out
+        return mx.array(out)
+
+    @f.vjp
+    def f_vjp(primals, cotangent, output):
+        q, k, v = primals
+        dq, dk, dv = backward(arr(q), arr(k), arr(v), saved["p"], saved["out"], arr(cotangent), scale)
+        return mx.array(dq), mx.array(dk), mx.array(dv)
+
+    return f(q, k, v)
+
+
+def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """silu(gate) * x through numpy, differentiable."""
+    saved = {}
+
+    @mx.custom_function
+    def f(gate, x):
+        a, b = np.asarray(gate), np.asarray(x)
+        sig = np.negative(a)
+        np.maximum(sig, -80.0, out=sig)
+        np.minimum(sig, 80.0, out=sig)
+        np.exp(sig, out=sig)
+        sig += 1.0
+        np.reciprocal(sig, out=sig)  # sigmoid(a)
+        silu = a * sig
+        saved["sig"], saved["silu"] = sig, silu
+        return mx.array(silu * b)
+
+    @f.vjp
+    def f_vjp(primals, cotangent, output):
+        a, b, g = np.asarray(primals[0]), np.asarray(primals[1]), np.asarray(cotangent)
+        sig, silu = saved["sig"], saved["silu"]
+        dx = g * silu
+        # d silu / da = sig + silu (1 - sig)
+        da = silu * (1.0 - sig)
+        da += sig
+        da *= b
+        da *= g
+        return mx.array(da), mx.array(dx)
+
+    return f(gate, x)
+
+
+def _covered(queries, keys, cache, mask, sinks) -> bool:
+    return (cache is None and sinks is None and isinstance(mask, str) and mask == "causal"
+            and queries.dtype == keys.dtype == mx.float32 and queries.shape[2] == keys.shape[2]
+            and queries.shape[1] % keys.shape[1] == 0)
+
+
+@contextmanager
+def patched(model):
+    """Within the block, ``model``'s attention and SwiGLU run through numpy."""
+    module = sys.modules.get(type(model).__module__)
+    originals = {name: getattr(module, name) for name in ("scaled_dot_product_attention", "swiglu")
+                 if hasattr(module, name)}
+    sdpa_0, swiglu_0 = originals.get("scaled_dot_product_attention"), originals.get("swiglu")
+
+    def sdpa(queries, keys, values, cache, scale, mask, sinks=None):
+        if _covered(queries, keys, cache, mask, sinks):
+            return attention(queries, keys, values, float(scale))
+        return sdpa_0(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+    def gate(g, x):
+        if g.dtype == x.dtype == mx.float32 and g.shape == x.shape:
+            return swiglu(g, x)
+        return swiglu_0(g, x)
+
+    for name, fn in (("scaled_dot_product_attention", sdpa), ("swiglu", gate)):
+        if name in originals:
+            setattr(module, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
