@@ -56,6 +56,7 @@ def _chunk_rows(vocab: int, n: int) -> int:
     return max(1, min(n, CHUNK_ELEMS // max(vocab, 1)))
 
 
+@np.errstate(all="ignore")  # a diverging run's inf/nan reach the training guards, not the terminal
 def loss_and_grads(h: np.ndarray, w: np.ndarray, y: np.ndarray, spec: Spec, teacher=None, *,
                    grad: bool = True, need_dw: bool = False):
     """Summed loss over rows of ``h`` (n, d) with head ``w`` (vocab, d) and
@@ -170,6 +171,7 @@ def _topk_forward_kl(z: np.ndarray, g: np.ndarray, idx: np.ndarray, lp: np.ndarr
     return float(loss.sum()), lse
 
 
+@np.errstate(all="ignore")
 def topk_logprobs(h: np.ndarray, w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` log-probabilities (indices, values) of each row's ``h @ w.T``."""
     n, vocab = h.shape[0], w.shape[0]
