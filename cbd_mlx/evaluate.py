@@ -95,6 +95,9 @@ def perplexity(
     bar.close()
     secs = time.time() - t0
     nll = total / count
+    if not math.isfinite(nll):
+        raise CBDError(f"the model's loss on this text is {nll} (not a number): its weights or its precision "
+                       "overflow on it; evaluate a float32 copy (`cbd-mlx convert MODEL --out DIR`) or check the model")
     return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "tokens_per_s": count / secs}
 
 

@@ -18,14 +18,11 @@ from mlx.utils import tree_flatten
 
 from .errors import CBDError
 from .families import Family, family_of
-from .save import TOKENIZER_FILES, atomic_dir, file_sha256, weights_sha256
+from .save import TOKENIZER_FILES, atomic_dir, cache_dir, dir_digest, file_sha256, weights_sha256
 from .shapes import Shape, param_shapes, shape_of
 
+ENTRY_DIGEST = "contents.sha256"  # a cache entry's digest of its own files
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja"]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CBD_MLX_CACHE") or Path.home() / ".cache" / "cbd-mlx")
 
 
 @dataclass
@@ -86,12 +83,17 @@ def resolve(source: str, revision: str | None = None) -> Path:
 def _converted_gguf(path: Path) -> Path:
     from .gguf import gguf_to_model_dir
 
-    # keyed by content alone: a moved, renamed, copied or touched file reuses its conversion
+    # keyed by content alone: a moved, renamed, copied or touched file reuses its conversion; an entry
+    # whose files no longer match the digest written with them (edited, truncated) is converted again
     out = cache_dir() / "gguf" / file_sha256(path)[:32]
-    if (out / "config.json").exists():
-        return out
+    try:
+        if (out / ENTRY_DIGEST).read_text().strip() == dir_digest(out, skip=(ENTRY_DIGEST,)):
+            return out
+    except OSError:
+        pass
     with atomic_dir(out, force=True) as tmp:
         gguf_to_model_dir(path, tmp)
+        (tmp / ENTRY_DIGEST).write_text(dir_digest(tmp) + "\n")
     return out
 
 
@@ -317,8 +319,9 @@ def _load_with_mlx_lm(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def anchor_sha256(anchor: Anchor) -> str:
-    """The anchor's weights hash (from its cbd.json when recorded there)."""
-    return anchor.provenance.get("weights_sha256") or weights_sha256(anchor.path)
+    """The anchor's weights hash, computed from its safetensors files (never
+    read from its own cbd.json, which a tampered copy would carry unchanged)."""
+    return weights_sha256(anchor.path)
 
 
 def load_tokenizer(path: Path):

@@ -38,9 +38,59 @@ TOKENIZER_FILES = (
 LOW_SPACE = 1 << 20  # free bytes below which a failed write is reported as a full disk
 
 
+MEMO_MIN_BYTES = 1 << 20  # files this big have their sha256 remembered
+MEMO_FILE = "sha256-memo.json"
+
+
+def cache_dir() -> Path:
+    """The user cache (converted GGUF files, token caches, hashes): CBD_MLX_CACHE or ~/.cache/cbd-mlx."""
+    return Path(os.environ.get("CBD_MLX_CACHE") or Path.home() / ".cache" / "cbd-mlx")
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    # ctime cannot be set back by a user: any write or metadata change shows
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
 def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, always computed from them; for big files
+    remembered in the user cache by (size, mtime, ctime, inode, device) and
+    recomputed whenever any of them changes."""
+    path = Path(path)
+    st = os.stat(path)
+    key, stamp = str(path.resolve()), _stamp(st)
+    memo_file = cache_dir() / MEMO_FILE
+    memo = {}
+    if st.st_size >= MEMO_MIN_BYTES:
+        try:
+            memo = json.loads(memo_file.read_text())
+            hit = memo.get(key) if isinstance(memo, dict) else None
+            if isinstance(hit, list) and hit[:-1] == stamp:
+                return hit[-1]
+        except (OSError, ValueError):
+            memo = {}
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if st.st_size >= MEMO_MIN_BYTES and _stamp(os.stat(path)) == stamp:
+        try:
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            memo = {k: v for k, v in (memo if isinstance(memo, dict) else {}).items() if os.path.exists(k)}
+            memo[key] = stamp + [digest]
+            tmp = memo_file.with_name(f".{MEMO_FILE}.{os.getpid()}")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, memo_file)
+        except OSError:
+            pass  # a read-only cache only costs the recomputation
+    return digest
+
+
+def dir_digest(path: Path, skip: tuple[str, ...] = ()) -> str:
+    """sha256 over every regular file of a directory (names and contents), in name order."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).iterdir()):
+        if f.name not in skip and f.is_file():
+            h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return h.hexdigest()
 
 
 def weights_sha256(path: Path) -> str:
@@ -134,6 +184,8 @@ class atomic_dir:
         self.file = file
 
     def __enter__(self) -> Path:
+        if self.out.is_symlink():
+            raise CBDError(f"{self.out} is a symbolic link; give a real path as --out (nothing was written)")
         if self.out.exists() and not self.force:
             raise CBDError(f"{self.out} already exists; choose another --out or pass --force to replace it")
         if self.out.exists() and self.out.is_dir() == self.file:

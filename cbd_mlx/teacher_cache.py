@@ -35,7 +35,7 @@ class TeacherCache:
 
     def __init__(self, path: Path, teacher, *, k: int, batch_size: int, seq_len: int, seed: int,
                  n_batches: int, vocab: int, teacher_sha256: str, data: str):
-        self.path, self.teacher, self.k = Path(path), teacher, k
+        self.path, self.teacher, self.k, self.vocab = Path(path), teacher, k, vocab
         want = {"k": k, "batch_size": batch_size, "seq_len": seq_len, "seed": seed, "vocab": vocab,
                 "teacher_sha256": teacher_sha256, "data": data}
         meta_file = self.path / META
@@ -43,7 +43,12 @@ class TeacherCache:
             try:
                 self.meta = json.loads(meta_file.read_text())
                 arrays = [np.load(self.path / f, mmap_mode="r+") for f in FILES]
-            except (OSError, ValueError) as e:
+                m = self.meta if isinstance(self.meta, dict) else {}
+                shape = (m.get("batches"), m.get("batch_size"), m.get("seq_len"), m.get("k"))
+                if (not all(isinstance(v, int) for v in shape) or arrays[0].shape != shape
+                        or arrays[1].shape != arrays[0].shape or arrays[2].shape != shape[:1]):
+                    raise ValueError("its arrays do not have the shapes its record gives")
+            except (OSError, ValueError, KeyError) as e:
                 raise CBDError(f"teacher cache {self.path} is damaged ({e}); delete it to rebuild") from None
             why = _fingerprint_mismatch(self.meta, want)
             if why:
@@ -100,8 +105,17 @@ class TeacherCache:
             self.idx[index] = top.reshape(self.idx.shape[1:]).astype(self.idx.dtype)
             self.logp[index] = vals.reshape(self.logp.shape[1:]).astype(np.float16)
             self.filled[index] = True
-        return TopK(mx.array(np.asarray(self.idx[index], dtype=np.int32)),
-                    mx.array(np.asarray(self.logp[index], dtype=np.float32)))
+        idx = np.asarray(self.idx[index], dtype=np.int32)
+        logp = np.asarray(self.logp[index], dtype=np.float32)
+        # what a file says is checked before any kernel indexes with it (an index past the vocabulary
+        # reads out of bounds; positive or NaN log-probs would train on nonsense)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.vocab):
+            raise CBDError(f"the teacher cache {self.path} holds token ids outside the vocabulary "
+                           f"({self.vocab}) at batch {index}; it is damaged: delete it to rebuild")
+        if not np.all(logp <= 1e-3):  # also False for NaN
+            raise CBDError(f"the teacher cache {self.path} holds invalid log-probabilities (positive or NaN) at "
+                           f"batch {index}; it is damaged: delete it to rebuild")
+        return TopK(mx.array(idx), mx.array(logp))
 
     def flush(self) -> None:
         for a in (self.idx, self.logp, self.filled):

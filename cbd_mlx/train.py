@@ -357,6 +357,9 @@ def train(
     if cfg.freeze_embeddings:
         freeze_embeddings(model)
     opt = _Updater(model, cfg, steps)
+    for d in (work, work / CHECKPOINT):
+        if d.is_symlink():  # a run deletes and replaces files there: never in a directory it points to
+            raise CBDError(f"{d} is a symbolic link; remove it (runs keep their checkpoints in a real directory)")
     work.mkdir(parents=True, exist_ok=True)
     initial = model.parameters()
     loaded = _load_checkpoint(work, model, opt, cfg)

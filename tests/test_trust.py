@@ -1,0 +1,156 @@
+"""Nothing on disk is trusted: names that become paths, pinned hashes, cache
+entries, symlinked outputs, teacher caches and non-finite results."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cbd_mlx.chain import CHAINS_DIR, Chain, ChainAnchor, dump_chain, find_chain, load_chain, load_chain_anchor
+from cbd_mlx.errors import CBDError
+from cbd_mlx.loader import load_anchor, resolve
+from conftest import TINY_CONFIGS, tiny_anchor_pair
+
+EVIL_NAMES = ["../../x", "/etc/passwd", "..", "a/b", "a\\b", "", ".hidden", "x" * 200, 7, ["a"]]
+
+
+@pytest.fixture
+def tiny_chain(tmp_path, tokenizer_dir):
+    big, small = tiny_anchor_pair(tmp_path, TINY_CONFIGS["llama"], tokenizer_dir, layers=3, ffn=96)
+    chain = tmp_path / "chain"
+    entries = []
+    for name, src, parent in (("a0", big, None), ("a1", small, "a0")):
+        shutil.copytree(src, chain / "anchors" / name)
+        a = load_anchor(str(chain / "anchors" / name))
+        from cbd_mlx.loader import anchor_sha256
+
+        entries.append(ChainAnchor(name, f"anchors/{name}", a.n_params, a.shape, None, anchor_sha256(a), parent, True))
+    (chain / "chain.toml").write_text(dump_chain(Chain("t", "llama", "tiny", chain / "chain.toml", entries)))
+    return chain
+
+
+@pytest.mark.parametrize("evil", EVIL_NAMES)
+def test_anchor_names_that_would_become_paths_are_refused(tiny_chain, evil):
+    text = (tiny_chain / "chain.toml").read_text()
+    bad = text.replace('name = "a1"', f"name = {evil!r}".replace("'", '"') if isinstance(evil, str)
+                       else f"name = {evil}".replace("'", '"'), 1)
+    (tiny_chain / "chain.toml").write_text(bad)
+    with pytest.raises(CBDError):
+        load_chain(tiny_chain / "chain.toml")
+
+
+def _flip(f: Path, at_from_end: int = 4096, n: int = 4096) -> None:
+    """Zero n bytes of a file's tensor data (its end, far from the header)."""
+    with open(f, "r+b") as fh:
+        fh.seek(-at_from_end, os.SEEK_END)
+        fh.write(b"\0" * n)
+
+
+def test_a_tampered_anchor_fails_its_pin_although_its_record_is_unchanged(tiny_chain):
+    c = find_chain(str(tiny_chain))
+    assert load_chain_anchor(c, c.anchors[1]).n_params > 0
+    _flip(tiny_chain / "anchors" / "a1" / "model.safetensors")
+    with pytest.raises(CBDError, match="does not match the sha256"):
+        load_chain_anchor(c, c.anchors[1])
+
+
+def test_the_embedded_chain_pins_its_shared_embeddings_too(tmp_path):
+    shutil.copytree(CHAINS_DIR / "smollm2-mini", tmp_path / "c", symlinks=True)
+    c = find_chain(str(tmp_path / "c"))
+    a2 = next(e for e in c.anchors if e.name.startswith("a2"))
+    assert load_chain_anchor(c, a2, check_finite=False).shape.layers == 19
+    shared = tmp_path / "c" / "shared" / "model-shared.safetensors"
+    _flip(shared, at_from_end=1 << 20)
+    with pytest.raises(CBDError, match="does not match the sha256"):
+        load_chain_anchor(c, a2, check_finite=False)
+
+
+def test_a_poisoned_gguf_cache_entry_is_converted_again(tmp_path, tokenizer_dir):
+    from cbd_mlx.gguf import write_gguf
+
+    big, _ = tiny_anchor_pair(tmp_path, TINY_CONFIGS["llama"], tokenizer_dir, layers=3, ffn=96)
+    a = load_anchor(str(big))
+    gguf = tmp_path / "tiny.gguf"
+    write_gguf(a.config, a.weights, a.path, gguf, "f16")
+    entry = resolve(str(gguf))
+    good = {k: np.array(v) for k, v in load_anchor(str(entry)).weights.items()}
+    _flip(entry / "model.safetensors", at_from_end=512, n=256)  # the edit a poisoner would make
+    assert resolve(str(gguf)) == entry
+    again = load_anchor(str(entry)).weights
+    assert all(np.array_equal(good[k], again[k]) for k in good)
+    (entry / "config.json").write_text((entry / "config.json").read_text().replace("64", "65", 1))
+    assert load_anchor(str(resolve(str(gguf)))).shape == a.shape
+
+
+def test_symlinked_outputs_and_checkpoints_are_refused(tmp_path, tokenizer_dir):
+    from cbd_mlx.distill import distill, work_dir
+    from cbd_mlx.data import prepare
+    from cbd_mlx.train import TrainConfig
+    from conftest import write_docs
+
+    big, small = tiny_anchor_pair(tmp_path, TINY_CONFIGS["llama"], tokenizer_dir, layers=3, ffn=96)
+    cache = tmp_path / "cache"
+    prepare([write_docs(tmp_path / "docs")], str(big), cache, heldout_fraction=0.25)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    out = tmp_path / "out"
+    os.symlink(victim, work_dir(out))
+    cfg = TrainConfig(tokens=2 * 4 * 32, batch_size=4, seq_len=32)
+    with pytest.raises(CBDError, match="symbolic link"):
+        distill(str(big), str(small), cache, out, cfg, log=lambda *_: None)
+    os.unlink(work_dir(out))
+    os.symlink(victim, out)
+    with pytest.raises(CBDError, match="symbolic link"):
+        distill(str(big), str(small), cache, out, cfg, force=True, log=lambda *_: None)
+    assert (victim / "keep.txt").read_text() == "precious" and sorted(os.listdir(victim)) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("damage", ["index", "positive", "nan", "shape"])
+def test_a_damaged_teacher_cache_is_refused_not_trained_on(tmp_path, damage):
+    import mlx.core as mx
+
+    from cbd_mlx.teacher_cache import TeacherCache
+
+    kw = dict(k=4, batch_size=2, seq_len=8, seed=0, n_batches=3, vocab=300, teacher_sha256="t", data="d")
+    tc = TeacherCache(tmp_path / "tc", None, **kw)
+    tc.idx[:] = 1
+    tc.logp[:] = -3.0
+    tc.filled[:] = True
+    if damage == "index":
+        tc.idx[1, 0, 0, 0] = 60000
+    elif damage == "positive":
+        tc.logp[1, 0, 0, 0] = 2.0
+    elif damage == "nan":
+        tc.logp[1, 0, 0, 0] = np.nan
+    tc.flush()
+    if damage == "shape":
+        np.save(tmp_path / "tc" / "filled.npy", np.ones(7, bool))
+        with pytest.raises(CBDError, match="damaged"):
+            TeacherCache(tmp_path / "tc", None, **kw)
+        return
+    tc = TeacherCache(tmp_path / "tc", None, **kw)
+    x = mx.zeros((2, 8), mx.int32)
+    assert tc.topk(0, x).idx.shape == (2, 8, 4)
+    with pytest.raises(CBDError, match="damaged"):
+        tc.topk(1, x)
+
+
+def test_eval_of_a_nan_model_is_an_error_not_ppl_nan(tmp_path, tokenizer_dir):
+    import mlx.core as mx
+
+    from cbd_mlx.evaluate import perplexity
+    from cbd_mlx.loader import model_from_weights
+    from conftest import random_weights
+
+    cfg = TINY_CONFIGS["llama"]
+    w = random_weights(cfg, 0)
+    w["model.norm.weight"] = np.full_like(w["model.norm.weight"], np.inf)
+    model = model_from_weights(cfg, w)
+    mx.eval(model.parameters())
+    with pytest.raises(CBDError, match="not a number"):
+        perplexity(model, list(range(3, 200)), seq_len=64, progress=False)
