@@ -479,7 +479,7 @@ def llama_cpp_perplexity(path: Path, tokens: list[int], seq_len: int = 512, thre
     try:
         import llama_cpp
     except ImportError:
-        raise CBDError("llama-cpp-python is not installed (scripts/setup.sh builds it)") from None
+        raise CBDError("llama-cpp-python is not installed (`bash scripts/test.sh` builds it)") from None
     n = len(tokens) // seq_len
     if n == 0:
         raise CBDError(f"need at least {seq_len} tokens, got {len(tokens)}")

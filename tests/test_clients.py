@@ -1,5 +1,5 @@
 """Outputs checked in the real clients users run them in: llama.cpp (through
-llama-cpp-python, built by scripts/setup.sh) for every GGUF type and family
+llama-cpp-python, built by scripts/test.sh) for every GGUF type and family
 that `export --gguf` writes, and mlx-lm's OpenAI-style server."""
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def llama_cpp():
         import llama_cpp
     except ImportError:
         if os.environ.get("CI"):
-            pytest.fail("llama-cpp-python is not installed (scripts/setup.sh builds it)")
-        pytest.skip("llama-cpp-python is not installed (bash scripts/setup.sh builds it)")
+            pytest.fail("llama-cpp-python is not installed (scripts/test.sh builds it)")
+        pytest.skip("llama-cpp-python is not installed (bash scripts/test.sh builds it)")
     return llama_cpp
 
 
