@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import CBDError
+from .gguf import GGUF_TYPES
 from .selection import DEFAULT_CALIB
 
 SHAPE_OPTIONS = ("layers", "hidden", "ffn", "heads", "kv_heads")
@@ -546,8 +547,9 @@ def bridge_cmd(source, student, size, init, prompts, prompt_data, num_prompts, m
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None,
               help="Held-out text: perplexity before/after quantization goes into the model card.")
 @click.option("--eval-tokens", type=POSITIVE, default=8192, show_default=True)
-@click.option("--gguf", "gguf_type", type=click.Choice(["f16", "q8_0", "q5_0", "q4_1", "q4_0"]), default=None,
-              help="Also write a llama.cpp GGUF (llama, qwen3, gpt2, gpt_neox) of this precision.")
+@click.option("--gguf", "gguf_type", type=click.Choice(list(GGUF_TYPES)), default=None,
+              help="Also write a llama.cpp GGUF (llama, qwen3, gpt2, gpt_neox) of this precision: f16..q4_0 written "
+                   "by cbd-mlx; Q4_K_M, Q5_K_M, Q6_K, ... quantized by llama.cpp itself (needs llama-cpp-python).")
 @click.option("--package", is_flag=True, help="Also write OUT.tar.gz: model, MANIFEST.json (sha256), model card.")
 @click.option("--force", is_flag=True, help="Replace --out (and the tarball) if they exist.")
 def export_cmd(model, out, bits, group_size, method, recipe, calib, eval_data, eval_tokens, gguf_type, package, force):

@@ -285,7 +285,8 @@ def spm_tokenizer_from_gguf(meta: dict, out_dir: Path) -> None:
     AutoTokenizer.from_pretrained(str(out_dir)).save_pretrained(str(out_dir))  # adds tokenizer.json
 
 
-GGUF_TYPES = ("f16", "q8_0", "q5_0", "q4_1", "q4_0")  # what `export --gguf` writes
+LLAMA_CPP_TYPES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0")  # quantized by llama.cpp itself
+GGUF_TYPES = ("f16", "q8_0", "q5_0", "q4_1", "q4_0") + LLAMA_CPP_TYPES  # what `export --gguf` writes
 HF_TO_GGUF = {v: k for k, v in NAME_MAP.items()}
 # per family: llama.cpp's architecture and its tensor names for the family's local names
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3", "gpt2": "gpt2", "gpt_neox": "gptneox"}
@@ -421,11 +422,40 @@ def _add_hparams(w, arch: str, config: dict) -> None:
         w.add_layer_norm_eps(float(g("layer_norm_eps") or 1e-5))
 
 
+def llama_cpp_quantize(src: Path, dst: Path, qtype: str, threads: int | None = None) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (``llama_model_quantize``):
+    its K-quant mixes, which keep sensitive tensors (embeddings, some FFN
+    down projections) at higher precision and fall back per tensor where rows
+    do not fit 256-wide blocks."""
+    import ctypes
+    import os
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise CBDError(f"--gguf {qtype} uses llama.cpp's own quantizer: install llama-cpp-python "
+                       "(`bash scripts/test.sh` builds it), or choose q8_0/q5_0/q4_1/q4_0") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+    params.nthread = threads or os.cpu_count() or 1
+    if not _QUIET_LOG:  # llama.cpp prints a line per tensor otherwise; the callback must outlive the call
+        _QUIET_LOG.append(llama_cpp.llama_log_callback(lambda level, text, user_data: None))
+    llama_cpp.llama_log_set(_QUIET_LOG[0], ctypes.c_void_p())
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise CBDError(f"llama.cpp could not quantize {src.name} to {qtype} (code {rc}); try another --gguf type")
+
+
+_QUIET_LOG: list = []
+
+
 def write_gguf(config: dict, weights: dict[str, np.ndarray], model_dir: Path, path: Path, qtype: str = "f16",
                name: str = "cbd-mlx") -> None:
     """A llama.cpp GGUF of a llama, qwen3, gpt2 or gpt_neox model, written with
     llama.cpp's own ``gguf`` package: ``qtype`` (f16, q8_0, q5_0, q4_1, q4_0)
-    for 2-D weights whose rows fit its blocks (else f16); norms and biases f32."""
+    for 2-D weights whose rows fit its blocks (else f16); norms and biases f32.
+    The llama.cpp types (Q4_K_M, Q5_K_M, Q6_K, ...) are written as f16 and
+    quantized by llama.cpp itself."""
     import gguf
 
     arch = GGUF_ARCH.get(config.get("model_type"))
@@ -433,6 +463,14 @@ def write_gguf(config: dict, weights: dict[str, np.ndarray], model_dir: Path, pa
         raise CBDError(f"GGUF export supports {', '.join(sorted(GGUF_ARCH))}, not '{config.get('model_type')}'")
     if qtype not in GGUF_TYPES:
         raise CBDError(f"--gguf must be one of {', '.join(GGUF_TYPES)}")
+    if qtype in LLAMA_CPP_TYPES:
+        f16 = path.with_name(f".{path.name}.f16")
+        try:
+            write_gguf(config, weights, model_dir, f16, "f16", name)
+            llama_cpp_quantize(f16, path, qtype)
+        finally:
+            f16.unlink(missing_ok=True)
+        return
     tokens, types, merges, special = _bpe_vocab(model_dir)
     pre = pre_tokenizer_type(model_dir)
     w = gguf.GGUFWriter(str(path), arch)

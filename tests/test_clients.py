@@ -120,3 +120,22 @@ def test_mlx_lm_server_answers_a_completion(tokenizer_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q6_K"])
+def test_llama_cpp_quantizes_k_quants_that_it_loads(llama_cpp, tokenizer_dir, tmp_path, qtype):
+    """--gguf Q4_K_M / Q6_K: our f16 GGUF quantized by llama.cpp's own quantizer
+    (rows narrower than its 256-wide blocks fall back per tensor), loaded and
+    scored by llama.cpp near our perplexity."""
+    import gguf
+
+    cfg = {**TINY_CONFIGS["llama"], **dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=64, intermediate_size=512, num_hidden_layers=2)}
+    model = save_tiny(tmp_path / "m", cfg, random_weights(cfg, 12), tokenizer_dir)
+    tokens = encode_text(load_tokenizer(model), HELDOUT.read_text()[:1500])[:256]
+    gguf_path = export_gguf(model, tmp_path / "out", qtype)
+    assert gguf_path.name.endswith(f"-{qtype}.gguf") and not list((tmp_path / "out").glob(".*"))
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    assert {"Q4_K", "Q6_K"} & types, types  # llama.cpp's K-quants, not our writer's types
+    theirs, _ = llama_cpp_ppl(llama_cpp, gguf_path, tokens)
+    assert abs(theirs / our_ppl(model, tokens) - 1) < 0.1
