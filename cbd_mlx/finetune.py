@@ -47,6 +47,48 @@ def _split_valid(data_dir: Path, tmp: Path) -> Path:
     return d
 
 
+EVALS = 5  # validation points during a run (each a candidate for the weights kept)
+
+
+class _Points:
+    """mlx-lm training callback: the trainable weights at each validation
+    report (MLX arrays are immutable: holding them copies nothing)."""
+
+    def __init__(self, model):
+        self.model, self.points = model, []
+
+    def on_train_loss_report(self, info: dict) -> None:
+        pass
+
+    def on_val_loss_report(self, info: dict) -> None:
+        self.points.append((info["val_loss"], info["iteration"], self.model.trainable_parameters()))
+
+
+def keep_best(model, points: _Points, val_loss, before: float, iters: int, log) -> tuple[float, int]:
+    """Leave ``model`` holding its best weights by validation loss: the end of
+    the run, the best reported point of it, or the start (a fine-tune never
+    ends worse than where it began). Returns (its loss, its iteration)."""
+    final = model.trainable_parameters()
+    after, kept = val_loss(), iters
+    mid = [p for p in points.points if 0 < p[1] < iters]
+    if mid:
+        _, it, params = min(mid, key=lambda p: p[0])
+        model.update(params)
+        loss = val_loss()
+        if loss < after:
+            after, kept, final = loss, it, params
+        else:
+            model.update(final)
+    if before <= after:
+        start = next((p for p in points.points if p[1] == 0), None)
+        if start is not None:
+            model.update(start[2])
+            log(f"warning: the validation loss never went below the start's ({before:.3f}; best {after:.3f}); "
+                "the output keeps the start (try a lower --lr, fewer --iters or more data)")
+            after, kept = before, 0
+    return after, kept
+
+
 @dataclass
 class FinetuneConfig:
     """How ``finetune`` trains (mlx-lm's tuner)."""
@@ -85,7 +127,7 @@ def finetune(model_src: str, data_dir: Path, out: Path, cfg: FinetuneConfig | No
     mode, rank, iters, batch_size, lr = cfg.mode, cfg.rank, cfg.iters, cfg.batch_size, cfg.lr
     max_seq_length, num_layers, fuse = cfg.max_seq_length, cfg.num_layers, cfg.fuse
     import mlx.core as mx
-    from mlx.utils import tree_unflatten
+    from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.lora import CONFIG_DEFAULTS, train_model
     from mlx_lm.tuner.datasets import load_local_dataset
     from mlx_lm.tuner.trainer import evaluate
@@ -104,7 +146,7 @@ def finetune(model_src: str, data_dir: Path, out: Path, cfg: FinetuneConfig | No
         args.__dict__.update(
             model=str(path), data=str(_split_valid(data_dir, tmp)), train=True, fine_tune_type=mode,
             num_layers=n_layers, batch_size=batch_size, iters=iters, learning_rate=lr,
-            max_seq_length=max_seq_length, steps_per_eval=max(iters, 1), steps_per_report=max(1, iters // 10),
+            max_seq_length=max_seq_length, steps_per_eval=max(1, iters // EVALS), steps_per_report=max(1, iters // 10),
             save_every=max(iters, 1), val_batches=-1, adapter_path=str(tmp / "adapters"),
             lora_parameters={"rank": rank, "dropout": 0.0, "scale": 20.0},
         )
@@ -120,12 +162,16 @@ def finetune(model_src: str, data_dir: Path, out: Path, cfg: FinetuneConfig | No
                                   num_batches=-1, max_seq_length=max_seq_length))
 
         before = val_loss()
-        train_model(args, model, train_set, valid_set)
-        after = val_loss()
+        points = _Points(model)
+        train_model(args, model, train_set, valid_set, training_callback=points)
+        after, best_iter = keep_best(model, points, val_loss, before, iters, log)
+        if not (fuse or mode == "full"):  # the adapters on disk are the kept ones
+            mx.save_safetensors(str(tmp / "adapters" / "adapters.safetensors"),
+                                dict(tree_flatten(model.trainable_parameters())))
         record = {"kind": "finetune", "mode": mode, "format": fmt, "data": str(data_dir), "iters": iters,
                   "rank": rank if mode != "full" else None, "lr": lr, "valid_loss_before": before,
-                  "valid_loss_after": after, "fused": bool(fuse or mode == "full")}
-        log(f"valid loss {before:.3f} -> {after:.3f} ({fmt} data, {mode}, {iters} iters)")
+                  "valid_loss_after": after, "kept_iteration": best_iter, "fused": bool(fuse or mode == "full")}
+        log(f"valid loss {before:.3f} -> {after:.3f} ({fmt} data, {mode}, {iters} iters; kept iteration {best_iter})")
         prov.pop("weights_sha256", None)
         prov["history"] = list(prov.get("history", [])) + [record]
         if fuse or mode == "full":

@@ -86,6 +86,22 @@ def test_finetune_lora_adapters_and_full_fused(tokenizer_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "full" / "cbd.json").read_text())["history"][-1]["fused"]
 
 
+def test_finetune_never_writes_adapters_worse_than_the_start(tokenizer_dir, tmp_path, capsys):
+    """A learning rate that wrecks the model: the adapters written keep the
+    best validation point (here the start), and say so."""
+    base = save_tiny(tmp_path / "base", CFG, random_weights(CFG, 1), tokenizer_dir)
+    words = CALIB.read_text().split()
+    data = tmp_path / "ft"
+    _jsonl(data, [{"text": " ".join(words[i * 40 : (i + 1) * 40])} for i in range(40)])
+    code, out, err = run(capsys, "finetune", base, "--data", data, "--out", tmp_path / "lora", "--iters", "10",
+                         "--lr", "1", "--lora-rank", "4")
+    assert code == 0, err
+    rec = json.loads((tmp_path / "lora" / "cbd.json").read_text())["history"][-1]
+    assert rec["valid_loss_after"] <= rec["valid_loss_before"], rec
+    if rec["kept_iteration"] == 0:
+        assert "never went below the start" in out + err
+
+
 def test_finetune_bad_input(tokenizer_dir, tmp_path, capsys):
     base = save_tiny(tmp_path / "base", CFG, random_weights(CFG, 1), tokenizer_dir)
     _jsonl(tmp_path / "odd", [{"question": "a", "answer": "b"}] * 10)
