@@ -119,6 +119,24 @@ def tiny_anchor_pair(d: Path, config: dict, tokenizer_dir: Path, seed: int = 3, 
     return big, small
 
 
+def make_tiny_chain(chain: Path, big: Path, small: Path, pin: bool = False) -> Path:
+    """A two-anchor chain folder (a0 = ``big``, a1 = ``small``, its child),
+    with the anchors' sha256 pinned in the manifest when ``pin``."""
+    import shutil
+
+    from cbd_mlx.chain import Chain, ChainAnchor, dump_chain
+    from cbd_mlx.loader import anchor_sha256, load_anchor
+
+    entries = []
+    for name, src, parent in (("a0", big, None), ("a1", small, "a0")):
+        shutil.copytree(src, chain / "anchors" / name)
+        a = load_anchor(str(chain / "anchors" / name))
+        entries.append(ChainAnchor(name, f"anchors/{name}", a.n_params, a.shape, None,
+                                   anchor_sha256(a) if pin else None, parent, True))
+    (chain / "chain.toml").write_text(dump_chain(Chain("tiny", "llama", "tiny", chain / "chain.toml", entries)))
+    return chain
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family_name(request) -> str:
     return request.param

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from cbd_mlx.cli import main
 
-from conftest import HELDOUT, TINY_CONFIGS, tiny_anchor_pair, write_docs
+from conftest import HELDOUT, TINY_CONFIGS, make_tiny_chain, tiny_anchor_pair, write_docs
 
 SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 15)), deadline=None,
                     derandomize=not os.environ.get("FUZZ_EXAMPLES"),
@@ -35,20 +35,13 @@ WEIRD_VALUES = [None, -1, 0, 1.5, 1e30, "x", [], {}, True, 10**12, -(10**12), fl
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tokenizer_dir):
     """Tiny anchors, a chain, a token cache, a GGUF file and an existing output."""
-    from cbd_mlx.chain import Chain, ChainAnchor, dump_chain
     from cbd_mlx.data import prepare
     from cbd_mlx.gguf import write_gguf
     from cbd_mlx.loader import load_anchor
 
     d = tmp_path_factory.mktemp("fuzz")
     big, small = tiny_anchor_pair(d, TINY_CONFIGS["llama"], tokenizer_dir, layers=3, ffn=96)
-    chain = d / "chain"
-    entries = []
-    for name, src, parent in (("a0", big, None), ("a1", small, "a0")):
-        shutil.copytree(src, chain / "anchors" / name)
-        a = load_anchor(str(chain / "anchors" / name))
-        entries.append(ChainAnchor(name, f"anchors/{name}", a.n_params, a.shape, None, None, parent, True))
-    (chain / "chain.toml").write_text(dump_chain(Chain("fuzz", "llama", "tiny", chain / "chain.toml", entries)))
+    chain = make_tiny_chain(d / "chain", big, small)
     cache = d / "cache"
     prepare([write_docs(d / "docs")], str(big), cache, heldout_fraction=0.25)
     a = load_anchor(str(big))

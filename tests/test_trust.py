@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbd_mlx.chain import CHAINS_DIR, Chain, ChainAnchor, dump_chain, find_chain, load_chain, load_chain_anchor
+from cbd_mlx.chain import CHAINS_DIR, find_chain, load_chain, load_chain_anchor
 from cbd_mlx.errors import CBDError
 from cbd_mlx.loader import load_anchor, resolve
-from conftest import TINY_CONFIGS, tiny_anchor_pair
+from conftest import TINY_CONFIGS, make_tiny_chain, tiny_anchor_pair
 
 EVIL_NAMES = ["../../x", "/etc/passwd", "..", "a/b", "a\\b", "", ".hidden", "x" * 200, 7, ["a"]]
 
@@ -21,16 +21,7 @@ EVIL_NAMES = ["../../x", "/etc/passwd", "..", "a/b", "a\\b", "", ".hidden", "x" 
 @pytest.fixture
 def tiny_chain(tmp_path, tokenizer_dir):
     big, small = tiny_anchor_pair(tmp_path, TINY_CONFIGS["llama"], tokenizer_dir, layers=3, ffn=96)
-    chain = tmp_path / "chain"
-    entries = []
-    for name, src, parent in (("a0", big, None), ("a1", small, "a0")):
-        shutil.copytree(src, chain / "anchors" / name)
-        a = load_anchor(str(chain / "anchors" / name))
-        from cbd_mlx.loader import anchor_sha256
-
-        entries.append(ChainAnchor(name, f"anchors/{name}", a.n_params, a.shape, None, anchor_sha256(a), parent, True))
-    (chain / "chain.toml").write_text(dump_chain(Chain("t", "llama", "tiny", chain / "chain.toml", entries)))
-    return chain
+    return make_tiny_chain(tmp_path / "chain", big, small, pin=True)
 
 
 @pytest.mark.parametrize("evil", EVIL_NAMES)
