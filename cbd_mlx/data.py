@@ -90,8 +90,11 @@ def is_heldout(doc_id: str, fraction: float) -> bool:
 
 def prepare(inputs: list[Path], tokenizer_src: str, out: Path, heldout_fraction: float = 0.05,
             force: bool = False) -> dict:
-    """Tokenize ``inputs`` into a cache directory (train.bin, heldout.bin, meta.json)."""
-    if not 0 <= heldout_fraction < 1:
+    """Tokenize ``inputs`` (files, folders, jsonl) into a cache directory
+    (train.bin, heldout.bin, meta.json)."""
+    if isinstance(inputs, (str, Path)):  # one input given bare, not a list of its characters
+        inputs = [inputs]
+    if not (isinstance(heldout_fraction, (int, float)) and 0 <= heldout_fraction < 1):
         raise CBDError("--heldout-fraction must be in [0, 1)")
     tok_dir = resolve(tokenizer_src)
     tok = load_tokenizer(tok_dir)

@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from .errors import CBDError
+from .errors import CBDError, check_count
 from .losses import heldout_sum
 
 EVAL_SEQ_LEN = 512
@@ -110,6 +110,11 @@ def evaluate(model: str, data: Path, *, max_tokens: int = 16384, seq_len: int = 
     (4 candidates, random = 25%) on N items (``seed`` draws the distractors)."""
     from .loader import load_anchor, load_tokenizer, model_from_weights
 
+    check_count("max_tokens", max_tokens, 2)
+    check_count("seq_len", seq_len, 2, 1 << 16)
+    check_count("batch_size", batch_size, 1, 4096)
+    for name, v in (("cloze", cloze), ("choice", choice), ("seed", seed)):
+        check_count(name, v, 0)
     a = load_anchor(model)
     tok = load_tokenizer(a.path)
     tokens = tokenize_file(tok, data, max_tokens)

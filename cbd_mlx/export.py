@@ -119,6 +119,9 @@ def export(src: str, out: Path, cfg: ExportConfig | None = None, *, calib: Path 
     the model card. Returns what the card reports."""
     from .evaluate import tokenize_file
     from .loader import load_tokenizer
+
+    if cfg is not None and not isinstance(cfg, ExportConfig):
+        raise CBDError(f"export's cfg must be an ExportConfig (e.g. ExportConfig(bits=4)), not {cfg!r}")
     from .quantize import CALIB_SEQ_LEN, CALIB_SEQS
     from .selection import DEFAULT_CALIB, calibration_batches
 

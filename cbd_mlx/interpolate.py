@@ -309,10 +309,10 @@ def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str,
     from .loader import load_anchor, same_tokenizer
     from .save import Built
     from .selection import DEFAULT_CALIB
-    from .shapes import format_size, parse_size, solve_shape
+    from .shapes import format_size, size_of, solve_shape
 
     log = log or (lambda *_: None)
-    n = parse_size(size) if isinstance(size, str) else int(size)
+    n = size_of(size)
     if n <= 0:
         raise CBDError(f"size must be positive, got {size}")
     fixed = {k: v for k, v in (shape or {}).items() if v is not None}

@@ -74,10 +74,10 @@ def build_prune(parent: str, size: str | int, *, calib=None, calib_tokens: int =
     from .loader import load_anchor
     from .save import Built
     from .selection import DEFAULT_CALIB
-    from .shapes import config_for, format_size, parse_size
+    from .shapes import config_for, format_size, size_of
 
     log = log or (lambda *_: None)
-    n = parse_size(size) if isinstance(size, str) else int(size)
+    n = size_of(size)
     p = load_anchor(parent)
     target = child_shape(p, n, {k: v for k, v in (shape or {}).items() if v is not None})
     n_child = count_params(p.family, p.template, target)

@@ -40,6 +40,9 @@ class Shape:
         return asdict(self)
 
 
+MAX_SIZE = 1e13  # parameters: far above any model a chain could hold
+
+
 def parse_size(text: str) -> int:
     """'138M' -> 138_000_000. A unit (K, M, B) is required."""
     m = SIZE_RE.match(str(text))
@@ -48,9 +51,19 @@ def parse_size(text: str) -> int:
             f"cannot read size '{text}': give a positive number with a unit, e.g. 138M, 1.2B, 600K"
         )
     value = float(m.group(1)) * SIZE_UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise CBDError(f"size '{text}' must be positive")
+    if not 0 < value <= MAX_SIZE:
+        raise CBDError(f"size '{text}' must be positive and at most {MAX_SIZE / 1e12:g}T parameters")
     return int(round(value))
+
+
+def size_of(size: str | int | float) -> int:
+    """A size given as text ('138M') or as a number of parameters."""
+    if isinstance(size, str):
+        return parse_size(size)
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size <= MAX_SIZE:
+        raise CBDError(f"size {size!r} is invalid: give a positive parameter count (at most {MAX_SIZE:.0e}) "
+                       "or text such as '138M'")
+    return int(round(size))
 
 
 def format_size(n: int) -> str:
