@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 CHUNK_ELEMS = 1 << 23  # logits per chunk (32 MB of fp32): bounds the temporaries
+CHUNK_ELEMS_DW = 1 << 26  # with the head's gradient: bigger chunks (256 MB) keep dw's matmul efficient
 FLOOR = -60.0  # lowest log-probability kept in a softmax (e^-60 ~ 1e-26, a normal float)
 
 
@@ -52,8 +53,8 @@ def _softmax(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     return (m + np.log(s))[:, 0]
 
 
-def _chunk_rows(vocab: int, n: int) -> int:
-    return max(1, min(n, CHUNK_ELEMS // max(vocab, 1)))
+def _chunk_rows(vocab: int, n: int, elems: int = CHUNK_ELEMS) -> int:
+    return max(1, min(n, elems // max(vocab, 1)))
 
 
 @np.errstate(all="ignore")  # a diverging run's inf/nan reach the training guards, not the terminal
@@ -66,10 +67,11 @@ def loss_and_grads(h: np.ndarray, w: np.ndarray, y: np.ndarray, spec: Spec, teac
     ``teacher``: None, ("head", ht (n, dt), wt (vocab, dt)) or
     ("topk", idx (n, k), logp (n, k))."""
     n, vocab = h.shape[0], w.shape[0]
-    r = _chunk_rows(vocab, n)
+    need_dw = grad and need_dw
+    r = _chunk_rows(vocab, n, CHUNK_ELEMS_DW if need_dw else CHUNK_ELEMS)
     total = 0.0
     dh = np.empty_like(h) if grad else None
-    big_g = np.empty((n, vocab), np.float32) if grad and need_dw else None
+    dw = np.zeros_like(w) if need_dw else None
     t = float(spec.temperature)
     c = float(spec.ce_weight)
     kd = spec.mode != "ce" and teacher is not None
@@ -79,7 +81,7 @@ def loss_and_grads(h: np.ndarray, w: np.ndarray, y: np.ndarray, spec: Spec, teac
         yc = y[a:b]
         z = h[a:b] @ w.T
         zy = z[rows, yc]
-        g = big_g[a:b] if big_g is not None else np.empty_like(z)
+        g = np.empty_like(z)
         if not kd:  # plain cross-entropy
             lse = _softmax(z, out=g)
             total += float((lse - zy).sum())
@@ -108,7 +110,8 @@ def loss_and_grads(h: np.ndarray, w: np.ndarray, y: np.ndarray, spec: Spec, teac
                     g += p1
         if grad:
             np.matmul(g, w, out=dh[a:b])
-    dw = (big_g.T @ h) if big_g is not None else None
+        if need_dw:
+            dw += g.T @ h[a:b]
     return total, dh, dw
 
 

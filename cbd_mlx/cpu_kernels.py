@@ -22,11 +22,10 @@ import numpy as np
 FLOOR = -60.0  # lowest log-probability kept; masked positions get e^-60 (~1e-26) instead of 0
 
 
-@lru_cache(maxsize=8)
-def _causal(rep: int, t: int) -> np.ndarray:
-    """0 / -inf additive mask for ``rep`` query heads stacked over ``t`` positions."""
-    m = np.triu(np.full((t, t), -np.inf, np.float32), 1)
-    return np.tile(m, (rep, 1))
+@lru_cache(maxsize=4)
+def _causal(t: int) -> np.ndarray:
+    """0 / -inf additive causal mask over ``t`` positions."""
+    return np.triu(np.full((t, t), -np.inf, np.float32), 1)
 
 
 @np.errstate(all="ignore")  # a diverging run's inf/nan reach the training guards, not the terminal
@@ -39,7 +38,7 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float):
     qs = q.reshape(b, kv, rep * t, d)
     s = qs @ k.transpose(0, 1, 3, 2)
     s *= scale
-    s += _causal(rep, t)
+    s.reshape(b, kv, rep, t, t)[...] += _causal(t)
     s -= s.max(axis=-1, keepdims=True)
     np.maximum(s, FLOOR, out=s)  # probabilities below e^-60 stay normal floats: denormals are ~100x slower
     np.exp(s, out=s)
@@ -123,10 +122,10 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return f(gate, x)
 
 
-def _covered(queries, keys, cache, mask, sinks) -> bool:
+def _covered(queries, keys, values, cache, mask, sinks) -> bool:
     return (cache is None and sinks is None and isinstance(mask, str) and mask == "causal"
-            and queries.dtype == keys.dtype == mx.float32 and queries.shape[2] == keys.shape[2]
-            and queries.shape[1] % keys.shape[1] == 0)
+            and queries.dtype == keys.dtype == values.dtype == mx.float32 and queries.shape[2] == keys.shape[2]
+            and queries.shape[1] % keys.shape[1] == 0 and values.shape[-1] == queries.shape[-1])
 
 
 @contextmanager
@@ -138,7 +137,7 @@ def patched(model):
     sdpa_0, swiglu_0 = originals.get("scaled_dot_product_attention"), originals.get("swiglu")
 
     def sdpa(queries, keys, values, cache, scale, mask, sinks=None):
-        if _covered(queries, keys, cache, mask, sinks):
+        if _covered(queries, keys, values, cache, mask, sinks):
             return attention(queries, keys, values, float(scale))
         return sdpa_0(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 

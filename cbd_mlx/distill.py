@@ -9,7 +9,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import losses
 from .data import cache_id, check_ids, open_cache, run_splits
 from .errors import CBDError
 from .loader import Anchor, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint
@@ -88,7 +87,7 @@ def distill(
         if tc.n_filled:
             log(f"teacher cache {teacher_cache}: {tc.n_filled} batches already computed")
     res = train(model, train_data, heldout, cfg, work, t_model, log=log, stop_after=stop_after,
-                teacher_cache=tc, xvocab=xvocab, loss_fn=loss_fn or losses.from_config(cfg))
+                teacher_cache=tc, xvocab=xvocab, loss_fn=loss_fn)
     metrics = res.metrics
     rank = mx.distributed.init().rank()
     if rank != 0:  # one writer per mlx.launch group

@@ -109,6 +109,8 @@ def head_out(model: nn.Module, x: mx.array) -> HeadOut | mx.array:
             return model(x)
         with _tapped(head):
             h = model(x)
+        if h.ndim != x.ndim + 1 or h.shape[-1] != head.weight.shape[-1]:
+            return model(x)  # the head was not the model's last step (a wrapped or post-processed head)
     return HeadOut(h, head.weight, "weight" in head.trainable_parameters())
 
 
@@ -269,7 +271,8 @@ def _fused_cpu(spec: cpu_head.Spec, kind: str | None, need_dw: bool, n_teacher: 
         total, dh, dw = cpu_head.loss_and_grads(hn, np.asarray(w), yn, spec, tn, grad=True, need_dw=need_dw)
         n = len(yn)
         dh *= 1.0 / n
-        dw_mx = mx.array(dw * (1.0 / n)) if dw is not None else mx.zeros(w.shape, w.dtype)
+        # a frozen head gets a broadcast zero (nothing allocated; its gradient is never used)
+        dw_mx = mx.array(dw * (1.0 / n)) if dw is not None else mx.broadcast_to(mx.zeros((), w.dtype), w.shape)
         return mx.array(total / n, dtype=mx.float32), mx.array(dh).reshape(h.shape), dw_mx
 
     @f.vjp

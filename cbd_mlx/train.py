@@ -353,6 +353,7 @@ def train(
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     steps = cfg.steps(world)
+    loss_fn_given = loss_fn is not None
     loss_fn = loss_fn or losses.from_config(cfg)
     if cfg.freeze_embeddings:
         freeze_embeddings(model)
@@ -378,7 +379,11 @@ def train(
     good = _Point(start, model.parameters(), _copy_tree(opt.state), len(metrics))
     if teacher is not None:
         teacher.freeze()
-    signals = _Signals(teacher, teacher_cache, xvocab, train_data, cfg)
+    # a loss that reads no teacher (cfg.loss "ce" with the default loss) is not handed one: its forward
+    # would be paid for nothing
+    needs_teacher = loss_fn_given or cfg.loss != "ce"
+    signals = _Signals(teacher if needs_teacher else None, teacher_cache if needs_teacher else None, xvocab,
+                       train_data, cfg)
 
     def rollback(why: str) -> int:
         nonlocal rollbacks
