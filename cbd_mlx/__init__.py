@@ -76,7 +76,7 @@ try:  # the API (light imports: mlx-lm and transformers load on first use)
     from .interpolate import build_init, init
     from .loader import convert, load
     from .prune import prune
-    from .recover import recover
+    from .recover import recover, recover_lr
     from .train import TrainConfig
 except KeyboardInterrupt:  # Ctrl-C while the command starts: no traceback
     if not _cli_process():
@@ -87,5 +87,5 @@ except KeyboardInterrupt:  # Ctrl-C while the command starts: no traceback
 __all__ = [
     "BLAS", "CBDError", "ExportConfig", "FinetuneConfig", "TrainConfig", "build_chain", "build_init", "convert",
     "distill", "evaluate", "export", "fetch_corpus", "find_chain", "finetune", "init", "list_chains", "load",
-    "pack_chain", "prepare_data", "prune", "recover",
+    "pack_chain", "prepare_data", "prune", "recover", "recover_lr",
 ]

@@ -384,8 +384,9 @@ def data_suite(out, force):
     say(f"wrote {path}")
 
 
-def train_options(f=None, lr: float = 1e-3):
-    """Options shared by distill / recover (``@train_options`` or ``@train_options(lr=...)``)."""
+def train_options(f=None, lr: float | None = 1e-3):
+    """Options shared by distill / recover (``@train_options`` or ``@train_options(lr=...)``;
+    lr None: the command picks it by the model's size)."""
     if f is None:
         return lambda g: train_options(g, lr)
     opts = [
@@ -393,7 +394,9 @@ def train_options(f=None, lr: float = 1e-3):
         click.option("--batch-size", type=POSITIVE, default=4, show_default=True),
         click.option("--seq-len", type=SEQ_LEN, default=256, show_default=True),
         click.option("--grad-accum", type=POSITIVE, default=1, show_default=True),
-        click.option("--lr", type=LR, default=lr, show_default=True),
+        click.option("--lr", type=LR, default=lr, show_default=lr is not None,
+                     help=None if lr is not None else "[default: by the model's size: 1e-4 up to 80M parameters, "
+                                                      "3e-5 from 135M, log-linear between (measured)]"),
         click.option("--weight-decay", type=WEIGHT, default=0.01, show_default=True),
         click.option("--eval-every", type=POSITIVE, default=50, show_default=True, help="Held-out loss every N steps."),
         click.option("--save-every", type=POSITIVE, default=50, show_default=True, help="Checkpoint every N steps."),
@@ -447,16 +450,21 @@ def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, teac
 @click.option("--kd-from", default=None,
               help="Also distill from this model; 'auto' = the bigger anchor the init was blended from.")
 @click.option("--ce-weight", type=WEIGHT, default=1.0, show_default=True, help="Weight of CE beside KD (with --kd-from).")
-@train_options(lr=3e-4)
+@train_options(lr=None)  # recover.recover_lr, chosen by measurement
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def recover_cmd(model, data, out, kd_from, ce_weight, force, **train_kw):
     """Short recovery of an init: every parameter trains (embeddings and norms
     too, unlike mlx-lm's full fine-tune), CE on your text, optional KD from an
     anchor. Checkpoints and resume as in distill; prints held-out loss before/after."""
-    from .recover import recover
+    from .loader import load_anchor
+    from .recover import recover, recover_lr
     from .train import TrainConfig
 
     loss = "forward_kl" if kd_from else "ce"
+    if train_kw["lr"] is None:
+        n = load_anchor(model).n_params
+        train_kw["lr"] = recover_lr(n)
+        say(f"lr {train_kw['lr']:.1e} (recover's default for {n / 1e6:.0f}M parameters; --lr to change)")
     cfg = TrainConfig(loss=loss, ce_weight=ce_weight if kd_from else 0.0, **train_kw)
     rec = recover(model, list(data), out, cfg, kd_from, force, log=say)
     if "rank" in rec:

@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
 from cbd_mlx.train import INIT_STD  # noqa: E402
 
+FINAL = "final.safetensors"  # the finished run's weights, in --work
+
 def chain_tokens(init_dir: Path) -> int | None:
     """Distillation tokens spent building the chain down to the init's smaller
     anchor (every anchor on the way, those a packed chain left out included,
@@ -169,12 +171,20 @@ def main() -> None:
     cfg = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       warmup_fraction=0.02, weight_decay=0.1, loss="ce", eval_every=max(1, steps // args.evals),
                       eval_batches=8, save_every=max(1, min(20, steps // args.evals)))
-    if args.report_only:
-        state = json.loads((args.work / CHECKPOINT / "state.json").read_text())
+    if args.report_only:  # the finished run's record, else the last checkpoint's
+        done = args.work / "metrics.json"
+        state = json.loads((done if done.is_file() else args.work / CHECKPOINT / "state.json").read_text())
         metrics, start = state["metrics"], state["heldout_before"]
     else:
-        res = train(random_model(shape_cfg), train_data, heldout, cfg, args.work, log=print, loss_fn=ce_loss())
+        model = random_model(shape_cfg)
+        res = train(model, train_data, heldout, cfg, args.work, log=print, loss_fn=ce_loss())
         metrics, start = res.metrics, res.heldout_before
+        if res.finished:  # the last step's weights (scored out of domain by equal_budget.py) and its full record
+            import mlx.core as mx
+            from mlx.utils import tree_flatten
+
+            mx.save_safetensors(str(args.work / FINAL), dict(tree_flatten(model.parameters())))
+            (args.work / "metrics.json").write_text(json.dumps({"metrics": metrics, "heldout_before": start}))
     curve = [[0, start]] + [[m["tokens"], m["heldout_loss"]] for m in metrics
                             if m.get("heldout_loss") is not None and "event" not in m]
     if args.like is None:
