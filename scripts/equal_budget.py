@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from cbd_mlx.data import PackedSequences, open_cache, run_splits  # noqa: E402
 from cbd_mlx.evaluate import perplexity, tokenize_file  # noqa: E402
 from cbd_mlx.loader import load_anchor, model_from_weights  # noqa: E402
-from cbd_mlx.recover import recover  # noqa: E402
+from cbd_mlx.recover import recover, recover_lr  # noqa: E402
 from cbd_mlx.train import CHECKPOINT, TrainConfig, heldout_loss  # noqa: E402
 
 EVAL = TrainConfig(tokens=1, batch_size=8, seq_len=256, eval_batches=8)  # the scratch run's held-out windows
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--suite", type=Path, required=True, help="out-of-domain suite directory")
     ap.add_argument("--suite-tokens", type=int, default=4096)
     ap.add_argument("--budgets", default="65536,262144")
-    ap.add_argument("--lr", type=float, default=None, help="recover's lr [default: recover's own]")
+    ap.add_argument("--lr", type=float, default=None, help="recover's lr [default: recover's own, by size]")
     ap.add_argument("--work", type=Path, default=Path("equal-budget"))
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "smollm2-mini" / "equal_budget.json")
     args = ap.parse_args()
@@ -85,9 +85,9 @@ def main() -> None:
         for n in budgets:
             if str(n) in res["points"].get(kind, {}):
                 continue
-            kw = {"lr": args.lr} if args.lr else {}
+            lr = args.lr or recover_lr(load_anchor(src).n_params)
             cfg = TrainConfig(tokens=n, batch_size=8, seq_len=256, loss="ce", eval_every=max(1, n // 2048 // 8),
-                              eval_batches=8, save_every=20, **kw)
+                              eval_batches=8, save_every=20, lr=lr)
             out = args.work / f"{kind}-{n}"
             rec = recover(src, [args.data], out, cfg, None, force=True, log=print)
             a = load_anchor(str(out))
@@ -99,11 +99,12 @@ def main() -> None:
             continue
         model = model_from_weights(cbd.config, dict(mx.load(str(Path(d) / "model.safetensors"))))
         put("scratch", int(n), score(model, heldout, suite))
-    state = json.loads((args.scratch_work / CHECKPOINT / "state.json").read_text())
+    done = args.scratch_work / "metrics.json"  # the finished run's record, else its last checkpoint's
+    state = json.loads((done if done.is_file() else args.scratch_work / CHECKPOINT / "state.json").read_text())
     res["scratch_curve"] = [[0, state["heldout_before"]]] + [
         [m["tokens"], m["heldout_loss"]] for m in state["metrics"] if m.get("heldout_loss") is not None
         and "event" not in m]
-    res["budgets"], res["recover_lr"] = budgets, args.lr or TrainConfig(tokens=1).lr
+    res["budgets"], res["recover_lr"] = budgets, args.lr or recover_lr(cbd.n_params)
     args.out.write_text(json.dumps(res, indent=1))
     plot(res, args.out.with_suffix(".png"))
 
