@@ -617,11 +617,36 @@ def _mlx_lm_passthrough(name: str):
     def passthrough(ctx):
         import importlib
 
+        _check_model_arg(list(ctx.args))
         module = importlib.import_module(f"mlx_lm.{name}")
         sys.argv = [f"mlx_lm.{name}", *ctx.args]
         module.main()
 
     return passthrough
+
+
+def _check_model_arg(args: list[str]) -> None:
+    """A --model that is neither a model directory nor a hub id (a mistyped
+    path, an adapter folder, a .gguf) gets one line that says what to do,
+    before mlx-lm reports it as a network error."""
+    from .loader import is_hub_id
+
+    for i, a in enumerate(args):
+        value = a.split("=", 1)[1] if a.startswith("--model=") else args[i + 1] if a == "--model" and i + 1 < len(
+            args) else None
+        if value is None:
+            continue
+        p = Path(value).expanduser()
+        if p.is_dir() and not (p / "config.json").is_file():
+            hint = ("it holds adapters: pass the base model as --model and this folder as --adapter-path, or "
+                    "`cbd-mlx finetune --fuse`" if (p / "adapters.safetensors").is_file()
+                    else "it has no config.json (an mlx-lm model directory has one)")
+            raise CBDError(f"--model {value}: {hint}")
+        if p.is_file() and p.suffix == ".gguf":
+            raise CBDError(f"--model {value} is a GGUF file: run it with llama.cpp, or convert it first "
+                           f"(`cbd-mlx convert {value} --out DIR`)")
+        if not p.exists() and not is_hub_id(value):
+            raise CBDError(f"--model {value} does not exist (and is not a Hugging Face repo id); check the path")
 
 
 generate_cmd = _mlx_lm_passthrough("generate")

