@@ -11,6 +11,7 @@ import re
 
 import mlx.core as mx
 import numpy as np
+from tqdm import tqdm
 
 from .errors import CBDError
 
@@ -92,9 +93,10 @@ def full_sequence_scores(model, context: list[int], candidates: list[list[int]])
                      for r, c in enumerate(candidates)])
 
 
-def choice_accuracy(model, items) -> float:
+def choice_accuracy(model, items, progress: bool = True) -> float:
     """Share of items where the true continuation scores best."""
     if not items:
         raise CBDError("no choice items")
-    hits = sum(int(np.argmax(candidate_scores(model, ctx, cands)) == truth) for ctx, cands, truth in items)
+    hits = sum(int(np.argmax(candidate_scores(model, ctx, cands)) == truth)
+               for ctx, cands, truth in tqdm(items, desc="choice", unit="item", disable=not progress, leave=False))
     return hits / len(items)

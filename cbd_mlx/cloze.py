@@ -8,6 +8,7 @@ import re
 
 import mlx.core as mx
 import numpy as np
+from tqdm import tqdm
 
 from .errors import CBDError
 
@@ -37,12 +38,12 @@ def build_items(text: str, tokenizer, n_items: int, context_tokens: int = CONTEX
     return items
 
 
-def cloze_accuracy(model, items, batch_size: int = 16) -> float:
+def cloze_accuracy(model, items, batch_size: int = 16, progress: bool = True) -> float:
     """Share of items whose word is produced exactly by greedy decoding."""
     if not items:
         raise CBDError("no cloze items")
     hits = 0
-    for s in range(0, len(items), batch_size):
+    for s in tqdm(range(0, len(items), batch_size), desc="cloze", unit="batch", disable=not progress, leave=False):
         chunk = items[s : s + batch_size]
         width = max(len(c) + len(w) for c, w in chunk)
         seqs = np.zeros((len(chunk), width), dtype=np.int32)

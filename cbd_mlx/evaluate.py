@@ -126,11 +126,11 @@ def evaluate(model: str, data: Path, *, max_tokens: int = 16384, seq_len: int = 
         from .cloze import build_items, cloze_accuracy
 
         items = build_items(read_text(data), tok, cloze)
-        r.update(cloze_acc=cloze_accuracy(m, items), cloze_items=len(items))
+        r.update(cloze_acc=cloze_accuracy(m, items, progress=progress), cloze_items=len(items))
     if choice:
         from .choice import build_items as choice_items
         from .choice import choice_accuracy
 
         items = choice_items(read_text(data), tok, choice, seed)
-        r.update(choice_accuracy=choice_accuracy(m, items), choice_items=len(items))
+        r.update(choice_accuracy=choice_accuracy(m, items, progress=progress), choice_items=len(items))
     return r
