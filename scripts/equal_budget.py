@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from cbd_mlx.data import PackedSequences, open_cache, run_splits  # noqa: E402
 from cbd_mlx.evaluate import perplexity, tokenize_file  # noqa: E402
-from cbd_mlx.loader import load_anchor, model_from_weights  # noqa: E402
+from cbd_mlx.loader import load_anchor, load_tokenizer, model_from_weights  # noqa: E402
 from cbd_mlx.recover import recover, recover_lr  # noqa: E402
 from cbd_mlx.train import CHECKPOINT, TrainConfig, heldout_loss  # noqa: E402
 
@@ -66,7 +66,8 @@ def main() -> None:
     _, splits = open_cache(args.data)
     _, heldout, _ = run_splits(splits, EVAL.seq_len, 0)
     cbd = load_anchor(args.cbd)
-    suite = {p.stem: tokenize_file(cbd.tokenizer, p, args.suite_tokens) for p in sorted(args.suite.glob("*.txt"))
+    tok = load_tokenizer(cbd.path)
+    suite = {p.stem: tokenize_file(tok, p, args.suite_tokens) for p in sorted(args.suite.glob("*.txt"))
              if p.name != "README.txt"}
     res = json.loads(args.out.read_text()) if args.out.is_file() else {}
     res.setdefault("points", {})

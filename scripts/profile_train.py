@@ -102,7 +102,8 @@ def main() -> None:
     t_data = timed(lambda: mx.eval(mx.array(data.batch(3, args.batch_size))), args.reps)
     b = mx.array(data.batch(0, args.batch_size))
     batch = losses.Batch(b[:, :-1], b[:, 1:])
-    lp = mx.array(np.sort(rng.standard_normal((*batch.x.shape, 32)).astype(np.float32) - 4, -1)[..., ::-1])
+    lp = mx.array(np.ascontiguousarray(np.sort(rng.standard_normal((*batch.x.shape, 32)).astype(np.float32) - 4,
+                                                 -1)[..., ::-1]))
     idx = mx.array(rng.integers(0, a.shape.vocab, (*batch.x.shape, 32)).astype(np.int32))
     teacher = losses.TopK(idx, lp)
     res = {"model": args.model, "batch": [args.batch_size, args.seq_len], "data (read a batch)": t_data}
