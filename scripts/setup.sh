@@ -10,18 +10,19 @@ PY=${PYTHON:-python3}
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 say() { echo "[setup] $*"; }
 if [ "$(uname -s)" = "Linux" ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    say "Debian package lists (for OpenBLAS and \`cbd-mlx data fetch\`)"
+    apt-get update -qq >/dev/null 2>&1 || echo "warning: apt-get update failed" >&2
+  fi
   if [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 ] && \
      [ ! -e /usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0 ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
       say "OpenBLAS for fast CPU matmuls (Debian libopenblas0-pthread)"
-      apt-get update -qq >/dev/null 2>&1 || echo "warning: apt-get update failed" >&2
       apt-get install -y -qq libopenblas0-pthread >/dev/null \
         || echo "warning: could not install libopenblas0-pthread; CPU matmuls will be slow" >&2
     else
       echo "note: install libopenblas0-pthread (Debian/Ubuntu) for ~25x faster CPU matmuls" >&2
     fi
-  elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ ! -d /var/lib/apt/lists/partial ]; then
-    apt-get update -qq >/dev/null 2>&1 || true  # package lists for `cbd-mlx data fetch`
   fi
 fi
 say "cbd-mlx and its dependencies (mlx, mlx-lm, ...; a minute or two the first time)"
