@@ -12,4 +12,5 @@ if ! $PY -c "import llama_cpp" 2>/dev/null; then
     $PY -m pip install -q --no-deps "llama-cpp-python==0.3.36" "diskcache>=5.6.1" "jinja2>=2.11.3" \
     || echo "warning: llama-cpp-python did not build; the GGUF checks in llama.cpp will be skipped" >&2
 fi
-exec $PY -m pytest -q tests "$@"
+[ $# -gt 0 ] || set -- tests  # arguments: pytest's own (files, -k ...); none: the whole suite
+exec $PY -m pytest -q "$@"
