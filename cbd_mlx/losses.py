@@ -122,6 +122,11 @@ def teacher_out(teacher: nn.Module, x: mx.array):
     return mx.stop_gradient(out)
 
 
+def numpy_ready(out) -> bool:
+    """Whether ``out`` is a head output in fp32 (numpy has no bfloat16)."""
+    return isinstance(out, HeadOut) and out.h.dtype == mx.float32 and out.w.dtype == mx.float32
+
+
 def logits_of(out) -> mx.array:
     return out.logits() if isinstance(out, HeadOut) else out
 
@@ -249,7 +254,7 @@ def _teacher_np(teacher) -> tuple[str | None, tuple]:
         return None, ()
     if isinstance(teacher, TopK):
         return "topk", (teacher.idx, teacher.logp)
-    if isinstance(teacher, HeadOut) and teacher.h.dtype == mx.float32 and teacher.w.dtype == mx.float32:
+    if numpy_ready(teacher):
         return "head", (teacher.h, teacher.w)
     return "other", ()
 
@@ -288,8 +293,7 @@ def vocab_loss(out, y: mx.array, teacher, spec: cpu_head.Spec) -> mx.array:
     """Mean per-token loss of the head output ``out`` (HeadOut or logits)
     against targets ``y`` and ``teacher`` (None, HeadOut, TopK or logits)."""
     kind, t_arrays = _teacher_np(teacher) if spec.mode != "ce" else (None, ())
-    if (fast_cpu() and isinstance(out, HeadOut) and out.h.dtype == mx.float32 and out.w.dtype == mx.float32
-            and kind != "other" and cpu_head.supports(spec, kind)):
+    if fast_cpu() and numpy_ready(out) and kind != "other" and cpu_head.supports(spec, kind):
         return _fused_cpu(spec, kind, out.trainable, len(t_arrays))(out.h, out.w, y, *t_arrays)[0]
     if isinstance(teacher, (HeadOut, TopK)):
         teacher = logits_of(teacher) if isinstance(teacher, HeadOut) else tuple(teacher)
@@ -306,7 +310,7 @@ class _SpecCfg(NamedTuple):
 def heldout_sum(model: nn.Module, x: mx.array, y: mx.array) -> float:
     """Summed CE of ``model`` on ``x`` -> ``y`` (no gradient)."""
     out = head_out(model, x)
-    if fast_cpu() and isinstance(out, HeadOut) and out.h.dtype == mx.float32 and out.w.dtype == mx.float32:
+    if fast_cpu() and numpy_ready(out):
         d = out.h.shape[-1]
         total, _, _ = cpu_head.loss_and_grads(np.asarray(out.h).reshape(-1, d), np.asarray(out.w),
                                               np.asarray(y).reshape(-1), cpu_head.Spec("ce"), grad=False)

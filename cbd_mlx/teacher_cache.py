@@ -14,7 +14,7 @@ import numpy as np
 
 from . import cpu_head
 from .errors import CBDError
-from .losses import HeadOut, TopK, fast_cpu, head_out
+from .losses import HeadOut, TopK, fast_cpu, head_out, numpy_ready
 
 META = "teacher_cache.json"
 FILES = ("topk_idx.npy", "topk_logprob.npy", "filled.npy")
@@ -126,7 +126,7 @@ def teacher_topk(teacher, x: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The teacher's top-``k`` log-probs (indices, values) at each position of
     ``x``, as (batch * seq, k) arrays; the vocabulary passes in numpy on the CPU."""
     out = head_out(teacher, x)
-    if fast_cpu() and isinstance(out, HeadOut) and out.h.dtype == mx.float32 and out.w.dtype == mx.float32:
+    if fast_cpu() and numpy_ready(out):
         h = np.asarray(out.h)
         return cpu_head.topk_logprobs(h.reshape(-1, h.shape[-1]), np.asarray(out.w), k)
     logits = (out.logits() if isinstance(out, HeadOut) else out).astype(mx.float32)
