@@ -20,10 +20,13 @@ from .data import open_cache
 from .distill import distill
 from .errors import CBDError
 from .selection import CALIB_SEQ_LEN, calibration_batches
+from .interpolate import lineage_of
 from .loader import Anchor, anchor_sha256, is_hub_id, load_anchor
 from .save import atomic_dir, write_model
 from .prune import child_shape, prune_weights
-from .shapes import Shape, config_for, format_size
+from .operators import subset
+from .selection import placement, select
+from .shapes import Shape, config_for, format_size, solve_shape
 from .train import TrainConfig
 
 
@@ -147,7 +150,7 @@ def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | 
                    teacher_cache: bool = True) -> list[str]:
     """Distill the chain's anchors once more, each from the source A0 (the
     best teacher there is) on other windows of the cache (seed + 1), for
-    ``cfg.tokens`` tokens. Every anchor shares one teacher cache, so A0's
+    ``cfg.tokens`` tokens, in the order of ``names``. Every anchor shares one teacher cache, so A0's
     forward pass is paid once per token for the whole chain. The anchors keep
     their shapes and lineage; a polished anchor's children are re-pointed to
     its new weights hash. ``names``: the anchors to polish (default: all but
@@ -164,20 +167,22 @@ def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | 
     cfg_p = replace(cfg, seed=cfg.seed + 1)
     tc = out / ".work" / "teacher-cache-polish" if teacher_cache else None
     done = []
-    for e in chain[1:]:
-        if names is not None and e.name not in names:
-            continue
+    order = [e for e in chain[1:] if names is None or e.name in names]
+    if names is not None:  # in the order given
+        order.sort(key=lambda e: names.index(e.name))
+    for e in order:
         d, new, old = _finish_swap(anchors_dir, e.name)
         a = load_anchor(str(d))
-        if a.provenance.get("polished"):
+        if _polished_on(a.provenance.get("polished"), cache, cfg_p):
             continue
         sha = anchor_sha256(a)
         if not _finished_polish(new, anchors_dir / a0, d, cfg_p):  # else: written before an interruption
             log(f"[chain] {e.name}: polish from {a0} on {cfg_p.tokens:,} tokens")
             distill(str(anchors_dir / a0), str(d), cache, new, cfg_p, force=True, log=log, teacher_cache=tc,
                     cache_k=CACHE_K)
-        _rewrite_provenance(new, lambda p: p.update(polished={"teacher": a0, "tokens": cfg_p.tokens,
-                                                              "seed": cfg_p.seed, "from_sha256": sha}))
+        rec = {"teacher": a0, "tokens": cfg_p.tokens, "seed": cfg_p.seed, "from_sha256": sha,
+               "data": str(Path(cache).resolve())}
+        _rewrite_provenance(new, lambda p: p.update(polished=rec))
         if (d / "metrics.jsonl").is_file():
             shutil.copy2(d / "metrics.jsonl", new / STEP_METRICS)
         os.rename(d, old)
@@ -193,6 +198,119 @@ def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | 
     if tc is not None:  # every named anchor is polished now
         shutil.rmtree(tc, ignore_errors=True)
     return done
+
+
+def _polished_on(rec: dict | None, cache: Path, cfg: TrainConfig) -> bool:
+    """Whether a polish record says this polish (this data, tokens, seed) is done;
+    a chain can be polished again on other data."""
+    if not rec:
+        return False
+    data = rec.get("data")
+    return (data is None or data == str(Path(cache).resolve())) and rec.get("tokens") == cfg.tokens \
+        and rec.get("seed") == cfg.seed
+
+
+def unpack_chain(chain: Chain, out: Path, force: bool = False, log=print) -> Chain:
+    """A full-precision working copy of a (packed) chain under ``out``, to
+    polish, densify and pack again: every anchor an ordinary fp32 mlx-lm
+    directory (the source copied), records and lineage kept, lineage re-pointed
+    at the copies' hashes. Tensors the packed chain shares (a frozen embedding)
+    are taken from the source at full precision when it has them."""
+    out = Path(out)
+    if (out / MANIFEST_NAME).exists() and not force:
+        raise CBDError(f"{out} already holds a chain; choose another --out or pass --force")
+    shared = chain.path.parent / SHARED_DIR / SHARED_FILE
+    shared_names = set(mx.load(str(shared)).keys()) if shared.is_file() else set()
+    entries, sha_of, src = [], {}, None
+    for e in chain.anchors:
+        a = load_chain_anchor(chain, e)
+        prov = copy.deepcopy(a.provenance)
+        if e.parent is None:
+            src = a
+            prov = {"kind": "source", "source": chain.source_of(e)}
+        weights = dict(a.weights)
+        for k in shared_names & set(weights):
+            if src is not None and k in src.weights and src.weights[k].shape == weights[k].shape:
+                weights[k] = src.weights[k]
+        lin = prov.get("lineage")
+        if lin and e.parent in sha_of:
+            lin["parent_sha256"] = sha_of[e.parent]
+        prov.pop("packed", None)
+        d = out / "anchors" / e.name
+        write_model(d, a.config, weights, a.path, prov, force=True)
+        b = load_anchor(str(d))
+        sha_of[e.name] = anchor_sha256(b)
+        entries.append(_entry(e.name, b, e.parent))
+        log(f"[unpack] {e.name}: {format_size(b.n_params)} written to {d}")
+    c = replace(chain, path=out / MANIFEST_NAME, anchors=entries,
+                description=chain.description + " (unpacked to fp32 for polishing)")
+    _write_manifest(out, c)
+    return load_chain(out / MANIFEST_NAME)
+
+
+def _ranks_within(ranks: dict, sel) -> dict:
+    """A parent's rankings restricted to the parts ``sel`` keeps, in ``sel``'s
+    own indices: the ranking a child of the selected model inherits."""
+    def within(order, kept):
+        pos = {int(v): i for i, v in enumerate(kept)}
+        return [pos[int(i)] for i in order if int(i) in pos]
+
+    return {
+        "layers": within(ranks["layers"], sel.layers),
+        "hidden": within(ranks["hidden"], sel.hidden),
+        "ffn": [within(ranks["ffn"][b], sel.ffn[j]) for j, b in enumerate(sel.layers)],
+        "kv_heads": [within(ranks["kv_heads"][b], sel.kv_heads[j]) for j, b in enumerate(sel.layers)],
+    }
+
+
+def insert_anchor(out: Path, big: str, small: str, size: int, name: str, log=print) -> Chain:
+    """Densify a chain: a new anchor ``name`` of about ``size`` parameters
+    between adjacent anchors ``big`` > ``small``, born as the Subset of ``big``
+    that holds everything ``small`` was pruned to (so ``small`` is its child,
+    lineage re-pointed). Distill it afterwards (``polish_anchors``)."""
+    out = Path(out)
+    chain = load_chain(out / MANIFEST_NAME)
+    names = [e.name for e in chain.anchors]
+    if name in names:
+        raise CBDError(f"chain {chain.name} already has an anchor {name}")
+    by = {e.name: e for e in chain.anchors}
+    if big not in by or small not in by or by[small].parent != big:
+        raise CBDError(f"{small} is not a child of {big} in chain {chain.name}; name two adjacent anchors")
+    b, s = load_chain_anchor(chain, by[big]), load_chain_anchor(chain, by[small])
+    if not s.n_params < size < b.n_params:
+        raise CBDError(f"{format_size(size)} is not between {small} and {big}")
+    sel_s, ranks, _ = lineage_of(s, b, None)
+    fixed = {"hidden": b.shape.hidden} if s.shape.hidden == b.shape.hidden else None
+    target = solve_shape(b.family, b.template, s.shape, b.shape, size, fixed, multiple=ANCHOR_MULTIPLE)
+    sel_t = select(b.shape, target, ranks, required=sel_s)
+    lineage = sel_t.to_json() | {"method": "superset-of-child", "parent": b.source,
+                                 "parent_sha256": anchor_sha256(b), "parent_shape": b.shape.as_dict(),
+                                 "parent_ranking": ranks}
+    d = out / "anchors" / name
+    log(f"[chain] {name}: Subset of {big} -> {target}, holding {small}'s parts")
+    write_model(d, config_for(b.family, b.config, target), subset(b.family, b.weights, b.shape, sel_t), b.path,
+                {"kind": "pruned", "lineage": lineage, "parent": big, "inserted_between": [big, small]},
+                force=True)
+    mid = load_anchor(str(d))
+
+    def repoint(p: dict) -> None:
+        old = p["lineage"]
+        p["lineage"] = {k: v for k, v in old.items() if k not in ("through",)} | \
+            placement(sel_t, sel_s).to_json() | {"parent": mid.source, "parent_sha256": anchor_sha256(mid),
+                                                 "parent_shape": target.as_dict(),
+                                                 "parent_ranking": _ranks_within(ranks, sel_t)}
+        p["parent"] = name
+
+    _rewrite_provenance(out / "anchors" / small, repoint)
+    entries = []
+    for e in chain.anchors:
+        if e.name == small:
+            entries.append(_entry(name, mid, big))
+            e = replace(e, parent=name)
+        entries.append(e)
+    _write_manifest(out, replace(chain, anchors=entries))
+    _refresh_manifest(out)
+    return load_chain(out / MANIFEST_NAME)
 
 
 def _finish_swap(anchors_dir: Path, name: str) -> tuple[Path, Path, Path]:

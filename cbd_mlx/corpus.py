@@ -1,6 +1,10 @@
 """Real English text offline, from Debian packages: the Python 3.11 docs
-(reST sources), the Linux 6.1 docs, and Jane Austen's six novels (inside an R
-data file). Cleaned, one document per file, whole documents held out.
+(reST sources), the Linux 6.1 docs, Jane Austen's six novels (inside an R
+data file), and prose of other kinds and eras (``BROAD``): Ambrose Bierce's
+*Devil's Dictionary* (1911 satire), the Jargon File (hacker slang and lore),
+the GNOME user help (everyday how-to writing) and the Debian project's
+history, manifesto, social contract and constitution. Cleaned, one document
+per file, whole documents held out.
 
 And an out-of-domain evaluation suite (``fetch_suite``): texts that share
 nothing with that corpus (another author, era and genre each), never to be
@@ -26,7 +30,22 @@ PACKAGES = {
     "python": "python3.11-doc",
     "linux": "linux-doc-6.1",
     "austen": "r-cran-janeaustenr",
+    "devil": "dict-devil",
+    "jargon": "dict-jargon",
+    "gnome": "gnome-user-docs",
+    "history": "debian-history",
 }
+LICENCES = {
+    "python": "PSF License 2",
+    "linux": "GPL-2.0",
+    "austen": "public domain (Project Gutenberg texts; the R package is MIT)",
+    "devil": "public domain (1911)",
+    "jargon": "public domain",
+    "gnome": "CC-BY-SA-3.0",
+    "history": "GPL-2+ (project history); the social contract and constitution are Debian's, freely redistributable",
+}
+BROAD = ("devil", "jargon", "gnome", "history")  # the kinds of prose beyond docs and Austen
+DICT_DOC_CHARS = 6_000  # a dictionary is cut into documents of about this size, at entry boundaries
 HELDOUT_BOOKS = ("persuasion",)  # whole novels kept for evaluation (perplexity, cloze)
 HELDOUT_DOC_FRACTION = 0.05
 
@@ -119,7 +138,70 @@ def _austen(root: Path):
         yield title, re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
-READERS = {"python": _python_docs, "linux": _linux_docs, "austen": _austen}
+def _chunks(text: str, size: int = DICT_DOC_CHARS) -> list[str]:
+    """Cut ``text`` at blank lines into pieces of about ``size`` characters."""
+    out, cur = [], []
+    for para in re.split(r"\n\s*\n", text):
+        cur.append(para.rstrip())
+        if sum(len(p) for p in cur) >= size:
+            out.append("\n\n".join(cur).strip() + "\n")
+            cur = []
+    if cur:
+        out.append("\n\n".join(cur).strip() + "\n")
+    return out
+
+
+def _dictd(root: Path, name: str):
+    """A dictd database (``name.dict.dz``, gzip-compatible) as documents of
+    whole entries; the database's own header entries and cross-reference
+    braces are dropped."""
+    text = gzip.decompress(next(root.rglob(f"dictd/{name}.dict.dz")).read_bytes()).decode(errors="replace")
+    text = re.sub(r"^00-?database[^\n]*\n(?:[ \t]+[^\n]*\n|\n)*", "", text, flags=re.M)
+    text = re.sub(r"[{}]", "", text).replace("\r\n", "\n")
+    for i, doc in enumerate(_chunks(text)):
+        yield f"{name}-{i:04d}", doc
+
+
+def _devil(root: Path):
+    yield from _dictd(root, "devil")
+
+
+def _jargon(root: Path):
+    yield from _dictd(root, "jargon")
+
+
+def clean_mallard(xml: str) -> str:
+    """A Mallard help page -> plain text: its <info> block dropped, one
+    paragraph per block element, inline markup unwrapped."""
+    import html
+
+    xml = re.sub(r"<info>.*?</info>|<!--.*?-->", "", xml, flags=re.S)
+    xml = re.sub(r"</?(p|title|item|section|note|list|steps|terms|tr|td|code|screen)\b[^>]*>", "\n\n", xml)
+    text = html.unescape(re.sub(r"<[^>]+>", "", xml))
+    paras = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)]
+    return "\n\n".join(p for p in paras if p) + "\n"
+
+
+def _gnome(root: Path):
+    for f in sorted(root.rglob("help/C/*/*.page")):
+        yield f"{f.parent.name}_{f.stem}", clean_mallard(f.read_text(errors="replace"))
+
+
+def _history(root: Path):
+    base = next(root.rglob("doc/debian-history"))
+    files = [base / "docs/project-history.en.txt.gz", base / "debian-manifesto.gz",
+             base / "social-contract.txt.gz", base / "constitution.txt.gz",
+             *sorted((base / "dedication").glob("dedication-*[0-9].txt"))]
+    for f in files:
+        if f.is_file():
+            raw = f.read_bytes()
+            text = (gzip.decompress(raw) if f.suffix == ".gz" else raw).decode(errors="replace")
+            for i, doc in enumerate(_chunks(text)):
+                yield f"{f.name.split('.')[0]}-{i:03d}", doc
+
+
+READERS = {"python": _python_docs, "linux": _linux_docs, "austen": _austen, "devil": _devil,
+           "jargon": _jargon, "gnome": _gnome, "history": _history}
 
 # the out-of-domain suite: name -> (Debian package, licence, what it is)
 SUITE = {
@@ -214,7 +296,8 @@ def fetch(out: Path | None = None, sources: tuple[str, ...] = tuple(PACKAGES), f
             held = set(HELDOUT_BOOKS) if src == "austen" else None
             summary[src] = _write_docs(tmp, src, READERS[src](root), held)
             shutil.rmtree(root, ignore_errors=True)
-        lines = [f"{s}: {c['train']} train / {c['heldout']} held-out documents" for s, c in summary.items()]
+        lines = [f"{s}: {c['train']} train / {c['heldout']} held-out documents; {PACKAGES[s]}, {LICENCES[s]}"
+                 for s, c in summary.items()]
         (tmp / "README.txt").write_text(
             "Corpus made by `cbd-mlx data fetch` from Debian packages "
             + ", ".join(PACKAGES[s] for s in sources) + ".\n" + "\n".join(lines) + "\n"

