@@ -12,6 +12,8 @@ from .errors import CBDError
 from .families import FAMILIES
 from .shapes import Shape, check_shape, format_size
 
+DELTA_FILE = "delta.safetensors"  # a delta-stored anchor's folder (delta_store)
+
 def _chains_dir() -> Path:
     """Where the shipped chain manifests live: inside the installed package
     (the wheel maps the repository's chains/ to cbd_mlx/chains), else the
@@ -56,11 +58,24 @@ class Chain:
     anchors: list[ChainAnchor] = field(default_factory=list)  # biggest first
     description: str = ""
 
-    def source_of(self, anchor: ChainAnchor) -> str:
-        """What ``models.resolve`` takes: a directory, a packaged alias or a hub id."""
+    def stored_at(self, anchor: ChainAnchor) -> str:
+        """Where the chain keeps an anchor: its folder, packaged alias or hub id."""
         if anchor.local:
             return str(self.path.parent / anchor.source)
         return anchor.source.split(":", 1)[1]
+
+    def source_of(self, anchor: ChainAnchor) -> str:
+        """What ``loader.resolve`` takes: a directory, a packaged alias or a hub
+        id. A delta-stored anchor is materialized first (once, into the cache)."""
+        where = self.stored_at(anchor)
+        if anchor.local and (Path(where) / DELTA_FILE).is_file():
+            from .delta_store import materialize
+
+            parent = next((e for e in self.anchors if e.name == anchor.parent), None)
+            if parent is None or not anchor.sha256:
+                raise CBDError(f"{self.path}: delta anchor {anchor.name} needs its parent and sha256 in the manifest")
+            return str(materialize(Path(where), lambda: load_chain_anchor(self, parent), anchor.sha256))
+        return where
 
     def bracket(self, n: int) -> tuple[ChainAnchor, ChainAnchor]:
         """The adjacent (bigger, smaller) anchors around ``n`` parameters."""
@@ -222,6 +237,21 @@ def load_chain_anchor(chain: Chain, entry: ChainAnchor, check_finite: bool = Tru
             "it was modified or replaced: restore it or rebuild the chain"
         )
     return a
+
+
+def materialized(anchor_dir: Path) -> Path:
+    """The full weights of a delta-stored anchor given by its folder inside a
+    chain (its manifest two levels up), built once into the cache."""
+    anchor_dir = Path(anchor_dir).resolve()
+    manifest = anchor_dir.parent.parent / MANIFEST_NAME
+    if not manifest.is_file():
+        raise CBDError(f"{anchor_dir} is a delta-stored anchor outside its chain (no {manifest}); "
+                       "use it through its chain folder")
+    chain = load_chain(manifest)
+    entry = next((e for e in chain.anchors if e.local and Path(chain.stored_at(e)).resolve() == anchor_dir), None)
+    if entry is None:
+        raise CBDError(f"{manifest} does not list {anchor_dir}; the chain's files do not belong together")
+    return Path(chain.source_of(entry))
 
 
 def list_chains() -> list[Chain]:

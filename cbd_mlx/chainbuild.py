@@ -281,7 +281,14 @@ def insert_anchor(out: Path, big: str, small: str, size: int, name: str, log=pri
         raise CBDError(f"{format_size(size)} is not between {small} and {big}")
     sel_s, ranks, _ = lineage_of(s, b, None)
     fixed = {"hidden": b.shape.hidden} if s.shape.hidden == b.shape.hidden else None
-    target = solve_shape(b.family, b.template, s.shape, b.shape, size, fixed, multiple=ANCHOR_MULTIPLE)
+    target = None
+    for multiple in (ANCHOR_MULTIPLE, 32, 8):  # widths that quantize in groups of 64 when a shape allows
+        try:
+            target = solve_shape(b.family, b.template, s.shape, b.shape, size, fixed, multiple=multiple)
+            break
+        except CBDError:
+            if multiple == 8:
+                raise
     sel_t = select(b.shape, target, ranks, required=sel_s)
     lineage = sel_t.to_json() | {"method": "superset-of-child", "parent": b.source,
                                  "parent_sha256": anchor_sha256(b), "parent_shape": b.shape.as_dict(),
@@ -644,5 +651,92 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
                                    params=a.n_params, shape=a.shape))
         packed = Chain(chain.name, chain.family, chain.tokenizer, Path(out) / MANIFEST_NAME, entries,
                        chain.description + f" (packed: {bits}-bit, group {group_size}{', ' + recipe if recipe else ''})")
+        (tmp / MANIFEST_NAME).write_text(dump_chain(packed))
+    return packed
+
+
+DELTA_TOLERANCE = 0.03  # a delta-stored anchor may score at most 3% above its fp32 perplexity
+
+
+def _mean_ratio(model_a, model_b, texts: list[np.ndarray]) -> tuple[float, float, float]:
+    """(mean ppl of a, mean ppl of b, mean per-text ratio b/a)."""
+    from .export import eval_ppl
+
+    pa = [eval_ppl(model_a, t) for t in texts]
+    pb = [eval_ppl(model_b, t) for t in texts]
+    return float(np.mean(pa)), float(np.mean(pb)), float(np.mean([b / a for a, b in zip(pa, pb)]))
+
+
+def pack_deltas(chain: Chain, out: Path, bits: int | str = "auto", group_size: int = 64, force: bool = False,
+                eval_texts: list[np.ndarray] | None = None, tolerance: float = DELTA_TOLERANCE,
+                log=print) -> Chain:
+    """A shippable chain whose distilled anchors are low-bit deltas against
+    the Subset of their (materialized) parent (`delta`); the source is
+    referenced by name and sha256. ``bits="auto"``: per anchor, the fewest of
+    2/3/4/8 bits whose perplexity on ``eval_texts`` (mean per-text ratio) is
+    within ``tolerance`` of the fp32 anchor. Each anchor's full weights hash
+    goes into the manifest; `init` materializes it on first use."""
+    from . import delta
+    from .delta_store import materialize, parent_subset, write_delta_dir
+    from .loader import model_from_weights
+
+    if bits == "auto" and not eval_texts:
+        raise CBDError("--delta-bits auto needs --eval-data to measure each anchor against its fp32 perplexity")
+    tries = [b for b in delta.DELTA_BITS] if bits == "auto" else [int(bits)]
+    entries, recon = [], {}
+    with atomic_dir(out, force) as tmp:
+        for e in chain.anchors:
+            a = load_chain_anchor(chain, e)
+            if e.parent is None:
+                ref = _reference(a.provenance.get("source", "")) if a.provenance.get("kind") == "source" else None
+                if ref is None:  # a local source travels with the chain, in full
+                    write_model(tmp / "anchors" / e.name, a.config, a.weights, a.path, a.provenance)
+                    log(f"[pack] {e.name}: copied in full (not a packaged model or hub id)")
+                    entries.append(replace(e, source=f"anchors/{e.name}", local=True, sha256=anchor_sha256(a)))
+                    recon[e.name] = a
+                    continue
+                src = load_anchor(ref.split(":", 1)[1], e.revision)
+                if anchor_sha256(src) != anchor_sha256(a):
+                    raise CBDError(f"{e.name}: '{ref}' no longer matches the copy the chain was built from")
+                log(f"[pack] {e.name}: referenced as {ref}")
+                entries.append(replace(e, source=ref, local=False, sha256=anchor_sha256(src)))
+                recon[e.name] = src
+                continue
+            parent_full = load_chain_anchor(chain, next(p for p in chain.anchors if p.name == e.parent))
+            lin = a.provenance.get("lineage")
+            if not lin or lin.get("parent_sha256") != anchor_sha256(parent_full):
+                raise CBDError(f"{e.name} has no lineage in its parent {e.parent}; only a chain built by "
+                               "`chain build` (or densified) can be delta-stored")
+            parent = recon[e.parent]
+            base = parent_subset(parent, lin)
+            fp = model_from_weights(a.config, a.weights) if eval_texts else None
+            for b in tries:
+                arrays, meta = delta.encode(a.weights, base, b, group_size)
+                if not eval_texts:
+                    break
+                q = model_from_weights(a.config, delta.decode(base, arrays, meta))
+                p_fp, p_q, ratio = _mean_ratio(fp, q, eval_texts)
+                log(f"[pack] {e.name}: {b}-bit delta: ppl {p_q:.2f} vs {p_fp:.2f} in fp32 ({ratio - 1:+.1%})")
+                if ratio <= 1 + tolerance:
+                    break
+            prov = copy.deepcopy(a.provenance)
+            prov["lineage"]["parent_sha256"] = anchor_sha256(parent)
+            prov["packed"] = {"delta_bits": b, "group_size": group_size, "from_sha256": anchor_sha256(a),
+                              "bits_per_weight": round(delta.bits_per_weight(arrays, meta), 3)}
+            if eval_texts:
+                prov["packed"].update(ppl_full_precision=p_fp, ppl_packed=p_q, ratio=ratio)
+            dest = tmp / "anchors" / e.name
+            write_delta_dir(dest, a.config, prov, arrays, meta)
+            built = materialize(dest, lambda: parent, None)
+            recon[e.name] = load_anchor(str(built))
+            sha = anchor_sha256(recon[e.name])
+            size = (dest / "delta.safetensors").stat().st_size
+            log(f"[pack] {e.name}: {b}-bit delta, {prov['packed']['bits_per_weight']:.2f} bits/weight, "
+                f"{size / 1e6:.1f} MB")
+            entries.append(replace(e, source=f"anchors/{e.name}", local=True, sha256=sha, params=a.n_params,
+                                   shape=a.shape))
+        packed = Chain(chain.name, chain.family, chain.tokenizer, Path(out) / MANIFEST_NAME, entries,
+                       chain.description.split(" (")[0] + f" (packed: deltas on each parent's Subset, "
+                       f"{bits}-bit, group {group_size})")
         (tmp / MANIFEST_NAME).write_text(dump_chain(packed))
     return packed

@@ -130,7 +130,7 @@ def chain_show(name):
     if c.description:
         click.echo(f"  {c.description}")
     for a in c.anchors:
-        src = c.source_of(a) if a.local else a.source
+        src = c.stored_at(a) if a.local else a.source
         click.echo(f"  {a.name:<18} {format_size(a.params):>8}  {a.shape}  <- {src}")
     from .chain import manifest_config, round_sizes
     from .families import FAMILIES
@@ -238,33 +238,46 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep
               help="awq / gptq calibrate on the built-in English text.")
 @click.option("--anchors", "ship", default=None,
               help="Comma-separated anchors to ship [default: all]; the lineage of a left-out anchor's child goes through it.")
-@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
-              help="Held-out text: report each anchor's perplexity in full precision and packed.")
-@click.option("--eval-tokens", type=POSITIVE, default=4096, show_default=True)
+@click.option("--eval-data", type=click.Path(path_type=Path), multiple=True,
+              help="Held-out text, or a folder of .txt files such as `data suite`'s (repeatable): each anchor's "
+                   "perplexity in full precision and packed.")
+@click.option("--eval-tokens", type=POSITIVE, default=4096, show_default=True, help="Tokens of each text.")
+@click.option("--delta-bits", type=click.Choice(["2", "3", "4", "8", "auto"]), default=None,
+              help="Store each distilled anchor as a delta against the Subset of its parent, in this many bits "
+                   "('auto': the fewest within 3%% of fp32 on --eval-data); --bits and the rest are then unused.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, recipe, method, ship, eval_data,
-               eval_tokens, force):
+               eval_tokens, delta_bits, force):
     """Make a built chain small enough to ship: the source anchor is referenced
     by name (a packaged model or hub id, checked by sha256), the distilled
     anchors are quantized, tensors every anchor shares (frozen embeddings) are
-    stored once; lineage stays valid, so `init --chain OUT` blends them."""
+    stored once; lineage stays valid, so `init --chain OUT` blends them.
+    With --delta-bits, each anchor is a low-bit delta on its parent's Subset,
+    rebuilt on first use into the cache (checked by sha256)."""
     from .chain import find_chain
-    from .chainbuild import pack_chain
+    from .chainbuild import pack_chain, pack_deltas
 
     chain = find_chain(chain_path)
-    ev = None
+    texts = []
     if eval_data:
         import numpy as np
 
         from .evaluate import tokenize_file
         from .loader import load_tokenizer, resolve
 
-        tok = load_tokenizer(resolve(chain.source_of(chain.anchors[-1])))
-        ev = np.array(tokenize_file(tok, eval_data, eval_tokens), dtype=np.int32)
-    packed = pack_chain(chain, out, int(bits), int(group_size), recipe, force, method,
-                        DEFAULT_CALIB, log=say, ship=ship.split(",") if ship else None,
-                        embed_bits=int(embed_bits) if embed_bits else None,
-                        embed_group_size=int(embed_group_size) if embed_group_size else None, eval_tokens=ev)
+        tok = load_tokenizer(resolve(chain.source_of(chain.anchors[0])))
+        files = [f for p in eval_data for f in (sorted(Path(p).glob("*.txt")) if Path(p).is_dir() else [p])
+                 if f.name != "README.txt"]
+        texts = [np.array(tokenize_file(tok, f, eval_tokens), dtype=np.int32) for f in files]
+    if delta_bits:
+        packed = pack_deltas(chain, out, delta_bits if delta_bits == "auto" else int(delta_bits), int(group_size),
+                             force, texts or None, log=say)
+    else:
+        packed = pack_chain(chain, out, int(bits), int(group_size), recipe, force, method,
+                            DEFAULT_CALIB, log=say, ship=ship.split(",") if ship else None,
+                            embed_bits=int(embed_bits) if embed_bits else None,
+                            embed_group_size=int(embed_group_size) if embed_group_size else None,
+                            eval_tokens=np.concatenate(texts) if texts else None)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file() and not f.is_symlink())
     say(f"wrote {packed.path}: {len(packed.anchors)} anchors, {size / 1e6:.1f} MB on disk")
 

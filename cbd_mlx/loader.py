@@ -16,6 +16,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .chain import DELTA_FILE
 from .errors import CBDError
 from .families import Family, family_of
 from .save import TOKENIZER_FILES, atomic_dir, cache_dir, dir_digest, file_sha256, weights_sha256
@@ -68,6 +69,10 @@ def resolve(source: str, revision: str | None = None) -> Path:
         return _converted_gguf(found)
     p = Path(source).expanduser()
     if p.is_dir():
+        if (p / DELTA_FILE).is_file():  # a delta-stored chain anchor: its full weights, built once
+            from .chain import materialized
+
+            return materialized(p)
         return p
     if p.suffix == ".gguf":
         if not p.is_file():

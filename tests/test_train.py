@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -663,3 +664,81 @@ def test_an_outlier_batch_is_skipped_not_rolled_back(setup, tmp_path, monkeypatc
     rec = distill(str(teacher), str(student), cache, tmp_path / "o", cfg(), log=logs.append)
     assert rec["rollbacks"] == 0 and rec["steps"] == 12
     assert any("skipping that batch's update" in line for line in logs), logs
+
+
+def test_densify_and_delta_pack_round_trip(setup, tmp_path, monkeypatch):
+    """A chain densified by insert_anchor keeps lineage both ways; packed as
+    deltas it materializes into the cache bit-exactly (sha256-checked), init
+    blends its anchors, mlx-lm loads the materialized anchor, and a damaged
+    delta file is refused with one clear error."""
+    from mlx_lm import load as mlx_load
+
+    from cbd_mlx import delta
+    from cbd_mlx.chain import find_chain, load_chain_anchor
+    from cbd_mlx.chainbuild import build_chain, insert_anchor, pack_deltas, polish_anchors
+    from cbd_mlx.delta_store import read_delta, write_delta_dir
+    from cbd_mlx.loader import resolve
+    from cbd_mlx.interpolate import build_init, has_lineage
+
+    monkeypatch.setenv("CBD_MLX_CACHE", str(tmp_path / "cache"))
+    teacher, _, cache = setup
+    big = load_anchor(str(teacher))
+    built = build_chain(str(teacher), [int(big.n_params * 0.45)], cache, tmp_path / "chain",
+                        cfg(tokens=2 * 4 * 64, freeze_embeddings=True), log=lambda *_: None, max_step=0.6)
+    a0, a2 = [e.name for e in built.anchors]
+    chain = insert_anchor(tmp_path / "chain", a0, a2, reachable_size(*built.anchors[:2]), "a1-mid",
+                          log=lambda *_: None)
+    assert [e.name for e in chain.anchors] == [a0, "a1-mid", a2]
+    anchors = [load_chain_anchor(chain, e) for e in chain.anchors]
+    assert has_lineage(anchors[1], anchors[0]) and has_lineage(anchors[2], anchors[1])
+    polish_anchors(tmp_path / "chain", cache, cfg(tokens=4 * 4 * 64, freeze_embeddings=True), ["a1-mid"],
+                   log=lambda *_: None)
+    chain = find_chain(str(tmp_path / "chain"))
+    mid, small = (load_chain_anchor(chain, e) for e in chain.anchors[1:])
+    assert has_lineage(small, mid)  # re-pointed at the polished weights
+
+    packed = pack_deltas(chain, tmp_path / "packed", bits=8, log=lambda *_: None)
+    assert all((tmp_path / "packed" / e.source / "delta.safetensors").is_file() for e in packed.anchors[1:])
+    kinds = read_delta(tmp_path / "packed" / packed.anchors[1].source)[3]["kinds"]
+    assert kinds["model.embed_tokens.weight"] == "same" and "delta" in kinds.values()
+    for e, full in zip(packed.anchors[1:], (mid, small)):
+        got = load_chain_anchor(packed, e)  # materialized, sha256-checked
+        for k, v in full.weights.items():
+            assert np.abs(got.weights[k] - v).max() <= 2e-2 * (np.abs(v).max() + 1e-6), k
+        mlx_load(packed.source_of(e))
+        assert resolve(str(tmp_path / "packed" / e.source)) == Path(packed.source_of(e))  # convert, eval, ...
+    n = (packed.anchors[1].params + packed.anchors[2].params) // 2
+    res = build_init(n, chain=str(tmp_path / "packed"), alpha=0.5)
+    assert res.provenance["info"]["alignment"] == "lineage"
+
+    # damaged: another delta file under the same name
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache" / "anchors")
+    f = tmp_path / "packed" / packed.anchors[2].source / "delta.safetensors"
+    arrays, meta = delta.encode({k: v * 1.5 for k, v in small.weights.items()}, small.weights, 8, 32)
+    bad = tmp_path / "bad"
+    write_delta_dir(bad, small.config, small.provenance, arrays, meta)
+    shutil.copy(bad / "delta.safetensors", f)
+    with pytest.raises(CBDError, match="re-download"):
+        load_chain_anchor(packed, packed.anchors[2])
+
+
+def test_delta_codes_round_trip():
+    from cbd_mlx import delta
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 128)).astype(np.float32)
+    for bits in delta.DELTA_BITS:
+        q = delta.quantize(w, bits, 64)
+        r = delta.dequantize(q, w.shape, bits, 64)
+        step = (w.reshape(-1, 64).max(1) - w.reshape(-1, 64).min(1)) / (2**bits - 1)
+        assert np.all(np.abs(r - w).reshape(-1, 64) <= step[:, None] * 0.51 + 1e-2)
+        assert q["codes"].nbytes * 8 == w.size * bits
+    base = {"a": w, "n": np.ones(128, np.float32), "e": w * 2}
+    new = {"a": w + 0.01, "n": np.full(128, 2.0, np.float32), "e": w * 2}
+    arrays, meta = delta.encode(new, base, 4, 64)
+    assert meta["kinds"] == {"a": "delta", "e": "same", "n": "full"}
+    out = delta.decode(base, arrays, meta)
+    assert np.array_equal(out["e"], base["e"]) and np.array_equal(out["n"], new["n"])
+    assert np.abs(out["a"] - new["a"]).max() < 1e-3
