@@ -8,7 +8,9 @@ the decoded weights are bit-identical on every machine, so a materialized
 anchor can be checked against the sha256 its chain records.
 
 Affine round-to-nearest in groups along the last axis, as mlx's quantizer:
-``w ~ code * scale + bias`` with fp16 scales and biases. Vectors (norms,
+``w ~ code * scale + bias`` with fp16 scales and biases; at 2-4 bits each
+group's range is clipped to whichever of a few shrinks gives the least
+squared error. Vectors (norms,
 biases) are stored in full; tensors equal to the base (a frozen embedding)
 are not stored at all.
 """
@@ -20,6 +22,7 @@ import numpy as np
 from .errors import CBDError
 
 DELTA_BITS = (2, 3, 4, 8)
+CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # range shrinks tried per group at 2-4 bits
 
 
 def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -41,14 +44,31 @@ def quantize(w: np.ndarray, bits: int, group_size: int) -> dict[str, np.ndarray]
     if w.shape[-1] % group_size:
         raise CBDError(f"last axis {w.shape[-1]} is not a multiple of the group size {group_size}")
     g = w.astype(np.float32).reshape(-1, group_size)
-    lo, hi = g.min(axis=1), g.max(axis=1)
-    scales = ((hi - lo) / (2**bits - 1)).astype(np.float16)
-    biases = lo.astype(np.float16)
-    s = scales.astype(np.float32)[:, None]
-    safe = np.where(s > 0, s, 1.0)
-    codes = np.clip(np.rint((g - biases.astype(np.float32)[:, None]) / safe), 0, 2**bits - 1).astype(np.uint8)
-    codes[(s == 0)[:, 0]] = 0
+    best = None
+    for clip in CLIPS if bits <= 4 else (1.0,):  # per group, the range that gives the least squared error
+        codes, scales, biases = _rtn(g, bits, clip)
+        err = ((codes * scales.astype(np.float32)[:, None] + biases.astype(np.float32)[:, None] - g) ** 2).sum(1)
+        if best is None:
+            best = [codes, scales, biases, err]
+        else:
+            better = err < best[3]
+            for i, new in enumerate((codes, scales, biases, err)):
+                best[i][better] = new[better]
+    codes, scales, biases, _ = best
     return {"codes": _pack_codes(codes, bits), "scales": scales, "biases": biases}
+
+
+def _rtn(g: np.ndarray, bits: int, clip: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest codes of groups ``g`` over their [min, max] range
+    shrunk by ``clip`` about its middle: (codes, fp16 scales, fp16 biases)."""
+    lo, hi = g.min(axis=1), g.max(axis=1)
+    mid, half = (lo + hi) / 2, (hi - lo) / 2 * clip
+    scales = (2 * half / (2**bits - 1)).astype(np.float16)
+    biases = (mid - half).astype(np.float16)
+    s = scales.astype(np.float32)[:, None]
+    codes = np.clip(np.rint((g - biases.astype(np.float32)[:, None]) / np.where(s > 0, s, 1.0)), 0, 2**bits - 1)
+    codes[(s == 0)[:, 0]] = 0
+    return codes.astype(np.uint8), scales, biases
 
 
 def dequantize(q: dict[str, np.ndarray], shape: tuple[int, ...], bits: int, group_size: int) -> np.ndarray:
