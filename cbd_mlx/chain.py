@@ -130,8 +130,9 @@ def load_chain(path: Path) -> Chain:
     """Read and validate a chain manifest."""
     try:
         data = tomllib.loads(Path(path).read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise CBDError(f"{path} is not valid TOML: {e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise CBDError(f"{path} is not valid TOML: {why}") from None
     except OSError as e:
         raise CBDError(f"cannot read {path}: {e.strerror}") from None
     unknown = set(data) - CHAIN_KEYS

@@ -56,9 +56,12 @@ def _read_documents(files: list[tuple[Path, str]]):
                         continue
                     try:
                         text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
+                    except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
                         raise CBDError(f"{f}:{i + 1}: each jsonl line needs a 'text' field") from None
-                    yield f"{doc_id}:{i}", str(text)
+                    if not isinstance(text, str):
+                        raise CBDError(f"{f}:{i + 1}: 'text' is {type(text).__name__}, not a string; "
+                                       "fix that line or drop it")
+                    yield f"{doc_id}:{i}", text
         else:
             from .evaluate import read_text
 

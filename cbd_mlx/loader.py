@@ -157,8 +157,9 @@ def read_json(path: Path, what: str) -> dict:
     path = Path(path)
     try:
         obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CBDError(f"{path} is not valid JSON ({e}); restore or re-download the {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise CBDError(f"{path} is not valid JSON ({why}); restore or re-download the {what}") from None
     except FileNotFoundError:
         raise CBDError(f"{path} does not exist; restore or re-download the {what}") from None
     except OSError as e:

@@ -114,7 +114,37 @@ def shape_of(family: Family, config: dict) -> Shape:
     eps = config.get(family.eps_key)
     if family.eps_key in config and not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1):
         raise CBDError(f"config.json: {family.eps_key} {eps!r} must be a small positive number")
+    check_fields(config)
     return shape
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# config fields any family's model reads, beyond the shape: key -> (valid?, what it must be)
+FIELD_CHECKS = {
+    "rope_theta": (lambda v: _number(v) and v > 0, "a finite positive number"),
+    "rotary_emb_base": (lambda v: _number(v) and v > 0, "a finite positive number"),
+    "rotary_pct": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "partial_rotary_factor": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "rope_scaling": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "max_position_embeddings": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24,
+                                "a positive whole number up to 16M"),
+    "n_positions": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24,
+                    "a positive whole number up to 16M"),
+    "tie_word_embeddings": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "attention_bias": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "mlp_bias": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+}
+
+
+def check_fields(config: dict) -> None:
+    """Refuse config fields a model reads that are out of range (rope_theta
+    NaN or Infinity, rope_scaling a string, rotary_pct 5, ...)."""
+    for key, (ok, want) in FIELD_CHECKS.items():
+        if key in config and not ok(config[key]):
+            raise CBDError(f"config.json: {key} is {config[key]!r}, not {want}; the config is damaged")
 
 
 def config_for(family: Family, base_config: dict, shape: Shape) -> dict:

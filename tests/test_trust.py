@@ -157,3 +157,43 @@ def test_generate_names_a_bad_model_path_instead_of_a_network_error(tmp_path, ca
             main(["generate", "--model", str(model), "--prompt", "hi"])
         err = capsys.readouterr().err
         assert e.value.code == 1 and want in err and len(err.strip().splitlines()) == 1, err
+
+
+BAD_FIELDS = [("rope_theta", float("nan")), ("rope_theta", -1.0), ("rope_theta", float("inf")),
+              ("rope_theta", "big"), ("rope_scaling", "linear"), ("rotary_pct", 5), ("max_position_embeddings", 0),
+              ("tie_word_embeddings", "yes"), ("attention_bias", 3)]
+
+
+@pytest.mark.parametrize("key,value", BAD_FIELDS)
+def test_config_fields_a_model_reads_are_range_checked(tmp_path, tokenizer_dir, key, value):
+    import json
+
+    big, _ = tiny_anchor_pair(tmp_path, TINY_CONFIGS["llama"], tokenizer_dir)
+    cfg = json.loads((big / "config.json").read_text())
+    cfg[key] = value
+    (big / "config.json").write_text(json.dumps(cfg))  # NaN/Infinity as Python's json writes them
+    with pytest.raises(CBDError, match=key):
+        load_anchor(str(big))
+
+
+@pytest.mark.parametrize("record", ['{"text": null}', '{"text": 12345}', '{"text": ["a"]}', '{"text": {"a": 1}}',
+                                    '[' * 100000 + ']' * 100000])
+def test_jsonl_records_that_are_not_text_are_refused(tmp_path, tokenizer_dir, record):
+    from cbd_mlx.data import prepare
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a fine line of text"}\n' + record + "\n")
+    with pytest.raises(CBDError, match="d.jsonl:2"):
+        prepare([f], str(tokenizer_dir), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("body", [b"\xff\xfe\x00bad", b"[" * 100000 + b"]" * 100000])
+def test_json_and_toml_that_cannot_be_read_are_one_clear_error(tmp_path, body):
+    from cbd_mlx.loader import read_json
+
+    (tmp_path / "x.json").write_bytes(body)
+    with pytest.raises(CBDError, match="not valid JSON"):
+        read_json(tmp_path / "x.json", "record")
+    (tmp_path / "chain.toml").write_bytes(body.replace(b"[", b"a = [") if body[0] == 91 else body)
+    with pytest.raises(CBDError, match="not valid TOML"):
+        load_chain(tmp_path / "chain.toml")
