@@ -1,5 +1,7 @@
 """The one exception type the CLI turns into a single clear error line."""
 
+import os
+
 
 class CBDError(Exception):
     """A user-facing error: the message says what is wrong and what to do."""
@@ -12,3 +14,21 @@ def check_count(name: str, value, low: int = 1, high: int | None = None) -> int:
         bound = f"{low}..{high}" if high is not None else f">= {low}"
         raise CBDError(f"{name} {value!r} is invalid: give a whole number {bound}")
     return value
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory (bytes; 0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_fits(what: str, need_bytes: float, fix: str) -> None:
+    """Refuse work whose arrays alone would exceed physical memory (a native
+    crash otherwise), naming the option to lower."""
+    total = memory_bytes()
+    if total and need_bytes > total:
+        raise CBDError(f"{what} needs about {need_bytes / 2**30:,.0f} GiB, more than this machine's "
+                       f"{total / 2**30:.0f} GiB; {fix}")
+

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from .errors import CBDError
+from .errors import CBDError, check_fits
 from .loader import read_provenance, resolve
 from .save import atomic_dir, dump_json, weights_sha256
 
@@ -140,6 +140,13 @@ def finetune(model_src: str, data_dir: Path, out: Path, cfg: FinetuneConfig | No
     path = resolve(model_src)
     prov = read_provenance(path) or {"kind": "external", "source": model_src}  # read before hours of training
     model, tokenizer, config = load(str(path), return_config=True)
+    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
+    if mode != "full" and hidden and rank > hidden:
+        raise CBDError(f"--lora-rank {rank} is above the model's hidden size {hidden}; a LoRA rank is small "
+                       "(8-64): lower it")
+    vocab = int(config.get("vocab_size") or 0)
+    check_fits(f"a batch of {batch_size} x {max_seq_length} tokens", 3 * 4 * batch_size * max_seq_length * vocab,
+               "lower --batch-size or --max-seq-length")
     n_layers = len(model.layers) if num_layers < 0 else min(num_layers, len(model.layers))
     with atomic_dir(out, force) as tmp:
         args = SimpleNamespace(**{**CONFIG_DEFAULTS, "optimizer_config": {"adam": {}}})

@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from .data import PackedSequences
-from .errors import CBDError
+from .errors import CBDError, check_fits
 from .save import atomic_dir
 from . import losses
 from .losses import LOSSES, Batch, LossFn
@@ -353,6 +353,10 @@ def train(
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     steps = cfg.steps(world)
+    vocab = max((v.shape[0] for k, v in tree_flatten(model.parameters()) if k.endswith("embed_tokens.weight")
+                 or k.endswith("wte.weight") or k.endswith("embed_in.weight")), default=0)
+    check_fits(f"a batch of {cfg.batch_size} x {cfg.seq_len} tokens", 3 * 4 * cfg.batch_size * cfg.seq_len * vocab,
+               "lower --batch-size or --seq-len (use --grad-accum for a bigger effective batch)")
     loss_fn_given = loss_fn is not None
     loss_fn = loss_fn or losses.from_config(cfg)
     if cfg.freeze_embeddings:

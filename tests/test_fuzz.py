@@ -225,6 +225,8 @@ def _bad_option_cases(w: dict) -> list:
         (["init", "--size", w["size"], "--anchors", w["big"], w["small"], "--out", out, "--layers"], ["0", "-1"]),
         (["finetune", w["big"], "--data", w["dir"], "--out", out, "--lr"], ["nan", "0"]),
         (["finetune", w["big"], "--data", w["dir"], "--out", out, "--num-layers"], ["0", "-2"]),
+        (["finetune", w["big"], "--data", w["dir"], "--out", out, "--lora-rank"], ["100000000"]),
+        (distill + ["--tokens", "256", "--seq-len", "100000", "--batch-size"], ["1000000"]),
         (["bridge", "--source", w["big"], "--student", w["small"], "--prompt-data", HELDOUT, "--tokens", "64",
           "--out", out, "--top-p"], ["2", "0", "nan"]),
         (["data", "prepare", HELDOUT, "--tokenizer", w["big"], "--out", out, "--heldout-fraction"], ["1", "-0.1", "nan"]),

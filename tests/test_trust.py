@@ -197,3 +197,17 @@ def test_json_and_toml_that_cannot_be_read_are_one_clear_error(tmp_path, body):
     (tmp_path / "chain.toml").write_bytes(body.replace(b"[", b"a = [") if body[0] == 91 else body)
     with pytest.raises(CBDError, match="not valid TOML"):
         load_chain(tmp_path / "chain.toml")
+
+
+def test_a_batch_beyond_memory_is_refused_before_it_crashes(tmp_path, tokenizer_dir):
+    from cbd_mlx.data import PackedSequences
+    from cbd_mlx.loader import model_from_weights
+    from cbd_mlx.train import TrainConfig, train
+    from conftest import random_weights
+
+    cfg = TINY_CONFIGS["llama"]
+    model = model_from_weights(cfg, random_weights(cfg, 0))
+    data = PackedSequences(np.arange(4096, dtype=np.int32) % 200, 64)
+    big = TrainConfig(tokens=10**12, batch_size=10**6, seq_len=10**4)
+    with pytest.raises(CBDError, match="lower --batch-size"):
+        train(model, data, None, big, tmp_path / "w", log=lambda *_: None)
