@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import CBDError
+from .evaluate import read_text
 from .loader import read_json, resolve
 
 PROMPT_WORDS = 24  # words per prompt drawn from text files
@@ -22,12 +23,15 @@ GEN_DIR = "generated"
 HELDOUT_FRACTION = 0.1  # of the generated documents
 
 
+MAX_PROMPT_CHARS = 64 << 20  # a prompts file is read up to this many characters
+
+
 def prompts_from(prompts_file: Path | None, texts: list[Path], n: int, seed: int = 0,
                  words: int = PROMPT_WORDS) -> list[str]:
     """``n`` prompts: lines of a prompts file, or openings of ``words``-word
     windows drawn (seeded) from text files / folders."""
     if prompts_file is not None:
-        lines = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        lines = [line.strip() for line in read_text(prompts_file, MAX_PROMPT_CHARS).splitlines() if line.strip()]
         if not lines:
             raise CBDError(f"{prompts_file} holds no prompts (one per line)")
         return [lines[i % len(lines)] for i in range(n)]

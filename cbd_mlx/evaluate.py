@@ -21,6 +21,9 @@ EVAL_BATCH = 4
 BINARY_PROBE = 8192  # bytes checked for binary content
 
 
+TOKENIZE_MARGIN = 64  # tokens past max_tokens that a prefix must give: its cut end never reaches them
+
+
 def check_text_file(path: Path, what: str = "text file") -> Path:
     """``path`` if it is a readable regular file of text; one clear error otherwise."""
     p = Path(path)
@@ -42,10 +45,12 @@ def check_text_file(path: Path, what: str = "text file") -> Path:
     return p
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path, max_chars: int | None = None) -> str:
+    """A text file (its first ``max_chars`` characters when given)."""
     p = check_text_file(path)
     try:
-        return p.read_text(encoding="utf-8", errors="replace")
+        with open(p, encoding="utf-8", errors="replace") as f:
+            return f.read(max_chars if max_chars else -1)
     except OSError as e:
         raise CBDError(f"cannot read {p}: {e.strerror}") from None
 
@@ -67,8 +72,17 @@ def check_token_ids(tokens, vocab: int, model: str) -> None:
 
 
 def tokenize_file(tokenizer, path: Path, max_tokens: int | None = None) -> list[int]:
-    ids = encode_text(tokenizer, read_text(path))
-    return ids[:max_tokens] if max_tokens else ids
+    """Token ids of a text file; with ``max_tokens``, only as much of the file
+    is read and tokenized as those need (a prefix, grown until it has them)."""
+    if not max_tokens:
+        return encode_text(tokenizer, read_text(path))
+    chars = 8 * max_tokens + 1024
+    while True:
+        text = read_text(path, chars)
+        ids = encode_text(tokenizer, text)
+        if len(text) < chars or len(ids) >= max_tokens + TOKENIZE_MARGIN:  # the whole file, or enough of it
+            return ids[:max_tokens]
+        chars *= 4
 
 
 def perplexity(

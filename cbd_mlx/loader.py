@@ -179,6 +179,8 @@ def check_safetensors(path: Path) -> dict:
     (no overlaps, inside the file) before any native loader reads it; returns
     the header."""
     bad = f"{path} is truncated or corrupt; restore or re-download it"
+    if path.exists() and not path.is_file():
+        raise CBDError(f"{path} is not a regular file (a pipe or a device?); restore the model's weights file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:

@@ -211,3 +211,20 @@ def test_a_batch_beyond_memory_is_refused_before_it_crashes(tmp_path, tokenizer_
     big = TrainConfig(tokens=10**12, batch_size=10**6, seq_len=10**4)
     with pytest.raises(CBDError, match="lower --batch-size"):
         train(model, data, None, big, tmp_path / "w", log=lambda *_: None)
+
+
+def test_pipes_and_endless_devices_are_not_read(tmp_path, tokenizer_dir):
+    from cbd_mlx.bridge import prompts_from
+    from cbd_mlx.evaluate import tokenize_file
+    from cbd_mlx.loader import load_tokenizer
+
+    big, _ = tiny_anchor_pair(tmp_path, TINY_CONFIGS["llama"], tokenizer_dir)
+    (big / "model.safetensors").unlink()
+    os.mkfifo(big / "model.safetensors")
+    with pytest.raises(CBDError, match="not a regular file"):
+        load_anchor(str(big))
+    with pytest.raises(CBDError, match="not a regular file"):
+        prompts_from(Path("/dev/zero"), [], 4)
+    big_text = tmp_path / "big.txt"
+    big_text.write_text("word " * 2_000_000)  # 10 MB: only a prefix is tokenized for 100 tokens
+    assert len(tokenize_file(load_tokenizer(tokenizer_dir), big_text, 100)) == 100
