@@ -62,6 +62,9 @@ def _dequantize(weights: dict, base: str) -> mx.array:
     )
 
 
+BAD_TENSOR_TYPES = ("F64", "I8", "I16", "I32", "I64")  # not weights: integers would be read as float bits
+
+
 def check_gguf(path: Path):
     """Parse a GGUF file's header, metadata and tensor table with llama.cpp's
     pure-Python reader and check every tensor's offset and size against the
@@ -72,9 +75,15 @@ def check_gguf(path: Path):
     try:
         r = gguf.GGUFReader(str(path))
         size = Path(path).stat().st_size
+        align = int(_field(r, "general.alignment", 32) or 32)
         for t in r.tensors:
             if t.data_offset < 0 or t.n_bytes < 0 or t.data_offset + t.n_bytes > size:
                 raise CBDError(f"{bad} (tensor {t.name} ends past the end of the file)")
+            if (t.data_offset - r.data_offset) % align:
+                raise CBDError(f"{bad} (tensor {t.name} is not aligned to {align} bytes)")
+            if t.tensor_type.name in BAD_TENSOR_TYPES:
+                raise CBDError(f"GGUF {path}: tensor {t.name} is {t.tensor_type.name}; model weights must be "
+                               "float (F32, F16, BF16) or quantized")
             if any(int(d) <= 0 or int(d) > 1 << 24 for d in t.shape.tolist()) or len(t.shape) > 4:
                 raise CBDError(f"{bad} (tensor {t.name} has shape {t.shape.tolist()})")
     except CBDError:
@@ -198,8 +207,15 @@ def gguf_config(arch: str, get, has_output: bool) -> dict:
     returns a value or None; ``has_output``: an untied output matrix)."""
     def g(k, d=None):
         v = get(f"{arch}.{k}")
-        return d if v is None else v
+        v = d if v is None else v
+        if v is None or isinstance(v, (str, bytes, list)) or not np.isfinite(float(v)) or float(v) <= 0:
+            raise CBDError(f"GGUF metadata {arch}.{k} is {v!r}, not a positive number; the file is damaged or "
+                           "not a model")
+        return v
 
+    if not get("tokenizer.ggml.tokens") or not get("tokenizer.ggml.model"):
+        raise CBDError("GGUF metadata lacks the tokenizer (tokenizer.ggml.model / tokens); convert the model "
+                       "with a tokenizer")
     n_head, hidden = int(g("attention.head_count")), int(g("embedding_length"))
     config = {
         "hidden_size": hidden, "intermediate_size": int(g("feed_forward_length")),

@@ -91,15 +91,24 @@ def _converted_gguf(path: Path) -> Path:
     # keyed by content alone: a moved, renamed, copied or touched file reuses its conversion; an entry
     # whose files no longer match the digest written with them (edited, truncated) is converted again
     out = cache_dir() / "gguf" / file_sha256(path)[:32]
+    if _valid_entry(out):
+        return out
     try:
-        if (out / ENTRY_DIGEST).read_text().strip() == dir_digest(out, skip=(ENTRY_DIGEST,)):
-            return out
-    except OSError:
-        pass
-    with atomic_dir(out, force=True) as tmp:
-        gguf_to_model_dir(path, tmp)
-        (tmp / ENTRY_DIGEST).write_text(dir_digest(tmp) + "\n")
+        with atomic_dir(out, force=True) as tmp:
+            gguf_to_model_dir(path, tmp)
+            (tmp / ENTRY_DIGEST).write_text(dir_digest(tmp) + "\n")
+    except CBDError:
+        if not _valid_entry(out):  # else another process finished the same conversion first: use it
+            raise
     return out
+
+
+def _valid_entry(out: Path) -> bool:
+    """Whether a cache entry's files match the digest written with them."""
+    try:
+        return (out / ENTRY_DIGEST).read_text().strip() == dir_digest(out, skip=(ENTRY_DIGEST,))
+    except OSError:
+        return False
 
 
 def _from_hub(repo: str, revision: str | None) -> Path:

@@ -229,3 +229,30 @@ def test_outputs_get_the_umask_permissions_and_force_leaves_nothing_behind(tmp_p
         assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.tar.gz"]
     finally:
         os.umask(old)
+
+
+def test_a_gguf_conversion_finished_by_another_process_meanwhile_is_used(tokenizer_dir, tmp_path, monkeypatch):
+    """The conversion cache is not a user output: when another process
+    finishes the same entry between this one's check and its final move,
+    the finished entry is used (was: "created by another writer")."""
+    import shutil
+
+    import cbd_mlx.save as save
+    from cbd_mlx.gguf import write_gguf
+    from cbd_mlx.loader import load_anchor, resolve
+    from conftest import TINY_CONFIGS, tiny_anchor_pair
+
+    big, _ = tiny_anchor_pair(tmp_path, TINY_CONFIGS["llama"], tokenizer_dir)
+    a = load_anchor(str(big))
+    gguf = tmp_path / "m.gguf"
+    write_gguf(a.config, a.weights, a.path, gguf, "f16")
+    monkeypatch.setenv("CBD_MLX_CACHE", str(tmp_path / "cache"))
+    real = save.rename_noreplace
+
+    def other_writer_first(src, dst):
+        shutil.copytree(src, dst)  # the other process's identical, finished entry
+        return real(src, dst)
+
+    monkeypatch.setattr(save, "rename_noreplace", other_writer_first)
+    out = resolve(str(gguf))
+    assert (out / "config.json").is_file() and load_anchor(str(out)).n_params == a.n_params

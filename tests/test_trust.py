@@ -228,3 +228,34 @@ def test_pipes_and_endless_devices_are_not_read(tmp_path, tokenizer_dir):
     big_text = tmp_path / "big.txt"
     big_text.write_text("word " * 2_000_000)  # 10 MB: only a prefix is tokenized for 100 tokens
     assert len(tokenize_file(load_tokenizer(tokenizer_dir), big_text, 100)) == 100
+
+
+def _gguf(path: Path, head_count=2, tokens=True, tensor=np.zeros((4, 8), np.float32)) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    if head_count is not None:
+        w.add_head_count(head_count)
+    if tokens:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(["a", "b", "c", "d"])
+    w.add_tensor("token_embd.weight", tensor)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("kw,want", [({"head_count": 0}, "head_count"), ({"head_count": None}, "head_count"),
+                                     ({"tokens": False}, "tokenizer"),
+                                     ({"tensor": np.zeros((4, 8), np.int32)}, "I32"),
+                                     ({"tensor": np.zeros((4, 8), np.float64)}, "F64")])
+def test_gguf_contents_are_checked_not_only_its_container(tmp_path, kw, want):
+    from cbd_mlx.gguf import read_gguf
+
+    with pytest.raises(CBDError, match=want):
+        read_gguf(_gguf(tmp_path / "m.gguf", **kw))
