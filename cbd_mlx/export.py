@@ -155,6 +155,13 @@ def _export(src: str, out: Path, bits: int, group_size: int | None, method: str,
         raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
     if package and tar_path.exists() and not force:
         raise CBDError(f"{tar_path} already exists; choose another --out or pass --force to replace it")
+    for p in (out, tar_path) if package else (out,):  # every output checked before anything is replaced
+        if p.is_symlink():
+            raise CBDError(f"{p} is a symbolic link; give a real path as --out (nothing was written)")
+    if out.exists() and not out.is_dir():
+        raise CBDError(f"{out} is a file; give another --out")
+    if package and tar_path.is_dir():
+        raise CBDError(f"{tar_path} is a directory; the package would replace it: move it or give another --out")
     t0 = time.time()
     a = load_anchor(src)
     if gguf_type:

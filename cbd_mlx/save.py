@@ -102,14 +102,22 @@ def weights_sha256(path: Path) -> str:
 
 
 def remove_stale(out: Path) -> None:
-    """Temp dirs/files and set-aside old copies of ``out`` left by writers that
-    were killed (their pid is gone)."""
+    """Clean up after writers of ``out`` that were killed (their pid is gone):
+    their temp dirs/files are removed, and a set-aside previous ``out`` is put
+    back when the kill came between the two renames (no ``out`` now), else
+    removed. A kill at any point leaves the old output or the new one."""
     for d in [*out.parent.glob(f".{out.name}.tmp-*-*"), *out.parent.glob(f".{out.name}.old-*")]:
         try:
             pid = int(d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0] if ".tmp-" in d.name else d.name.rsplit("-", 1)[1])
             os.kill(pid, 0)
         except ProcessLookupError:
-            _remove(d)
+            if ".old-" in d.name and not os.path.lexists(out):
+                try:
+                    os.rename(d, out)
+                except OSError:
+                    continue
+            else:
+                _remove(d)
         except (ValueError, PermissionError, IndexError):
             continue
 
@@ -184,6 +192,7 @@ class atomic_dir:
         self.file = file
 
     def __enter__(self) -> Path:
+        remove_stale(self.out)  # first: a previous output set aside by a killed writer is restored
         if self.out.is_symlink():
             raise CBDError(f"{self.out} is a symbolic link; give a real path as --out (nothing was written)")
         if self.out.exists() and not self.force:

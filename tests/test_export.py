@@ -118,3 +118,14 @@ def test_export_bad_input(tiny, tokenizer_dir, tmp_path, capsys):
     code, _, err = run(capsys, "export", odd_tok, "--out", tmp_path / "g", "--gguf", "f16", "--group-size", "32")
     assert_one_line_error(code, err, "pre-tokenizer")
     assert not (tmp_path / "g").exists()
+
+
+def test_export_package_refuses_before_replacing_anything(tiny, tmp_path, capsys):
+    """OUT.tar.gz being a directory is found before --force replaces OUT."""
+    out = tmp_path / "edge"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous export")
+    (tmp_path / "edge.tar.gz").mkdir()
+    code, _, err = run(capsys, "export", tiny, "--out", out, "--bits", "8", "--package", "--force")
+    assert code == 1 and "is a directory" in err and len(err.strip().splitlines()) == 1, err
+    assert (out / "keep.txt").read_text() == "previous export"

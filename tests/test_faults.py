@@ -256,3 +256,23 @@ def test_a_gguf_conversion_finished_by_another_process_meanwhile_is_used(tokeniz
     monkeypatch.setattr(save, "rename_noreplace", other_writer_first)
     out = resolve(str(gguf))
     assert (out / "config.json").is_file() and load_anchor(str(out)).n_params == a.n_params
+
+
+def test_a_kill_between_the_two_renames_restores_the_previous_output(tmp_path):
+    """A writer killed after setting the old OUT aside and before moving the
+    new one in: the next writer (or reader of OUT) finds the old one back."""
+    import subprocess
+    import sys
+
+    from cbd_mlx.errors import CBDError
+    from cbd_mlx.save import atomic_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside = tmp_path / f".out.old-{dead.pid}"
+    aside.mkdir()
+    (aside / "result.txt").write_text("the previous result")
+    with pytest.raises(CBDError, match="already exists"):  # restored, so a write without --force is refused
+        with atomic_dir(tmp_path / "out"):
+            pass
+    assert (tmp_path / "out" / "result.txt").read_text() == "the previous result" and not aside.exists()
