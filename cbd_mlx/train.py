@@ -160,15 +160,39 @@ def _load_checkpoint(work: Path, model: nn.Module, opt, cfg: TrainConfig):
                              if old.get(k) != getattr(cfg, k))
             raise CBDError(f"{work} holds an interrupted run made with {diff or 'other options'}; rerun with "
                            f"those options to resume it, or delete {work} to start over")
+        _check_state(state, cfg.steps(mx.distributed.init().size()))
         model.load_weights(list(mx.load(str(ck / "model.safetensors")).items()), strict=True)
-        opt.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
+        saved = mx.load(str(ck / "optimizer.safetensors"))
+        want = dict(tree_flatten(opt.state))
+        if set(saved) != set(want) or any(saved[k].shape != want[k].shape for k in want):
+            raise ValueError("its optimizer state does not fit this model")
+        opt.state = tree_unflatten(list(saved.items()))
         best = None
         if (ck / "best.safetensors").is_file():
             best = tree_unflatten(list(mx.load(str(ck / "best.safetensors")).items()))
-    except (ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
+        mx.eval(model.parameters(), opt.state)
+        if not all(mx.isfinite(v).all().item() for _, v in tree_flatten([model.parameters(), opt.state])
+                   if mx.issubdtype(v.dtype, mx.floating)):
+            raise ValueError("it holds NaN or Inf weights")
+    except (ValueError, RuntimeError, KeyError, TypeError, json.JSONDecodeError, RecursionError) as e:
         raise CBDError(f"checkpoint {ck} is damaged ({e}); delete it to start over") from None
-    mx.eval(model.parameters(), opt.state)
     return state, best
+
+
+def _check_state(state, steps: int) -> None:
+    """The types and ranges of a checkpoint's state.json (ValueError if not)."""
+    def whole(v, lo, hi):
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    def num(v, none=False):
+        return (none and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+
+    ok = (isinstance(state, dict) and whole(state.get("step"), 0, steps) and isinstance(state.get("metrics"), list)
+          and num(state.get("lr_scale")) and 0 < state["lr_scale"] <= 1 and whole(state.get("rollbacks"), 0, 10**6)
+          and num(state.get("heldout_before"), True) and whole(state.get("best_step"), 0, state["step"])
+          and num(state.get("best_loss"), True))
+    if not ok:
+        raise ValueError("its state.json has wrong types or out-of-range values")
 
 
 def heldout_loss(model: nn.Module, data: PackedSequences | None, cfg: TrainConfig) -> float | None:

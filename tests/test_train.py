@@ -744,3 +744,25 @@ def test_delta_codes_round_trip():
     out = delta.decode(base, arrays, meta)
     assert np.array_equal(out["e"], base["e"]) and np.array_equal(out["n"], new["n"])
     assert np.abs(out["a"] - new["a"]).max() < 1e-3
+
+
+@pytest.mark.parametrize("damage", ["step", "lr_scale", "nan_weights", "opt_shape"])
+def test_a_damaged_checkpoint_is_refused_not_resumed(setup, tmp_path, damage):
+    import mlx.core as mx
+
+    teacher, student, cache = setup
+    out = tmp_path / "o"
+    distill(str(teacher), str(student), cache, out, cfg(), log=lambda *_: None, stop_after=5)
+    ck = work_dir(out) / "checkpoint"
+    state = json.loads((ck / "state.json").read_text())
+    if damage in ("step", "lr_scale"):
+        state[damage] = {"step": "four", "lr_scale": float("nan")}[damage]
+        (ck / "state.json").write_text(json.dumps(state))
+    else:
+        f = ck / ("model.safetensors" if damage == "nan_weights" else "optimizer.safetensors")
+        w = dict(mx.load(str(f)))
+        k = sorted(w)[0]
+        w[k] = mx.full(w[k].shape, float("nan")) if damage == "nan_weights" else mx.zeros((3,))
+        mx.save_safetensors(str(f), w)
+    with pytest.raises(CBDError, match="checkpoint .* is damaged"):
+        distill(str(teacher), str(student), cache, out, cfg(), log=lambda *_: None)
