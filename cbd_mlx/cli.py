@@ -630,10 +630,22 @@ def _mlx_lm_passthrough(name: str):
     def passthrough(ctx):
         import importlib
 
-        _check_model_arg(list(ctx.args))
+        import argparse
+        from unittest import mock
+
+        args = list(ctx.args)
+        _check_model_arg(args)
+        if name == "generate" and not any(a == "--model" or a.startswith("--model=") for a in args) \
+                and not {"-h", "--help"} & set(args):
+            raise CBDError("give --model DIR (an mlx-lm model directory, e.g. one `cbd-mlx init` wrote)")
+
+        def usage_error(parser, message):  # mlx-lm's argparse errors: one line, like ours
+            raise CBDError(f"{message} (see `cbd-mlx {name} --help`)")
+
         module = importlib.import_module(f"mlx_lm.{name}")
-        sys.argv = [f"mlx_lm.{name}", *ctx.args]
-        module.main()
+        sys.argv = [f"mlx_lm.{name}", *args]
+        with mock.patch.object(argparse.ArgumentParser, "error", usage_error):
+            module.main()
 
     return passthrough
 

@@ -160,8 +160,10 @@ def finetune(model_src: str, data_dir: Path, out: Path, cfg: FinetuneConfig | No
         train_set, valid_set, _ = load_local_dataset(Path(args.data), tokenizer, args)
         if len(train_set) == 0 or len(valid_set) == 0:
             raise CBDError(f"{data_dir}: empty train or valid split")
-        if len(train_set) < batch_size:
-            raise CBDError(f"{data_dir}: {len(train_set)} training examples, fewer than --batch-size {batch_size}")
+        for split, n in (("training", len(train_set)), ("validation", len(valid_set))):
+            if n < batch_size:
+                raise CBDError(f"{data_dir}: {n} {split} examples, fewer than --batch-size {batch_size}; add "
+                               "examples or lower --batch-size")
         from mlx_lm.tuner.datasets import CacheDataset
 
         def val_loss() -> float:

@@ -147,7 +147,7 @@ def test_eval_of_a_nan_model_is_an_error_not_ppl_nan(tmp_path, tokenizer_dir):
         perplexity(model, list(range(3, 200)), seq_len=64, progress=False)
 
 
-def test_generate_names_a_bad_model_path_instead_of_a_network_error(tmp_path, capsys):
+def test_generate_names_a_bad_model_path_instead_of_a_network_error(tmp_path, capsys, tokenizer_dir):
     from cbd_mlx.cli import main
 
     (tmp_path / "adapters").mkdir()
@@ -155,6 +155,13 @@ def test_generate_names_a_bad_model_path_instead_of_a_network_error(tmp_path, ca
     for model, want in ((tmp_path / "nope", "does not exist"), (tmp_path / "adapters", "--adapter-path")):
         with pytest.raises(SystemExit) as e:
             main(["generate", "--model", str(model), "--prompt", "hi"])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and want in err and len(err.strip().splitlines()) == 1, err
+    big, _ = tiny_anchor_pair(tmp_path, TINY_CONFIGS["llama"], tokenizer_dir)
+    for args, want in ((["--prompt", "hi"], "give --model"),
+                       (["--model", str(big), "--max-tokens", "abc"], "invalid int value")):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", *args])
         err = capsys.readouterr().err
         assert e.value.code == 1 and want in err and len(err.strip().splitlines()) == 1, err
 
