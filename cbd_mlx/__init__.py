@@ -74,7 +74,8 @@ try:  # the API (light imports: mlx-lm and transformers load on first use)
     from .export import ExportConfig, export
     from .finetune import FinetuneConfig, finetune
     from .interpolate import build_init, init
-    from .loader import convert, load
+    from .convert import convert
+    from .loader import load
     from .prune import prune
     from .recover import recover, recover_lr
     from .train import TrainConfig

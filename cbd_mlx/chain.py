@@ -10,9 +10,8 @@ from pathlib import Path
 
 from .errors import CBDError
 from .families import FAMILIES
+from .save import DELTA_FILE
 from .shapes import Shape, check_shape, format_size
-
-DELTA_FILE = "delta.safetensors"  # a delta-stored anchor's folder (delta_store)
 
 def _chains_dir() -> Path:
     """Where the shipped chain manifests live: inside the installed package

