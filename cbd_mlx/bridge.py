@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from .errors import CBDError
 from .evaluate import read_text
-from .loader import read_json, resolve
+from .loader import resolve
+from .save import read_json
 
 PROMPT_WORDS = 24  # words per prompt drawn from text files
 GEN_DIR = "generated"

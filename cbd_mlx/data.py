@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from .errors import CBDError
 from .evaluate import encode_text
-from .loader import load_tokenizer, read_json, resolve, tokenizer_fingerprint
+from .loader import load_tokenizer, resolve, tokenizer_fingerprint
+from .save import read_json
 from .save import atomic_dir
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}

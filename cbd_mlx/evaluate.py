@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import CBDError, check_count
+from .loader import encode_text
 from .losses import heldout_sum
 
 EVAL_SEQ_LEN = 512
@@ -53,14 +54,6 @@ def read_text(path: Path, max_chars: int | None = None) -> str:
             return f.read(max_chars if max_chars else -1)
     except OSError as e:
         raise CBDError(f"cannot read {p}: {e.strerror}") from None
-
-
-def encode_text(tokenizer, text: str) -> list[int]:
-    """Token ids of running text (no leading BOS)."""
-    ids = list(tokenizer.encode(text))
-    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
-        ids = ids[1:]
-    return ids
 
 
 def check_token_ids(tokens, vocab: int, model: str) -> None:

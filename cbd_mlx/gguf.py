@@ -342,7 +342,7 @@ def pre_tokenizer_type(model_dir: Path) -> str:
     BPE tokenizer.json, read from its pre-tokenizer: GPT-2's regex ("gpt-2"),
     the same with single digits split first (SmolLM's "smollm"), or Qwen2's
     split pattern ("qwen2")."""
-    from .loader import read_json
+    from .save import read_json
 
     pre = read_json(Path(model_dir) / "tokenizer.json", "tokenizer").get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
@@ -359,7 +359,7 @@ def pre_tokenizer_type(model_dir: Path) -> str:
 
 def _bpe_vocab(model_dir: Path) -> tuple[list[str], list[int], list[str], dict]:
     """(tokens, token types, merges, special ids) of a byte-level BPE tokenizer.json."""
-    from .loader import read_json
+    from .save import read_json
 
     data = read_json(Path(model_dir) / "tokenizer.json", "tokenizer")
     if data.get("model", {}).get("type") != "BPE":
@@ -375,7 +375,7 @@ def _bpe_vocab(model_dir: Path) -> tuple[list[str], list[int], list[str], dict]:
              TOKEN_TYPE_USER_DEFINED if t in added else 1 for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
     cfg_path = Path(model_dir) / "tokenizer_config.json"
-    from .loader import read_json
+    from .save import read_json
 
     tcfg = read_json(cfg_path, "tokenizer") if cfg_path.is_file() else {}
     special = {k: vocab.get(tcfg.get(f"{k}_token") if isinstance(tcfg.get(f"{k}_token"), str) else None)

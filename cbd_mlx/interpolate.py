@@ -18,7 +18,8 @@ import numpy as np
 
 from .errors import CBDError
 from .families import layer_local_name
-from .selection import align, collect_stats, importance, placement, rankings, select, uniform_rankings
+from .selection import (align, calibration_from, collect_stats, importance, placement, rankings, select,
+                        uniform_rankings)
 from .loader import Anchor, all_finite, anchor_sha256, model_from_weights
 from .operators import Selection, blend, blend_tensor, expand, iter_expand, iter_subset, subset
 from .shapes import Shape, config_for, count_params, param_shapes
@@ -233,16 +234,6 @@ GROW_LIMIT = 0.10  # sizes up to 10% above a chain's largest anchor are grown wi
 CALIB_TOKENS_INIT = 2048
 
 
-def _calibration(model_dir, calib, max_tokens: int):
-    if calib is None:
-        return None
-    from .evaluate import tokenize_file
-    from .loader import load_tokenizer
-    from .selection import calibration_batches
-
-    return calibration_batches(tokenize_file(load_tokenizer(model_dir), calib), max_tokens=max_tokens)
-
-
 def _online_hint(chain, n: int) -> str:
     """Where the online chain would interpolate ``n`` instead ('' when it cannot)."""
     from .chain import DEFAULT_ONLINE, find_chain
@@ -268,7 +259,7 @@ def _edge_init(source: str, n: int, calib, calib_tokens: int, fixed: dict, chain
     from . import __version__
     from .loader import load_anchor
     from .prune import child_shape, prune_weights
-    from .save import Built
+    from .loader import Built
     from .shapes import format_size, solve_shape
 
     a = load_anchor(source)
@@ -280,7 +271,7 @@ def _edge_init(source: str, n: int, calib, calib_tokens: int, fixed: dict, chain
             from .selection import DEFAULT_CALIB
 
             calib = DEFAULT_CALIB
-        weights, lineage = prune_weights(a, shape, _calibration(a.path, calib, calib_tokens))
+        weights, lineage = prune_weights(a, shape, calibration_from(a.path, calib, calib_tokens))
         cfg, mode, extra = config_for(a.family, a.config, shape), "subset-below", {"lineage": lineage}
     else:
         s = a.shape
@@ -301,13 +292,13 @@ def _edge_init(source: str, n: int, calib, calib_tokens: int, fixed: dict, chain
 def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str, str] | None = None,
                alpha: float | str | None = None, calib=None, calib_tokens: int = CALIB_TOKENS_INIT,
                shape: dict | None = None, extrapolate: bool = False, stream: bool = False, log=None):
-    """The init of ``size`` parameters, in memory (``save.Built``: ``.save(out)``
+    """The init of ``size`` parameters, in memory (``loader.Built``: ``.save(out)``
     writes it, ``.load()`` gives (model, tokenizer)); its cbd.json record holds
     the chain, anchors, shape, alpha and alignment. See ``init``."""
     from . import __version__
     from .chain import default_chain, find_chain, load_chain_anchor
     from .loader import load_anchor, same_tokenizer
-    from .save import Built
+    from .loader import Built
     from .selection import DEFAULT_CALIB
     from .shapes import format_size, size_of, solve_shape
 
@@ -377,7 +368,7 @@ def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str,
         calib = DEFAULT_CALIB
         log(f"calibration text: the built-in {DEFAULT_CALIB.name} (Python tutorial excerpt); pass --calib FILE "
             "for your domain")
-    batches = _calibration(big.path, calib, calib_tokens)
+    batches = calibration_from(big.path, calib, calib_tokens)
     res = interpolate(big, small, target, alpha, batches, log=log, stream=stream)
     log(f"shape: {target} -> {res.n_params:,} parameters ({format_size(res.n_params)}, "
         f"{(res.n_params - n) / n:+.2%} of {format_size(n)})")

