@@ -23,7 +23,7 @@ from . import delta
 from .errors import CBDError
 from .loader import Anchor, anchor_sha256, load_anchor
 from .operators import Selection, subset
-from .save import DELTA_FILE, cache_dir, dump_json, write_model
+from .save import DELTA_FILE, cache_dir, dump_json, weights_sha256, write_model
 
 META_KEY = "cbd_delta"
 
@@ -72,9 +72,9 @@ def materialize(path: Path, load_parent: Callable[[], Anchor], sha256: str | Non
         dest = root / sha256
         if (dest / "cbd.json").is_file():
             try:
-                if anchor_sha256(load_anchor(str(dest), check_finite=False)) == sha256:
+                if weights_sha256(dest) == sha256:  # from the files (memoized by size, times, inode)
                     return dest
-            except CBDError:
+            except OSError:
                 pass
             shutil.rmtree(dest, ignore_errors=True)  # damaged or replaced: rebuilt below
     config, prov, arrays, meta = read_delta(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -715,6 +716,14 @@ def test_densify_and_delta_pack_round_trip(setup, tmp_path, monkeypatch):
     n = (packed.anchors[1].params + packed.anchors[2].params) // 2
     res = build_init(n, chain=str(tmp_path / "packed"), alpha=0.5)
     assert res.provenance["info"]["alignment"] == "lineage"
+
+    # a tampered cache entry is rebuilt, not used
+    cached = Path(packed.source_of(packed.anchors[2]))
+    with open(cached / "model.safetensors", "r+b") as fh:
+        fh.seek(-64, 2)
+        fh.write(b"\0" * 64)
+    assert Path(packed.source_of(packed.anchors[2])) == cached
+    assert load_chain_anchor(packed, packed.anchors[2]).n_params == small.n_params  # sha256 checked again
 
     # damaged: another delta file under the same name
     import shutil
