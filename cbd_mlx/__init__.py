@@ -65,7 +65,8 @@ def _cli_process() -> bool:
 
 try:  # the API (light imports: mlx-lm and transformers load on first use)
     from .chain import find_chain, list_chains
-    from .chainbuild import build_chain, pack_chain
+    from .chain_pack import pack_chain
+    from .chainbuild import build_chain
     from .corpus import fetch as fetch_corpus
     from .data import prepare as prepare_data
     from .distill import distill

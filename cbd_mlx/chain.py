@@ -25,6 +25,8 @@ def _chains_dir() -> Path:
 
 CHAINS_DIR = _chains_dir()
 MANIFEST_NAME = "chain.toml"
+SHARED_DIR = "shared"
+SHARED_FILE = "model-shared.safetensors"  # mlx-lm loads every model*.safetensors of a directory
 HUB_PREFIX = "hf:"  # anchor sources: "hf:owner/repo", "pkg:ALIAS" (a model shipped in a
 PKG_PREFIX = "pkg:"  # PyPI package, resources.PACKAGED_MODELS), else a path relative to the manifest
 SAFE_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
@@ -252,6 +254,19 @@ def materialized(anchor_dir: Path) -> Path:
     if entry is None:
         raise CBDError(f"{manifest} does not list {anchor_dir}; the chain's files do not belong together")
     return Path(chain.source_of(entry))
+
+
+def reference(source: str) -> str | None:
+    """The manifest source for a chain's A0 when it can be fetched again by
+    name (a packaged model or a hub id), else None (it must be copied)."""
+    from .loader import is_hub_id
+    from .resources import PACKAGED_MODELS
+
+    if source in PACKAGED_MODELS:
+        return PKG_PREFIX + source
+    if is_hub_id(source):
+        return HUB_PREFIX + source
+    return None
 
 
 def list_chains() -> list[Chain]:

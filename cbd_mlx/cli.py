@@ -255,7 +255,7 @@ def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, 
     With --delta-bits, each anchor is a low-bit delta on its parent's Subset,
     rebuilt on first use into the cache (checked by sha256)."""
     from .chain import find_chain
-    from .chainbuild import pack_chain, pack_deltas
+    from .chain_pack import pack_chain, pack_deltas
 
     chain = find_chain(chain_path)
     texts = []

