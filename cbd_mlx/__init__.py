@@ -17,7 +17,7 @@ import ctypes
 import os
 import sys
 
-__version__ = "0.2.0"
+from ._version import __version__  # noqa: E402,F401
 
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",

@@ -14,10 +14,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .data import iter_documents, open_cache, prepare, split_documents
+from .distill import distill
 from .errors import CBDError
-from .evaluate import read_text
-from .loader import resolve
-from .save import read_json
+from .evaluate import read_text, tokenize_file
+from .loader import build_model, load_anchor, load_tokenizer, resolve
+from .prune import child_shape, prune_weights
+from .save import dump_json, read_json, write_model
+from .selection import DEFAULT_CALIB, calibration_batches
+from .shapes import config_for, format_size
+from .uld import XVocabTargets, build_targets
 
 PROMPT_WORDS = 24  # words per prompt drawn from text files
 GEN_DIR = "generated"
@@ -36,7 +42,6 @@ def prompts_from(prompts_file: Path | None, texts: list[Path], n: int, seed: int
         if not lines:
             raise CBDError(f"{prompts_file} holds no prompts (one per line)")
         return [lines[i % len(lines)] for i in range(n)]
-    from .data import iter_documents
 
     pool = []
     for _, text in iter_documents([Path(t) for t in texts]):
@@ -130,13 +135,8 @@ def student_init(student: str, size: int | None, init: str, out: Path, seed: int
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from .loader import build_model, load_anchor
 
-    from .save import write_model
-    from .prune import child_shape, prune_weights
-    from .shapes import config_for
 
-    from .shapes import format_size
 
     a = load_anchor(student)
     if size and size > a.n_params * 1.01:
@@ -150,9 +150,6 @@ def student_init(student: str, size: int | None, init: str, out: Path, seed: int
         weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(m.parameters())}
         prov = {"kind": "bridge-init", "init": "random", "like": student}
     elif shape != a.shape:
-        from .evaluate import tokenize_file
-        from .selection import DEFAULT_CALIB, calibration_batches
-        from .loader import load_tokenizer
 
         batches = calibration_batches(tokenize_file(load_tokenizer(a.path), DEFAULT_CALIB))
         weights, lineage = prune_weights(a, shape, batches)
@@ -165,7 +162,6 @@ def student_init(student: str, size: int | None, init: str, out: Path, seed: int
 
 def train_documents(docs_dir: Path) -> list[str]:
     """The generated documents of the cache's train split, in cache order."""
-    from .data import split_documents
 
     return [text for split, _, text in split_documents([docs_dir], HELDOUT_FRACTION) if split == "train"]
 
@@ -179,10 +175,6 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
     import gc
     import shutil
 
-    from .data import prepare
-    from .distill import distill
-    from .loader import load_anchor
-    from .save import dump_json
 
     out = Path(out)
     if out.exists() and not force:
@@ -200,9 +192,6 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
         prepare([work / "docs"], student, work / "cache", heldout_fraction=HELDOUT_FRACTION, force=True)
     xvocab = None
     if cfg.xvocab_weight > 0:
-        from .data import open_cache
-        from .loader import load_tokenizer
-        from .uld import XVocabTargets, build_targets
 
         if not (work / "uld" / "uld_mask.npy").exists():
             stok = load_tokenizer(resolve(student))

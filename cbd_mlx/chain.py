@@ -8,10 +8,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .delta_store import materialize
 from .errors import CBDError
 from .families import FAMILIES
+from .loader import anchor_sha256, is_hub_id, load_anchor
+from .resources import PACKAGED_MODELS, packaged_model
 from .save import DELTA_FILE
-from .shapes import Shape, check_shape, format_size
+from .shapes import Shape, check_shape, config_for, format_size
 
 def _chains_dir() -> Path:
     """Where the shipped chain manifests live: inside the installed package
@@ -70,7 +73,6 @@ class Chain:
         id. A delta-stored anchor is materialized first (once, into the cache)."""
         where = self.stored_at(anchor)
         if anchor.local and (Path(where) / DELTA_FILE).is_file():
-            from .delta_store import materialize
 
             parent = next((e for e in self.anchors if e.name == anchor.parent), None)
             if parent is None or not anchor.sha256:
@@ -109,7 +111,6 @@ def _anchor(d: dict, where: str, chain_dir: Path) -> ChainAnchor:
     source = str(d["source"])
     local = not source.startswith((HUB_PREFIX, PKG_PREFIX))
     if source.startswith(PKG_PREFIX):
-        from .resources import PACKAGED_MODELS
 
         if source[len(PKG_PREFIX):] not in PACKAGED_MODELS:
             raise CBDError(f"{where}: unknown packaged model '{source}'; known: "
@@ -178,7 +179,6 @@ def anchor_available(anchor: ChainAnchor) -> tuple[bool, str]:
     if anchor.local:
         return True, "local anchors"
     if anchor.source.startswith(PKG_PREFIX):
-        from .resources import packaged_model
 
         alias = anchor.source[len(PKG_PREFIX):]
         if packaged_model(alias) is None:
@@ -230,7 +230,6 @@ def default_chain(n: int) -> tuple[Chain, str]:
 def load_chain_anchor(chain: Chain, entry: ChainAnchor, check_finite: bool = True):
     """A chain's anchor, pinned to the manifest's revision and checked against
     its sha256 when the manifest records one."""
-    from .loader import anchor_sha256, load_anchor
 
     a = load_anchor(chain.source_of(entry), revision=entry.revision, check_finite=check_finite)
     if entry.sha256 and anchor_sha256(a) != entry.sha256:
@@ -259,8 +258,6 @@ def materialized(anchor_dir: Path) -> Path:
 def reference(source: str) -> str | None:
     """The manifest source for a chain's A0 when it can be fetched again by
     name (a packaged model or a hub id), else None (it must be copied)."""
-    from .loader import is_hub_id
-    from .resources import PACKAGED_MODELS
 
     if source in PACKAGED_MODELS:
         return PKG_PREFIX + source
@@ -287,7 +284,6 @@ MANIFEST_BASE = {  # config.json fields a manifest does not hold, per family
 def manifest_config(family: str, shape: Shape) -> dict:
     """A config.json for a manifest anchor's shape (for counts and solving
     without downloading it; tie_word_embeddings follows the family default)."""
-    from .shapes import config_for
 
     return config_for(FAMILIES[family], dict(MANIFEST_BASE[family]), shape) | {"vocab_size": shape.vocab}
 

@@ -13,18 +13,17 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .chain import (MANIFEST_NAME, SHARED_DIR, SHARED_FILE, Chain, ChainAnchor, dump_chain, load_chain,
-                    load_chain_anchor)
+from .bridge import bridge as run_bridge
+from .chain import MANIFEST_NAME, SHARED_DIR, SHARED_FILE, Chain, ChainAnchor, dump_chain, load_chain, load_chain_anchor
 from .data import open_cache
 from .distill import distill
 from .errors import CBDError
-from .selection import CALIB_SEQ_LEN
 from .interpolate import lineage_of
 from .loader import Anchor, anchor_sha256, load_anchor
-from .save import write_model
-from .prune import child_shape, prune_weights
 from .operators import subset
-from .selection import placement, select
+from .prune import child_shape, prune_weights
+from .save import write_model
+from .selection import CALIB_SEQ_LEN, placement, select
 from .shapes import Shape, config_for, format_size, solve_shape
 from .train import TrainConfig
 
@@ -391,7 +390,6 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
     out.mkdir(parents=True, exist_ok=True)
     anchors_dir = out / "anchors"
     if bridge:
-        from .bridge import bridge as run_bridge
 
         a0_dir = anchors_dir / "a0-bridge"
         if not (a0_dir / "cbd.json").exists():

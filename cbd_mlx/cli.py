@@ -11,14 +11,32 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from ._version import __version__
+from .bridge import bridge, prompts_from
+from .chain import find_chain, list_chains, manifest_config, round_sizes
+from .chain_pack import pack_chain, pack_deltas
+from .chainbuild import build_chain
+from .convert import convert
+from .corpus import PACKAGES, fetch, fetch_suite
+from .data import prepare
+from .distill import distill
 from .errors import CBDError
+from .evaluate import evaluate, tokenize_file
+from .export import ExportConfig, export
+from .families import FAMILIES
+from .finetune import FinetuneConfig, finetune
 from .gguf import GGUF_TYPES
+from .interpolate import build_init
+from .loader import is_hub_id, load_anchor, load_tokenizer, param_template, resolve
+from .prune import build_prune
+from .recover import recover, recover_lr
+from .selection import DEFAULT_CALIB
+from .shapes import count_params, format_size, parse_size, solve_shape
+from .train import TrainConfig
 
 # the generator to name in hints: mlx-lm's own on a Mac; elsewhere the same command started with
 # OpenBLAS loaded (mlx_lm.generate alone runs on the wheel's reference BLAS: 29 vs 478 prompt tokens/s)
 GENERATE = "mlx_lm.generate" if sys.platform == "darwin" else "cbd-mlx generate"
-from .selection import DEFAULT_CALIB
 
 SHAPE_OPTIONS = ("layers", "hidden", "ffn", "heads", "kv_heads")
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
@@ -105,8 +123,6 @@ def cli():
 @cli.command("chains")
 def chains_cmd():
     """List the chain manifests shipped in chains/."""
-    from .chain import list_chains
-    from .shapes import format_size
 
     for c in list_chains():
         sizes = " > ".join(f"{a.name} ({format_size(a.params)})" for a in c.anchors)
@@ -122,8 +138,6 @@ def chain_group():
 @click.argument("name")
 def chain_show(name):
     """Print a chain's anchors, shapes and sizes (NAME or path to chain.toml)."""
-    from .chain import find_chain
-    from .shapes import format_size
 
     c = find_chain(name)
     click.echo(f"chain {c.name}: family {c.family}, tokenizer {c.tokenizer}")
@@ -132,10 +146,6 @@ def chain_show(name):
     for a in c.anchors:
         src = c.stored_at(a) if a.local else a.source
         click.echo(f"  {a.name:<18} {format_size(a.params):>8}  {a.shape}  <- {src}")
-    from .chain import manifest_config, round_sizes
-    from .families import FAMILIES
-    from .loader import param_template
-    from .shapes import count_params, solve_shape
 
     fam = FAMILIES[c.family]
     for big, small in zip(c.anchors, c.anchors[1:]):
@@ -194,9 +204,6 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep
     """Build a chain: each anchor is pruned from the previous one (lineage
     recorded) and distilled from it; writes OUT/chain.toml for `init --chain OUT`.
     Rerun the same command to resume after an interruption."""
-    from .chainbuild import build_chain
-    from .shapes import parse_size
-    from .train import TrainConfig
 
     try:
         budgets = [int(t) for t in tokens_per_step.split(",")]
@@ -210,7 +217,6 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep
                       freeze_embeddings=freeze_embeddings)
     bridge = None
     if bridge_from:
-        from .bridge import prompts_from
 
         if not prompt_data:
             raise CBDError("--bridge-from needs --prompt-data TEXT to draw prompts from")
@@ -254,16 +260,12 @@ def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, 
     stored once; lineage stays valid, so `init --chain OUT` blends them.
     With --delta-bits, each anchor is a low-bit delta on its parent's Subset,
     rebuilt on first use into the cache (checked by sha256)."""
-    from .chain import find_chain
-    from .chain_pack import pack_chain, pack_deltas
 
     chain = find_chain(chain_path)
     texts = []
     if eval_data:
         import numpy as np
 
-        from .evaluate import tokenize_file
-        from .loader import load_tokenizer, resolve
 
         tok = load_tokenizer(resolve(chain.source_of(chain.anchors[0])))
         files = [f for p in eval_data for f in (sorted(Path(p).glob("*.txt")) if Path(p).is_dir() else [p])
@@ -290,8 +292,6 @@ def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, 
 def convert_cmd(model, out, force, dtype):
     """Convert an anchor (GGUF file, hub repo, directory, or an anchor of a
     packed chain stored as a delta) into an mlx-lm directory."""
-    from .convert import convert
-    from .loader import load_anchor
 
     _check_out(out, force)
     convert(model, out, force, dtype)
@@ -311,7 +311,6 @@ def convert_cmd(model, out, force, dtype):
 def prune_cmd(parent, size, calib, calib_tokens, out, force, dtype, **fixed):
     """Birth of a child anchor: an importance-ranked Subset of PARENT, with its
     lineage (index maps per axis and layer) written into cbd.json."""
-    from .prune import build_prune
 
     t0 = time.time()
     _check_out(out, force)
@@ -335,7 +334,6 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
     """Build a model of any size between two adjacent anchors by parameter
     interpolation: alpha * Expand(small) + (1 - alpha) * Subset(big).
     Seconds, no teacher; the output loads with mlx_lm.load."""
-    from .interpolate import build_init
 
     out = out or Path(f"cbd-init-{size}")
     _check_out(out, force)
@@ -360,7 +358,6 @@ def data_group():
 def data_prepare(inputs, tokenizer, out, heldout_fraction, force):
     """Tokenize text files, folders and jsonl (`text` field) once into a
     memory-mapped token cache with a document-level held-out split."""
-    from .data import prepare
 
     meta = prepare(list(inputs), tokenizer, out, heldout_fraction, force)
     say(f"wrote {out}: {meta['tokens']['train']:,} train tokens ({meta['documents']['train']} docs), "
@@ -376,7 +373,6 @@ def data_fetch(out, sources, force):
     """Real English text offline from Debian packages (python3.11-doc,
     linux-doc-6.1, r-cran-janeaustenr): cleaned, one document per file, whole
     documents and whole novels (Persuasion) held out for evaluation."""
-    from .corpus import PACKAGES, fetch
 
     path = fetch(out, tuple(sources) or tuple(PACKAGES), force)
     say((path / "README.txt").read_text().strip())
@@ -392,7 +388,6 @@ def data_suite(out, force):
     Moby-Dick (chapters 10-16), Reuters newswire (1987) and fortune-file
     quotations; each shares nothing with `data fetch`'s corpus. Score chains
     and inits on it (`eval --data DIR`); never distill on it."""
-    from .corpus import fetch_suite
 
     path = fetch_suite(out, force)
     say((path / "README.txt").read_text().strip())
@@ -444,8 +439,6 @@ def distill_cmd(teacher, student, cache, out, loss, temperature, ce_weight, teac
     a diverging run rolls back at half the lr; the best checkpoint by held-out
     loss is written. Checkpoints go to OUT.partial; rerunning the same command
     after a crash resumes exactly where it stopped."""
-    from .distill import distill
-    from .train import TrainConfig
 
     cfg = TrainConfig(loss=loss, temperature=temperature, ce_weight=ce_weight, freeze_embeddings=freeze_embeddings,
                       **train_kw)
@@ -471,9 +464,6 @@ def recover_cmd(model, data, out, kd_from, ce_weight, force, **train_kw):
     """Short recovery of an init: every parameter trains (embeddings and norms
     too, unlike mlx-lm's full fine-tune), CE on your text, optional KD from an
     anchor. Checkpoints and resume as in distill; prints held-out loss before/after."""
-    from .loader import load_anchor
-    from .recover import recover, recover_lr
-    from .train import TrainConfig
 
     loss = "forward_kl" if kd_from else "ce"
     if train_kw["lr"] is None:
@@ -510,7 +500,6 @@ def finetune_cmd(model, data, out, lora_rank, dora, full, fuse, iters, batch_siz
                  force):
     """Quick local fine-tune through mlx-lm's tuner. Without --fuse, OUT holds
     adapters: mlx_lm.generate --model MODEL --adapter-path OUT."""
-    from .finetune import FinetuneConfig, finetune
 
     if full and dora:
         raise CBDError("--full and --dora exclude each other")
@@ -544,9 +533,6 @@ def bridge_cmd(source, student, size, init, prompts, prompt_data, num_prompts, m
     """Bridge distillation: the source writes continuations of prompts; a
     bridge anchor of the chain's family learns them (CE, sequence-level KD) in
     its own tokenizer. Rerun to resume (generation and training)."""
-    from .bridge import bridge, prompts_from
-    from .shapes import parse_size
-    from .train import TrainConfig
 
     if prompts is None and not prompt_data:
         raise CBDError("give --prompts FILE or --prompt-data TEXT to draw prompts from")
@@ -582,7 +568,6 @@ def bridge_cmd(source, student, size, init, prompts, prompt_data, num_prompts, m
 def export_cmd(model, out, bits, group_size, method, recipe, calib, eval_data, eval_tokens, gguf_type, package, force):
     """Quantize MODEL for the edge: an mlx-lm quantized directory (loads in
     mlx_lm.generate), optionally a GGUF for llama.cpp and a release tarball."""
-    from .export import ExportConfig, export
 
     cfg = ExportConfig(int(bits), None if group_size == "auto" else int(group_size), method, recipe, gguf_type, package)
     info = export(model, out, cfg, calib=calib, eval_data=eval_data, eval_tokens=eval_tokens, force=force, log=say)
@@ -607,7 +592,6 @@ def eval_cmd(model, data, max_tokens, seq_len, batch_size, cloze, choice, seed, 
     """Held-out perplexity and tokens/s of MODEL on a text file (and, with
     --cloze N / --choice N, last-word cloze / next-sentence choice accuracy on
     items built from the same text)."""
-    from .evaluate import evaluate
 
     r = evaluate(model, data, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, cloze=cloze,
                  choice=choice, seed=seed, progress=not as_json)
@@ -656,7 +640,6 @@ def _check_model_arg(args: list[str]) -> None:
     """A --model that is neither a model directory nor a hub id (a mistyped
     path, an adapter folder, a .gguf) gets one line that says what to do,
     before mlx-lm reports it as a network error."""
-    from .loader import is_hub_id
 
     for i, a in enumerate(args):
         value = a.split("=", 1)[1] if a.startswith("--model=") else args[i + 1] if a == "--model" and i + 1 < len(

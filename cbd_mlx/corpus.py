@@ -22,8 +22,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .data import is_heldout
 from .errors import CBDError
 from .loader import cache_dir
+from .rdata import read_lazyload_db
 from .save import atomic_dir
 
 PACKAGES = {
@@ -101,7 +103,6 @@ def _download(package: str, dest: Path) -> Path:
 
 
 def _is_heldout(name: str) -> bool:
-    from .data import is_heldout
 
     return is_heldout(name, HELDOUT_DOC_FRACTION)
 
@@ -130,7 +131,6 @@ def _linux_docs(root: Path):
 
 
 def _austen(root: Path):
-    from .rdata import read_lazyload_db
 
     base = next(root.rglob("janeaustenr/data/Rdata.rdx")).with_suffix("")
     for title, lines in read_lazyload_db(base).items():
@@ -219,7 +219,6 @@ QUOTE_FILES = ("wisdom", "people", "humorists", "love", "politics", "science", "
 
 
 def _melville(root: Path) -> str:
-    from .rdata import read_lazyload_db
 
     base = next(root.rglob("tokenizers/data/Rdata.rdx")).with_suffix("")
     text = read_lazyload_db(base)["mobydick"][0].replace("\r\n", "\n")

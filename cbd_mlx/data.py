@@ -11,10 +11,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import CBDError
-from .evaluate import encode_text
+from .evaluate import check_text_file, encode_text, read_text
 from .loader import load_tokenizer, resolve, tokenizer_fingerprint
-from .save import read_json
-from .save import atomic_dir
+from .save import atomic_dir, read_json
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 CACHE_META = "meta.json"
@@ -24,7 +23,6 @@ SPLITS = ("train", "heldout")
 def document_files(inputs: list[Path]) -> list[tuple[Path, str]]:
     """(file, id) of every text/jsonl file in ``inputs``; ids are relative to
     the input, so a corpus splits the same wherever it lives."""
-    from .evaluate import check_text_file
 
     files = []
     for p in map(Path, inputs):
@@ -64,7 +62,6 @@ def _read_documents(files: list[tuple[Path, str]]):
                                        "fix that line or drop it")
                     yield f"{doc_id}:{i}", text
         else:
-            from .evaluate import read_text
 
             yield doc_id, read_text(f)
 

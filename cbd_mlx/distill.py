@@ -11,9 +11,10 @@ import numpy as np
 
 from .data import cache_id, check_ids, open_cache, run_splits
 from .errors import CBDError
-from .loader import Anchor, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint
+from .loader import Anchor, anchor_sha256, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint
 from .losses import LossFn
 from .save import write_model
+from .teacher_cache import TeacherCache
 from .train import TrainConfig, config_record, remove_work, train, write_training_outputs
 from mlx.utils import tree_flatten
 
@@ -76,8 +77,6 @@ def distill(
     if teacher_cache is not None:
         if teacher is None:
             raise CBDError("--teacher-cache needs --teacher")
-        from .loader import anchor_sha256
-        from .teacher_cache import TeacherCache
 
         if mx.distributed.init().size() > 1:
             raise CBDError("--teacher-cache is single-process for now; drop it under mlx.launch")

@@ -11,8 +11,10 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
+from .choice import build_items as choice_items, choice_accuracy
+from .cloze import build_items, cloze_accuracy
 from .errors import CBDError, check_count
-from .loader import encode_text
+from .loader import encode_text, load_anchor, load_tokenizer, model_from_weights
 from .losses import heldout_sum
 
 EVAL_SEQ_LEN = 512
@@ -115,7 +117,6 @@ def evaluate(model: str, data: Path, *, max_tokens: int = 16384, seq_len: int = 
     text file ``data``; with ``cloze`` N, last-word cloze accuracy on N items
     built from the same text; with ``choice`` N, next-sentence choice accuracy
     (4 candidates, random = 25%) on N items (``seed`` draws the distractors)."""
-    from .loader import load_anchor, load_tokenizer, model_from_weights
 
     check_count("max_tokens", max_tokens, 2)
     check_count("seq_len", seq_len, 2, 1 << 16)
@@ -130,13 +131,10 @@ def evaluate(model: str, data: Path, *, max_tokens: int = 16384, seq_len: int = 
     r = perplexity(m, tokens, seq_len, batch_size, progress=progress)
     r.update(model=str(model), params=a.n_params, data=str(data))
     if cloze:
-        from .cloze import build_items, cloze_accuracy
 
         items = build_items(read_text(data), tok, cloze)
         r.update(cloze_acc=cloze_accuracy(m, items, progress=progress), cloze_items=len(items))
     if choice:
-        from .choice import build_items as choice_items
-        from .choice import choice_accuracy
 
         items = choice_items(read_text(data), tok, choice, seed)
         r.update(choice_accuracy=choice_accuracy(m, items, progress=progress), choice_items=len(items))

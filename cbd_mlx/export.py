@@ -15,8 +15,13 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CBDError
-from .loader import load_anchor, model_from_weights, resolve
-from .save import atomic_dir, file_sha256
+from .evaluate import perplexity, tokenize_file
+from .gguf import GGUF_ARCH, GGUF_TYPES, pre_tokenizer_type, write_gguf
+from .loader import load_anchor, load_tokenizer, model_from_weights, resolve
+from .quantize import (BITS, CALIB_SEQS, CALIB_SEQ_LEN, GROUP_SIZES, METHODS, auto_group_size, bits_per_weight,
+                       is_quantized, quantize_anchor)
+from .save import atomic_dir, file_sha256, write_quantized
+from .selection import DEFAULT_CALIB, calibration_batches
 
 CARD_NAME = "README.md"
 MANIFEST_NAME = "MANIFEST.json"
@@ -29,7 +34,6 @@ def eval_ppl(model, tokens: np.ndarray | None) -> float | None:
 
     from mlx_lm.utils import dequantize_model
 
-    from .evaluate import perplexity
 
     if tokens is None:
         return None
@@ -93,8 +97,6 @@ class ExportConfig:
     package: bool = False  # also OUT.tar.gz with a sha256 manifest and the model card
 
     def __post_init__(self):
-        from .gguf import GGUF_TYPES
-        from .quantize import BITS, GROUP_SIZES, METHODS
 
         if self.gguf is not None and self.gguf not in GGUF_TYPES:
             raise CBDError(f"--gguf {self.gguf!r} is invalid: choose one of {', '.join(GGUF_TYPES)}")
@@ -117,13 +119,9 @@ def export(src: str, out: Path, cfg: ExportConfig | None = None, *, calib: Path 
     awq/gptq calibrate on ``calib`` [default: the built-in English excerpt];
     ``eval_data`` (a text file): held-out perplexity before and after goes into
     the model card. Returns what the card reports."""
-    from .evaluate import tokenize_file
-    from .loader import load_tokenizer
 
     if cfg is not None and not isinstance(cfg, ExportConfig):
         raise CBDError(f"export's cfg must be an ExportConfig (e.g. ExportConfig(bits=4)), not {cfg!r}")
-    from .quantize import CALIB_SEQ_LEN, CALIB_SEQS
-    from .selection import DEFAULT_CALIB, calibration_batches
 
     cfg = cfg or ExportConfig()
     log = log or (lambda *_: None)
@@ -141,9 +139,6 @@ def export(src: str, out: Path, cfg: ExportConfig | None = None, *, calib: Path 
 def _export(src: str, out: Path, bits: int, group_size: int | None, method: str, recipe: str | None,
             calib: np.ndarray | None, eval_tokens: np.ndarray | None, eval_name: str | None,
             gguf_type: str | None, package: bool, force: bool, log) -> dict:
-    from .gguf import write_gguf
-    from .quantize import auto_group_size, bits_per_weight, is_quantized, quantize_anchor
-    from .save import write_quantized
 
     path = resolve(src)
     q = is_quantized(path) if (path / "config.json").is_file() else None
@@ -165,7 +160,6 @@ def _export(src: str, out: Path, bits: int, group_size: int | None, method: str,
     t0 = time.time()
     a = load_anchor(src)
     if gguf_type:
-        from .gguf import GGUF_ARCH, pre_tokenizer_type
 
         if a.config.get("model_type") not in GGUF_ARCH:
             raise CBDError(f"--gguf supports {', '.join(sorted(GGUF_ARCH))}, not '{a.config.get('model_type')}'")

@@ -14,6 +14,9 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CBDError
+from .families import family_of
+from .save import read_json, save_weights, weights_sha256
+from .shapes import shape_of
 
 GGUF_GROUP_SIZE = 32
 NAME_MAP = {
@@ -170,7 +173,6 @@ def tokenizer_from_gguf(meta: dict, out_dir: Path) -> None:
 
 def gguf_to_model_dir(path: Path, out_dir: Path) -> None:
     """Convert a llama or gemma3 GGUF into an mlx-lm model directory (fp32 safetensors)."""
-    from .save import save_weights, weights_sha256
 
     config, weights, meta = read_gguf(path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +344,6 @@ def pre_tokenizer_type(model_dir: Path) -> str:
     BPE tokenizer.json, read from its pre-tokenizer: GPT-2's regex ("gpt-2"),
     the same with single digits split first (SmolLM's "smollm"), or Qwen2's
     split pattern ("qwen2")."""
-    from .save import read_json
 
     pre = read_json(Path(model_dir) / "tokenizer.json", "tokenizer").get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
@@ -359,7 +360,6 @@ def pre_tokenizer_type(model_dir: Path) -> str:
 
 def _bpe_vocab(model_dir: Path) -> tuple[list[str], list[int], list[str], dict]:
     """(tokens, token types, merges, special ids) of a byte-level BPE tokenizer.json."""
-    from .save import read_json
 
     data = read_json(Path(model_dir) / "tokenizer.json", "tokenizer")
     if data.get("model", {}).get("type") != "BPE":
@@ -375,7 +375,6 @@ def _bpe_vocab(model_dir: Path) -> tuple[list[str], list[int], list[str], dict]:
              TOKEN_TYPE_USER_DEFINED if t in added else 1 for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
     cfg_path = Path(model_dir) / "tokenizer_config.json"
-    from .save import read_json
 
     tcfg = read_json(cfg_path, "tokenizer") if cfg_path.is_file() else {}
     special = {k: vocab.get(tcfg.get(f"{k}_token") if isinstance(tcfg.get(f"{k}_token"), str) else None)
@@ -405,8 +404,6 @@ def _add_hparams(w, arch: str, config: dict) -> None:
     """The architecture's hyperparameters, complete (llama.cpp reads head
     sizes from key/value_length when hidden != heads x head_dim); widths as
     mlx-lm builds the model (gpt_neox's FFN is 4 x hidden whatever the config says)."""
-    from .families import family_of
-    from .shapes import shape_of
 
     g = config.get
     ffn = shape_of(family_of(config), config).ffn

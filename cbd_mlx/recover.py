@@ -7,10 +7,11 @@ import hashlib
 import math
 from pathlib import Path
 
+from .chain import find_chain
 from .data import prepare
 from .distill import distill
 from .errors import CBDError
-from .loader import cache_dir, read_provenance, resolve
+from .loader import cache_dir, read_provenance, resolve, tokenizer_fingerprint
 from .train import TrainConfig
 
 # recover's learning rate by the model's size, chosen by measurement (scripts/recover_defaults.py, README
@@ -34,7 +35,6 @@ def data_cache(data: list[Path], model: str, log=print) -> Path:
     for p in data:
         if not Path(p).exists():
             raise CBDError(f"--data {p} does not exist; give a token cache or text/jsonl files")
-    from .loader import tokenizer_fingerprint
 
     key = hashlib.sha256("|".join(
         [tokenizer_fingerprint(resolve(model))]
@@ -57,7 +57,6 @@ def kd_teacher(model: str, kd_from: str | None) -> str | None:
     big = anchors.get("big") or anchors.get("edge")
     chain = prov.get("chain") or {}
     if chain.get("manifest") and chain.get("anchors"):
-        from .chain import find_chain
 
         c = find_chain(chain["manifest"])
         entry = next((e for e in c.anchors if e.name == chain["anchors"][0]), None)

@@ -27,11 +27,12 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
+from . import losses
 from .data import PackedSequences
 from .errors import CBDError, check_fits
-from .save import atomic_dir
-from . import losses
+from .loader import build_model
 from .losses import LOSSES, Batch, LossFn
+from .save import atomic_dir
 
 CHECKPOINT = "checkpoint"
 EXPLODE_FACTOR = 3.0  # a step's loss above this many times the recent median is an explosion
@@ -248,7 +249,6 @@ INIT_STD = 0.02
 def random_model(config: dict, seed: int = 0, std: float = INIT_STD) -> nn.Module:
     """A model of ``config`` initialized for training from scratch (GPT-2
     style): N(0, ``std``) matrices and embeddings, unit norm gains, zero biases."""
-    from .loader import build_model
 
     mx.random.seed(seed)
     model = build_model(config)

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .errors import CBDError
 from .loader import encode_text
 
 ULD_K = 32
@@ -69,7 +70,6 @@ def build_targets(source, source_tok, student_tok, docs: list[str], eos: int | N
                     targets[pos + i], mask[pos + i] = top[j], True
         pos += len(ids) + (1 if eos is not None else 0)
     if pos != n_tokens:
-        from .errors import CBDError
 
         raise CBDError(f"ULD targets cover {pos} tokens but the cache holds {n_tokens}; rebuild the bridge work dir")
     out.mkdir(parents=True, exist_ok=True)
