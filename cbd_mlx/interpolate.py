@@ -284,71 +284,84 @@ def _edge_init(source: str, n: int, calib, calib_tokens: int, fixed: dict, chain
     return Built(cfg, weights, a.path, prov)
 
 
+def _parse_alpha(alpha) -> float | str | None:
+    """'auto' (the default), None (the distance rule) or a number in [0, 1]."""
+    # default: the best of a grid on calibration text. On the embedded chain the parameter-distance rule
+    # ("distance") gave inits worse than either anchor alone (70M: 471 vs Subset 72, Expand 98 held-out ppl)
+    alpha = "auto" if alpha is None else None if alpha == "distance" else alpha
+    if alpha in (None, "auto"):
+        return alpha
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise CBDError(f"--alpha must be a number in [0, 1], 'auto' or 'distance', not '{alpha}'") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise CBDError(f"--alpha {alpha} is outside [0, 1]")
+    return alpha
+
+
+def _chain_pair(chain: str | None, n: int, extrapolate: bool, log):
+    """(chain, bigger entry, smaller entry) around ``n``, or (chain, edge entry,
+    note) for a size beyond the chain that may be grown or Subset."""
+    if chain:
+        c = find_chain(chain)
+    else:
+        c, why = default_chain(n)
+        log(f"using chain '{c.name}' ({why}); pass --chain to choose another")
+    try:
+        return (c, *c.bracket(n))
+    except CBDError:
+        top, bottom = c.anchors[0], c.anchors[-1]
+        near_top = top.params < n <= top.params * (1 + GROW_LIMIT)
+        if not (extrapolate or near_top):
+            raise
+        note = ""
+        if near_top and not extrapolate:
+            note = (f"note: {format_size(n)} is {n / top.params - 1:.1%} above chain '{c.name}' (largest anchor "
+                    f"{top.name}): its largest anchor is grown function-preservingly, no blend" + _online_hint(c, n))
+        return c, top if n > top.params else bottom, note
+
+
+def _init_record(big: Anchor, small: Anchor, chain_info, target: Shape, res: InitResult, n: int) -> dict:
+    def anchor(a: Anchor) -> dict:
+        return {"source": a.source, "params": a.n_params, "sha256": a.provenance.get("weights_sha256")}
+
+    return {"kind": "init", "chain": chain_info, "anchors": {"big": anchor(big), "small": anchor(small)},
+            "shape": target.as_dict(), "params": res.n_params, "requested": n, "alpha": res.alpha, "info": res.info,
+            "history": [], "cbd_mlx": __version__}
+
+
 def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str, str] | None = None,
                alpha: float | str | None = None, calib=None, calib_tokens: int = CALIB_TOKENS_INIT,
                shape: dict | None = None, extrapolate: bool = False, stream: bool = False, log=None):
     """The init of ``size`` parameters, in memory (``loader.Built``: ``.save(out)``
     writes it, ``.load()`` gives (model, tokenizer)); its cbd.json record holds
     the chain, anchors, shape, alpha and alignment. See ``init``."""
-
     log = log or (lambda *_: None)
     n = size_of(size)
     if n <= 0:
         raise CBDError(f"size must be positive, got {size}")
     fixed = {k: v for k, v in (shape or {}).items() if v is not None}
-    # default: the best of a grid on calibration text. On the embedded chain the parameter-distance rule
-    # ("distance") gave inits worse than either anchor alone (70M: 471 vs Subset 72, Expand 98 held-out ppl)
-    alpha = "auto" if alpha is None else None if alpha == "distance" else alpha
-    if alpha not in (None, "auto"):
-        try:
-            alpha = float(alpha)
-        except (TypeError, ValueError):
-            raise CBDError(f"--alpha must be a number in [0, 1], 'auto' or 'distance', not '{alpha}'") from None
-        if not 0.0 <= alpha <= 1.0:
-            raise CBDError(f"--alpha {alpha} is outside [0, 1]")
+    alpha = _parse_alpha(alpha)
+    check = alpha == "auto" or calib is not None  # else NaN/Inf are caught in the streamed output
     chain_info = None
     if anchors:
-        big_src, small_src = anchors
+        big, small = sorted((load_anchor(a, check_finite=check) for a in anchors), key=lambda a: -a.n_params)
     else:
-        if chain:
-            c = find_chain(chain)
-        else:
-            c, why = default_chain(n)
-            log(f"using chain '{c.name}' ({why}); pass --chain to choose another")
-        try:
-            a_big, a_small = c.bracket(n)
-        except CBDError:
-            top, bottom = c.anchors[0], c.anchors[-1]
-            near_top = top.params < n <= top.params * (1 + GROW_LIMIT)
-            if not (extrapolate or near_top):
-                raise
-            edge = top if n > top.params else bottom
-            note = ""
-            if near_top and not extrapolate:
-                note = (f"note: {format_size(n)} is {n / top.params - 1:.1%} above chain '{c.name}' (largest anchor "
-                        f"{top.name}): its largest anchor is grown function-preservingly, no blend"
-                        + _online_hint(c, n))
-            return _edge_init(c.source_of(edge), n, calib, calib_tokens, fixed,
-                              {"name": c.name, "manifest": str(c.path), "anchors": [edge.name]}, log, note)
-        big_src, small_src = c.source_of(a_big), c.source_of(a_small)
+        c, a_big, a_small = _chain_pair(chain, n, extrapolate, log)
+        if isinstance(a_small, str):  # beyond the chain: a_big is the edge anchor, a_small the note
+            return _edge_init(c.source_of(a_big), n, calib, calib_tokens, fixed,
+                              {"name": c.name, "manifest": str(c.path), "anchors": [a_big.name]}, log, a_small)
         chain_info = {"name": c.name, "manifest": str(c.path), "anchors": [a_big.name, a_small.name]}
         log(f"chain {c.name}: {a_small.name} ({format_size(a_small.params)}) < {format_size(n)} "
             f"< {a_big.name} ({format_size(a_big.params)})")
-    check = alpha == "auto" or calib is not None  # else NaN/Inf are caught in the streamed output
-    if anchors:
-        big, small = load_anchor(big_src, check_finite=check), load_anchor(small_src, check_finite=check)
-    else:
         big, small = (load_chain_anchor(c, a, check) for a in (a_big, a_small))
-    if big.n_params < small.n_params:
-        big, small = small, big
     if not small.n_params <= n <= big.n_params:
         if extrapolate or (anchors and big.n_params < n <= big.n_params * (1 + GROW_LIMIT)):
-            edge = big if n > big.n_params else small
-            return _edge_init(edge.source, n, calib, calib_tokens, fixed, None, log, "")
-        raise CBDError(
-            f"{format_size(n)} is outside the anchors' range {format_size(small.n_params)} .. "
-            f"{format_size(big.n_params)}; pick a size in that range or pass --extrapolate"
-        )
+            return _edge_init(big.source if n > big.n_params else small.source, n, calib, calib_tokens, fixed,
+                              None, log, "")
+        raise CBDError(f"{format_size(n)} is outside the anchors' range {format_size(small.n_params)} .. "
+                       f"{format_size(big.n_params)}; pick a size in that range or pass --extrapolate")
     check_compatible(big, small)
     if not same_tokenizer(big.path, small.path):
         raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
@@ -357,28 +370,13 @@ def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str,
         calib = DEFAULT_CALIB
         log(f"calibration text: the built-in {DEFAULT_CALIB.name} (Python tutorial excerpt); pass --calib FILE "
             "for your domain")
-    batches = calibration_from(big.path, calib, calib_tokens)
-    res = interpolate(big, small, target, alpha, batches, log=log, stream=stream)
+    res = interpolate(big, small, target, alpha, calibration_from(big.path, calib, calib_tokens), log=log,
+                      stream=stream)
     log(f"shape: {target} -> {res.n_params:,} parameters ({format_size(res.n_params)}, "
         f"{(res.n_params - n) / n:+.2%} of {format_size(n)})")
     log(f"alpha: {res.alpha:.4f} (distance rule {res.info['default_alpha']:.4f}), alignment: {res.info['alignment']}")
-    prov = {
-        "kind": "init",
-        "chain": chain_info,
-        "anchors": {
-            "big": {"source": big.source, "params": big.n_params, "sha256": big.provenance.get("weights_sha256")},
-            "small": {"source": small.source, "params": small.n_params,
-                      "sha256": small.provenance.get("weights_sha256")},
-        },
-        "shape": target.as_dict(),
-        "params": res.n_params,
-        "requested": n,
-        "alpha": res.alpha,
-        "info": res.info,
-        "history": [],
-        "cbd_mlx": __version__,
-    }
-    return Built(res.config, res.weights, big.path, prov, res.shapes if stream else None)
+    return Built(res.config, res.weights, big.path, _init_record(big, small, chain_info, target, res, n),
+                 res.shapes if stream else None)
 
 
 def init(size: str | int, *, chain: str | None = None, anchors: tuple[str, str] | None = None,
