@@ -20,7 +20,7 @@ from .errors import CBDError
 from .evaluate import read_text, tokenize_file
 from .loader import build_model, load_anchor, load_tokenizer, resolve
 from .prune import child_shape, prune_weights
-from .save import dump_json, read_json, write_model
+from .save import dump_json, read_json, refuse_existing, write_model
 from .selection import DEFAULT_CALIB, calibration_batches
 from .shapes import config_for, format_size
 from .uld import XVocabTargets, build_targets
@@ -177,8 +177,7 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
 
 
     out = Path(out)
-    if out.exists() and not force:
-        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, force)
     load_anchor(student)  # the chain family's model must load (family, tokenizer) before hours of generation
     work = out.with_name(out.name + ".bridge")
     model, tok, src_path = load_source(source)

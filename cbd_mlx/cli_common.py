@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .errors import CBDError
+from .save import refuse_existing
 
 # the generator to name in hints: mlx-lm's own on a Mac; elsewhere the same command started with
 # OpenBLAS loaded (mlx_lm.generate alone runs on the wheel's reference BLAS: 29 vs 478 prompt tokens/s)
@@ -75,8 +75,7 @@ def say(msg: str) -> None:
 
 def check_out(out: Path, force: bool) -> None:
     """Refuse an existing --out before any work is done."""
-    if out.exists() and not force:
-        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, force)
 
 
 def train_options(f=None, lr: float | None = 1e-3):

@@ -13,7 +13,7 @@ from .data import cache_id, check_ids, open_cache, run_splits
 from .errors import CBDError
 from .loader import Anchor, anchor_sha256, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint
 from .losses import LossFn
-from .save import write_model
+from .save import refuse_existing, write_model
 from .teacher_cache import TeacherCache
 from .train import TrainConfig, config_record, remove_work, train, write_training_outputs
 from mlx.utils import tree_flatten
@@ -55,8 +55,7 @@ def distill(
     from that directory (built there first when missing). ``loss_fn``
     (default: the loss ``cfg`` names) scores each batch (``losses.py``)."""
     out = Path(out)
-    if out.exists() and not force:
-        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, force)
     student = load_anchor(student_src)
     teacher = load_anchor(teacher_src) if teacher_src else None
     if teacher is not None:

@@ -20,7 +20,7 @@ from .gguf import GGUF_ARCH, GGUF_TYPES, pre_tokenizer_type, write_gguf
 from .loader import load_anchor, load_tokenizer, model_from_weights, resolve
 from .quantize import (BITS, CALIB_SEQS, CALIB_SEQ_LEN, GROUP_SIZES, METHODS, auto_group_size, bits_per_weight,
                        is_quantized, quantize_anchor)
-from .save import atomic_dir, file_sha256, write_quantized
+from .save import atomic_dir, file_sha256, refuse_existing, write_quantized
 from .selection import DEFAULT_CALIB, calibration_batches
 
 CARD_NAME = "README.md"
@@ -146,10 +146,9 @@ def _export(src: str, out: Path, bits: int, group_size: int | None, method: str,
         raise CBDError(f"{src} is already quantized ({q.get('bits')}-bit); export from the full-precision model")
     out = Path(out)
     tar_path = out.with_name(out.name + ".tar.gz")
-    if out.exists() and not force:
-        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
-    if package and tar_path.exists() and not force:
-        raise CBDError(f"{tar_path} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, force)
+    if package:
+        refuse_existing(tar_path, force)
     for p in (out, tar_path) if package else (out,):  # every output checked before anything is replaced
         if p.is_symlink():
             raise CBDError(f"{p} is a symbolic link; give a real path as --out (nothing was written)")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from .errors import CBDError, check_fits
 from .loader import read_provenance, resolve
-from .save import atomic_dir, dump_json, weights_sha256
+from .save import atomic_dir, dump_json, refuse_existing, weights_sha256
 
 FORMATS = {"text": ("text",), "chat": ("messages",), "completions": ("prompt", "completion")}
 
@@ -135,8 +135,7 @@ def finetune(model_src: str, data_dir: Path, out: Path, cfg: FinetuneConfig | No
 
     fmt = data_format(data_dir)
     out = Path(out)
-    if out.exists() and not force:
-        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, force)
     path = resolve(model_src)
     prov = read_provenance(path) or {"kind": "external", "source": model_src}  # read before hours of training
     model, tokenizer, config = load(str(path), return_config=True)

@@ -19,6 +19,7 @@ import numpy as np
 from ._version import __version__
 from .chain import DEFAULT_ONLINE, default_chain, find_chain, load_chain_anchor
 from .errors import CBDError
+from .save import refuse_existing
 from .families import layer_local_name
 from .loader import Anchor, Built, all_finite, anchor_sha256, load_anchor, model_from_weights, same_tokenizer
 from .operators import Selection, blend, blend_tensor, expand, iter_expand, iter_subset, subset
@@ -396,10 +397,8 @@ def init(size: str | int, *, chain: str | None = None, anchors: tuple[str, str] 
     above a chain's largest anchor grow it function-preservingly; further out
     needs ``extrapolate``. Writes an mlx-lm directory (with cbd.json) when
     ``out`` is given. Returns (model, tokenizer) like ``mlx_lm.load``."""
-    from pathlib import Path
 
-    if out is not None and Path(out).exists() and not force:
-        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, force)
     built = build_init(size, chain=chain, anchors=anchors, alpha=alpha, calib=calib, calib_tokens=calib_tokens,
                        shape=shape, extrapolate=extrapolate, log=log)
     if out is not None:

@@ -7,6 +7,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import CBDError
+from .save import refuse_existing
 from .loader import Anchor, Built, anchor_sha256, load_anchor
 from .operators import subset
 from .selection import DEFAULT_CALIB, calibration_from, collect_stats, importance, rankings, select, uniform_rankings
@@ -95,10 +96,8 @@ def prune(parent: str, size: str | int, *, calib=None, calib_tokens: int = 4096,
     built-in English excerpt]), its lineage recorded in cbd.json. ``shape``
     pins any of layers/hidden/ffn/heads/kv_heads. Writes an mlx-lm directory
     when ``out`` is given; returns (model, tokenizer)."""
-    from pathlib import Path
 
-    if out is not None and Path(out).exists() and not force:
-        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, force)
     built = build_prune(parent, size, calib=calib, calib_tokens=calib_tokens, shape=shape, log=log)
     if out is not None:
         built.save(out, force, dtype)

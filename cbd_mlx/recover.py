@@ -11,6 +11,7 @@ from .chain import find_chain
 from .data import prepare
 from .distill import distill
 from .errors import CBDError
+from .save import refuse_existing
 from .loader import cache_dir, read_provenance, resolve, tokenizer_fingerprint
 from .train import TrainConfig
 
@@ -72,8 +73,7 @@ def recover(model: str, data: list[Path], out: Path, cfg: TrainConfig, kd_from: 
     """Train every parameter of ``model`` on ``data`` (CE, plus KD when a
     teacher is given) and write it to ``out``; returns the training record."""
     out = Path(out)
-    if out.exists() and not force:
-        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, force)
     teacher = kd_teacher(model, kd_from)
     if teacher:
         log(f"KD from {teacher}")

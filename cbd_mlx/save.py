@@ -176,6 +176,12 @@ def _umask() -> int:
     return mask
 
 
+def refuse_existing(out, force: bool) -> None:
+    """Refuse an existing output before any work is done (unless ``force``)."""
+    if out is not None and Path(out).exists() and not force:
+        raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
+
+
 class atomic_dir:
     """Write a directory (or, with ``file=True``, one file) atomically: build
     it in a sibling temp path, then move it into place.
@@ -197,8 +203,7 @@ class atomic_dir:
         remove_stale(self.out)  # first: a previous output set aside by a killed writer is restored
         if self.out.is_symlink():
             raise CBDError(f"{self.out} is a symbolic link; give a real path as --out (nothing was written)")
-        if self.out.exists() and not self.force:
-            raise CBDError(f"{self.out} already exists; choose another --out or pass --force to replace it")
+        refuse_existing(self.out, self.force)
         if self.out.exists() and self.out.is_dir() == self.file:
             kind = "a directory" if self.file else "a file"
             raise CBDError(f"{self.out} is {kind}; give another --out")
