@@ -18,7 +18,7 @@ from .data import iter_documents, open_cache, prepare, split_documents
 from .distill import distill
 from .errors import CBDError
 from .evaluate import read_text, tokenize_file
-from .loader import build_model, load_anchor, load_tokenizer, resolve
+from .loader import build_model, load_anchor, load_tokenizer, read_provenance, resolve
 from .prune import child_shape, prune_weights
 from .save import dump_json, read_json, refuse_existing, write_model
 from .selection import DEFAULT_CALIB, calibration_batches
@@ -204,7 +204,7 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
     init_dir = work / "init"
     if not (init_dir / "cbd.json").exists():
         student_init(student, size, init, init_dir, cfg.seed)
-        prov = json.loads((init_dir / "cbd.json").read_text())
+        prov = read_provenance(init_dir)
         prov["bridge"] = {"source": source, "source_model_type": src_cfg.get("model_type"),
                           "source_vocab": src_cfg.get("vocab_size"), "prompts": len(prompts),
                           "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from .errors import CBDError
 from .evaluate import perplexity, tokenize_file
 from .export import eval_ppl
 from .interpolate import grow, has_lineage
-from .loader import Anchor, anchor_sha256, load_anchor, load_tokenizer, model_from_weights
+from .loader import Anchor, anchor_sha256, load_anchor, load_tokenizer, model_from_weights, read_provenance
 from .operators import Selection
 from .quantize import CALIB_SEQ_LEN, CALIB_SEQS, bits_per_weight, quantize_anchor
 from .save import DELTA_FILE, atomic_dir, write_model, write_quantized
@@ -185,7 +184,7 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
                 lin["parent_sha256"] = renamed[lin["parent_sha256"]]
             dest = tmp / "anchors" / e.name
             write_quantized(dest, model, cfg, a.path, prov, shared=(shared, link) if shared else None)
-            renamed[old_sha] = json.loads((dest / "cbd.json").read_text())["weights_sha256"]
+            renamed[old_sha] = read_provenance(dest)["weights_sha256"]
             size = sum(f.stat().st_size for f in dest.glob("*.safetensors") if not f.is_symlink())
             log(f"[pack] {e.name}: {bits_per_weight(model):.2f} bits/weight, {size / 1e6:.1f} MB of its own")
             entries.append(replace(e, source=f"anchors/{e.name}", local=True, sha256=renamed[old_sha],

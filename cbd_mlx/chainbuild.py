@@ -19,7 +19,7 @@ from .data import open_cache
 from .distill import distill
 from .errors import CBDError
 from .interpolate import lineage_of
-from .loader import Anchor, anchor_sha256, load_anchor
+from .loader import Anchor, anchor_sha256, load_anchor, read_provenance
 from .operators import subset
 from .prune import child_shape, prune_weights
 from .save import write_model
@@ -137,7 +137,7 @@ def plot_chain(out: Path, entries: list[ChainAnchor], anchors_dir: Path,
 
 def _rewrite_provenance(d: Path, update) -> None:
     """Apply ``update`` to d/cbd.json (atomically; the weights are untouched)."""
-    prov = json.loads((d / "cbd.json").read_text())
+    prov = read_provenance(d)
     update(prov)
     tmp = d / "cbd.json.tmp"
     tmp.write_text(json.dumps(prov, indent=2))
@@ -188,7 +188,7 @@ def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | 
         shutil.rmtree(old, ignore_errors=True)
         _repoint_children(anchors_dir, chain)  # the manifest and the lineage follow each swap at once
         _refresh_manifest(out)
-        rec = json.loads((d / "cbd.json").read_text())["history"][-1]
+        rec = read_provenance(d)["history"][-1]
         log(f"[chain] {e.name}: held-out ppl {rec['heldout_ppl_before']:.1f} -> {rec['heldout_ppl_after']:.1f} "
             f"after polishing")
         done.append(e.name)
@@ -347,8 +347,8 @@ def _refresh_manifest(out: Path) -> None:
 def _finished_polish(new: Path, teacher: Path, student: Path, cfg: TrainConfig) -> bool:
     """Whether ``new`` holds a finished polish of ``student`` from ``teacher``."""
     try:
-        history = json.loads((new / "cbd.json").read_text())["history"]
-        base = json.loads((student / "cbd.json").read_text()).get("history", [])
+        history = read_provenance(new)["history"]
+        base = read_provenance(student).get("history", [])
         rec = history[-1]
     except (OSError, ValueError, KeyError, IndexError):
         return False
@@ -362,9 +362,9 @@ def _repoint_children(anchors_dir: Path, chain: list[ChainAnchor]) -> None:
     parent's old weights hash; point it at the new one (same shapes, same
     channels: the lineage holds)."""
     for e in chain[1:]:
-        pol = json.loads((anchors_dir / e.parent / "cbd.json").read_text()).get("polished")
+        pol = read_provenance(anchors_dir / e.parent).get("polished")
         child = anchors_dir / e.name
-        lin = json.loads((child / "cbd.json").read_text()).get("lineage") or {}
+        lin = read_provenance(child).get("lineage") or {}
         if pol and lin.get("parent_sha256") == pol["from_sha256"]:
             new_sha = anchor_sha256(load_anchor(str(anchors_dir / e.parent)))
             _rewrite_provenance(child, lambda p: p["lineage"].update(parent_sha256=new_sha, parent_polished=True))

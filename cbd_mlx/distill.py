@@ -13,7 +13,7 @@ from .data import cache_id, check_ids, open_cache, run_splits
 from .errors import CBDError
 from .loader import Anchor, anchor_sha256, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint
 from .losses import LossFn
-from .save import refuse_existing, write_model
+from .save import append_history, refuse_existing, write_model
 from .teacher_cache import TeacherCache
 from .train import TrainConfig, config_record, remove_work, train, write_training_outputs
 from mlx.utils import tree_flatten
@@ -115,7 +115,7 @@ def distill(
     }
     prov = dict(student.provenance)
     prov.pop("weights_sha256", None)
-    prov["history"] = list(prov.get("history", [])) + [record]
+    prov = append_history(prov, record)
     weights = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     title = f"{record['kind']}: {Path(student_src).name}"
     write_model(out, student.config, weights, student.path, prov, force,

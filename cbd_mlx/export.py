@@ -20,7 +20,7 @@ from .gguf import GGUF_ARCH, GGUF_TYPES, pre_tokenizer_type, write_gguf
 from .loader import load_anchor, load_tokenizer, model_from_weights, resolve
 from .quantize import (BITS, CALIB_SEQS, CALIB_SEQ_LEN, GROUP_SIZES, METHODS, auto_group_size, bits_per_weight,
                        is_quantized, quantize_anchor)
-from .save import atomic_dir, file_sha256, refuse_existing, write_quantized
+from .save import append_history, atomic_dir, file_sha256, refuse_existing, write_quantized
 from .selection import DEFAULT_CALIB, calibration_batches
 
 CARD_NAME = "README.md"
@@ -180,8 +180,7 @@ def _export(src: str, out: Path, bits: int, group_size: int | None, method: str,
     }
     prov = dict(a.provenance)
     prov.pop("weights_sha256", None)
-    prov["history"] = list(prov.get("history", [])) + [{"kind": "export", **{k: v for k, v in info.items()
-                                                                             if k not in ("name", "chain")}}]
+    prov = append_history(prov, {"kind": "export", **{k: v for k, v in info.items() if k not in ("name", "chain")}})
 
     def extra(tmp: Path) -> None:
         if gguf_name:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from .errors import CBDError, check_fits
 from .loader import read_provenance, resolve
-from .save import atomic_dir, dump_json, refuse_existing, weights_sha256
+from .save import append_history, atomic_dir, dump_json, refuse_existing, weights_sha256
 
 FORMATS = {"text": ("text",), "chat": ("messages",), "completions": ("prompt", "completion")}
 
@@ -181,7 +181,7 @@ def finetune(model_src: str, data_dir: Path, out: Path, cfg: FinetuneConfig | No
                   "valid_loss_after": after, "kept_iteration": best_iter, "fused": bool(fuse or mode == "full")}
         log(f"valid loss {before:.3f} -> {after:.3f} ({fmt} data, {mode}, {iters} iters; kept iteration {best_iter})")
         prov.pop("weights_sha256", None)
-        prov["history"] = list(prov.get("history", [])) + [record]
+        prov = append_history(prov, record)
         if fuse or mode == "full":
             fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
             if fused:

@@ -434,3 +434,8 @@ def read_json(path: Path, what: str) -> dict:
     if not isinstance(obj, dict):
         raise CBDError(f"{path} is not a JSON object; restore or re-download the {what}")
     return obj
+
+
+def append_history(prov: dict, record: dict) -> dict:
+    """``prov`` (a cbd.json record) with ``record`` appended to its history."""
+    return {**prov, "history": list(prov.get("history") or []) + [record]}
