@@ -34,20 +34,9 @@ def check_data(cache_meta: dict, student: Anchor) -> None:
         )
 
 
-def distill(
-    teacher_src: str | None,
-    student_src: str,
-    cache: Path,
-    out: Path,
-    cfg: TrainConfig,
-    force: bool = False,
-    log=print,
-    stop_after: int | None = None,
-    teacher_cache: Path | None = None,
-    cache_k: int = 32,
-    xvocab=None,
-    loss_fn: LossFn | None = None,
-) -> dict:
+def distill(teacher_src: str | None, student_src: str, cache: Path, out: Path, cfg: TrainConfig, force: bool = False,
+            log=print, stop_after: int | None = None, teacher_cache: Path | None = None, cache_k: int = 32,
+            xvocab=None, loss_fn: LossFn | None = None) -> dict:
     """Train the student on the cache (with KD from the teacher when given)
     and write it to ``out`` with its training record in cbd.json.
 
@@ -58,9 +47,9 @@ def distill(
     refuse_existing(out, force)
     student = load_anchor(student_src)
     teacher = load_anchor(teacher_src) if teacher_src else None
-    if teacher is not None:
-        if teacher.shape.vocab != student.shape.vocab or not same_tokenizer(teacher.path, student.path):
-            raise CBDError("teacher and student use different tokenizers; distill within one chain (or use `bridge`)")
+    if teacher is not None and (teacher.shape.vocab != student.shape.vocab
+                                or not same_tokenizer(teacher.path, student.path)):
+        raise CBDError("teacher and student use different tokenizers; distill within one chain (or use `bridge`)")
     meta, splits = open_cache(cache)
     check_data(meta, student)
     check_ids(meta, splits, student.shape.vocab, student_src)
@@ -72,46 +61,19 @@ def distill(
     t_model = model_from_weights(teacher.config, teacher.weights) if teacher else None
     work = work_dir(out)
     t0 = time.time()
-    tc = None
-    if teacher_cache is not None:
-        if teacher is None:
-            raise CBDError("--teacher-cache needs --teacher")
-
-        if mx.distributed.init().size() > 1:
-            raise CBDError("--teacher-cache is single-process for now; drop it under mlx.launch")
-        tc = TeacherCache(teacher_cache, t_model, k=cache_k, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                          seed=cfg.seed, n_batches=cfg.steps(1) * cfg.grad_accum, vocab=teacher.shape.vocab,
-                          teacher_sha256=anchor_sha256(teacher), data=cache_id(meta))
-        if tc.n_filled:
-            log(f"teacher cache {teacher_cache}: {tc.n_filled} batches already computed")
+    tc = _open_teacher_cache(teacher_cache, teacher, t_model, cfg, cache_k, meta, log)
     res = train(model, train_data, heldout, cfg, work, t_model, log=log, stop_after=stop_after,
                 teacher_cache=tc, xvocab=xvocab, loss_fn=loss_fn)
-    metrics = res.metrics
     rank = mx.distributed.init().rank()
     if rank != 0:  # one writer per mlx.launch group
         return {"rank": rank}
     if not res.finished:
         return {"stopped_at": res.last.get("step", 0)}
-    before, after = res.heldout_before, res.best_loss
     record = {
-        "kind": "distill" if teacher else "train",
-        "teacher": teacher_src,
+        "kind": "distill" if teacher else "train", "teacher": teacher_src,
         "teacher_cache": {"path": str(teacher_cache), "k": cache_k} if teacher_cache else None,
-        "student": student_src,
-        "data": {"cache": str(cache), "tokens": meta["tokens"], "inputs": meta.get("inputs")},
-        "config": config_record(cfg),
-        "steps": res.last.get("step", 0),
-        "tokens_seen": res.last.get("tokens", 0),
-        "best_step": res.best_step,
-        "rollbacks": res.rollbacks,
-        "heldout": "carved from the end of train" if carved else "the cache's held-out split",
-        "tokens_per_s": round(res.tokens_per_s, 1) if res.tokens_per_s else None,
-        "heldout_loss_before": before,
-        "heldout_loss_after": after,
-        "heldout_loss_last": res.last.get("heldout_loss"),
-        "heldout_ppl_before": float(np.exp(before)) if before is not None else None,
-        "heldout_ppl_after": float(np.exp(after)) if after is not None else None,
-        "seconds": round(time.time() - t0, 1),
+        "student": student_src, "data": {"cache": str(cache), "tokens": meta["tokens"], "inputs": meta.get("inputs")},
+        **_run_record(res, cfg, carved), "seconds": round(time.time() - t0, 1),
     }
     prov = dict(student.provenance)
     prov.pop("weights_sha256", None)
@@ -119,6 +81,36 @@ def distill(
     weights = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     title = f"{record['kind']}: {Path(student_src).name}"
     write_model(out, student.config, weights, student.path, prov, force,
-                extra=lambda tmp: write_training_outputs(tmp, metrics, title, before))
+                extra=lambda tmp: write_training_outputs(tmp, res.metrics, title, res.heldout_before))
     remove_work(work)
     return record
+
+
+def _open_teacher_cache(path: Path | None, teacher, t_model, cfg: TrainConfig, k: int, meta: dict, log):
+    """The teacher's top-k cache at ``path`` (None without one)."""
+    if path is None:
+        return None
+    if teacher is None:
+        raise CBDError("--teacher-cache needs --teacher")
+    if mx.distributed.init().size() > 1:
+        raise CBDError("--teacher-cache is single-process for now; drop it under mlx.launch")
+    tc = TeacherCache(path, t_model, k=k, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+                      n_batches=cfg.steps(1) * cfg.grad_accum, vocab=teacher.shape.vocab,
+                      teacher_sha256=anchor_sha256(teacher), data=cache_id(meta))
+    if tc.n_filled:
+        log(f"teacher cache {path}: {tc.n_filled} batches already computed")
+    return tc
+
+
+def _run_record(res, cfg: TrainConfig, carved: bool) -> dict:
+    """What a training run's cbd.json record says about the run itself."""
+    before, after = res.heldout_before, res.best_loss
+    return {
+        "config": config_record(cfg), "steps": res.last.get("step", 0), "tokens_seen": res.last.get("tokens", 0),
+        "best_step": res.best_step, "rollbacks": res.rollbacks,
+        "heldout": "carved from the end of train" if carved else "the cache's held-out split",
+        "tokens_per_s": round(res.tokens_per_s, 1) if res.tokens_per_s else None,
+        "heldout_loss_before": before, "heldout_loss_after": after, "heldout_loss_last": res.last.get("heldout_loss"),
+        "heldout_ppl_before": float(np.exp(before)) if before is not None else None,
+        "heldout_ppl_after": float(np.exp(after)) if after is not None else None,
+    }
