@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
 from .errors import CBDError, check_fits
 from .loader import read_provenance, resolve
 from .save import append_history, atomic_dir, dump_json, refuse_existing, weights_sha256
@@ -122,84 +125,110 @@ def finetune(model_src: str, data_dir: Path, out: Path, cfg: FinetuneConfig | No
     """Fine-tune with mlx-lm on a folder of jsonl (text, chat or completions);
     ``out`` holds adapters (loadable with ``--adapter-path``) or, with
     ``fuse`` / full mode, a standalone model. Returns the training record."""
+    from mlx_lm.lora import train_model
+    from mlx_lm.utils import load
+
     cfg = cfg or FinetuneConfig()
     log = log or (lambda *_: None)
-    mode, rank, iters, batch_size, lr = cfg.mode, cfg.rank, cfg.iters, cfg.batch_size, cfg.lr
-    max_seq_length, num_layers, fuse = cfg.max_seq_length, cfg.num_layers, cfg.fuse
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm.lora import CONFIG_DEFAULTS, train_model
-    from mlx_lm.tuner.datasets import load_local_dataset
-    from mlx_lm.tuner.trainer import evaluate
-    from mlx_lm.utils import load, save
-
     fmt = data_format(data_dir)
     out = Path(out)
     refuse_existing(out, force)
     path = resolve(model_src)
     prov = read_provenance(path) or {"kind": "external", "source": model_src}  # read before hours of training
     model, tokenizer, config = load(str(path), return_config=True)
-    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
-    if mode != "full" and hidden and rank > hidden:
-        raise CBDError(f"--lora-rank {rank} is above the model's hidden size {hidden}; a LoRA rank is small "
-                       "(8-64): lower it")
-    vocab = int(config.get("vocab_size") or 0)
-    check_fits(f"a batch of {batch_size} x {max_seq_length} tokens", 3 * 4 * batch_size * max_seq_length * vocab,
-               "lower --batch-size or --max-seq-length")
-    n_layers = len(model.layers) if num_layers < 0 else min(num_layers, len(model.layers))
+    _check_sizes(cfg, config)
+    standalone = cfg.fuse or cfg.mode == "full"
     with atomic_dir(out, force) as tmp:
-        args = SimpleNamespace(**{**CONFIG_DEFAULTS, "optimizer_config": {"adam": {}}})
-        args.__dict__.update(
-            model=str(path), data=str(_split_valid(data_dir, tmp)), train=True, fine_tune_type=mode,
-            num_layers=n_layers, batch_size=batch_size, iters=iters, learning_rate=lr,
-            max_seq_length=max_seq_length, steps_per_eval=max(1, iters // EVALS), steps_per_report=max(1, iters // 10),
-            save_every=max(iters, 1), val_batches=-1, adapter_path=str(tmp / "adapters"),
-            lora_parameters={"rank": rank, "dropout": 0.0, "scale": 20.0},
-        )
-        train_set, valid_set, _ = load_local_dataset(Path(args.data), tokenizer, args)
-        if len(train_set) == 0 or len(valid_set) == 0:
-            raise CBDError(f"{data_dir}: empty train or valid split")
-        for split, n in (("training", len(train_set)), ("validation", len(valid_set))):
-            if n < batch_size:
-                raise CBDError(f"{data_dir}: {n} {split} examples, fewer than --batch-size {batch_size}; add "
-                               "examples or lower --batch-size")
-        from mlx_lm.tuner.datasets import CacheDataset
-
-        def val_loss() -> float:
-            return float(evaluate(model, CacheDataset(valid_set), batch_size=min(batch_size, len(valid_set)),
-                                  num_batches=-1, max_seq_length=max_seq_length))
-
+        args = _tuner_args(cfg, path, _split_valid(data_dir, tmp), tmp, len(model.layers))
+        train_set, valid_set, val_loss = _datasets(args, model, tokenizer, cfg, data_dir)
         before = val_loss()
         points = _Points(model)
         train_model(args, model, train_set, valid_set, training_callback=points)
-        after, best_iter = keep_best(model, points, val_loss, before, iters, log)
-        if not (fuse or mode == "full"):  # the adapters on disk are the kept ones
-            mx.save_safetensors(str(tmp / "adapters" / "adapters.safetensors"),
-                                dict(tree_flatten(model.trainable_parameters())))
-        record = {"kind": "finetune", "mode": mode, "format": fmt, "data": str(data_dir), "iters": iters,
-                  "rank": rank if mode != "full" else None, "lr": lr, "valid_loss_before": before,
-                  "valid_loss_after": after, "kept_iteration": best_iter, "fused": bool(fuse or mode == "full")}
-        log(f"valid loss {before:.3f} -> {after:.3f} ({fmt} data, {mode}, {iters} iters; kept iteration {best_iter})")
-        prov.pop("weights_sha256", None)
-        prov = append_history(prov, record)
-        if fuse or mode == "full":
-            fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
-            if fused:
-                model.update_modules(tree_unflatten(fused))
-            mx.eval(model.parameters())
-            final = tmp / "model"
-            save(final, str(path), model, tokenizer, config, donate_model=False)
-            shutil.rmtree(tmp / "adapters", ignore_errors=True)
-            shutil.rmtree(tmp / "data", ignore_errors=True)
-            for f in final.iterdir():
-                f.rename(tmp / f.name)
-            final.rmdir()
+        after, best_iter = keep_best(model, points, val_loss, before, cfg.iters, log)
+        record = {"kind": "finetune", "mode": cfg.mode, "format": fmt, "data": str(data_dir), "iters": cfg.iters,
+                  "rank": cfg.rank if cfg.mode != "full" else None, "lr": cfg.lr, "valid_loss_before": before,
+                  "valid_loss_after": after, "kept_iteration": best_iter, "fused": standalone}
+        log(f"valid loss {before:.3f} -> {after:.3f} ({fmt} data, {cfg.mode}, {cfg.iters} iters; kept iteration "
+            f"{best_iter})")
+        prov = append_history({k: v for k, v in prov.items() if k != "weights_sha256"}, record)
+        if standalone:
+            _write_fused(tmp, model, tokenizer, config, path)
             prov["weights_sha256"] = weights_sha256(tmp)
         else:
-            for f in (tmp / "adapters").iterdir():
-                f.rename(tmp / f.name)
-            (tmp / "adapters").rmdir()
-            shutil.rmtree(tmp / "data", ignore_errors=True)
+            _write_adapters(tmp, model)
             record["base"] = str(path)
         (tmp / "cbd.json").write_text(dump_json(prov))
     return record
+
+
+def _check_sizes(cfg: FinetuneConfig, config: dict) -> None:
+    """A LoRA rank within the hidden size and a batch within memory."""
+    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
+    if cfg.mode != "full" and hidden and cfg.rank > hidden:
+        raise CBDError(f"--lora-rank {cfg.rank} is above the model's hidden size {hidden}; a LoRA rank is small "
+                       "(8-64): lower it")
+    vocab = int(config.get("vocab_size") or 0)
+    check_fits(f"a batch of {cfg.batch_size} x {cfg.max_seq_length} tokens",
+               3 * 4 * cfg.batch_size * cfg.max_seq_length * vocab, "lower --batch-size or --max-seq-length")
+
+
+def _tuner_args(cfg: FinetuneConfig, path: Path, data: Path, tmp: Path, layers: int) -> SimpleNamespace:
+    """mlx-lm's lora arguments for this fine-tune."""
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    args = SimpleNamespace(**{**CONFIG_DEFAULTS, "optimizer_config": {"adam": {}}})
+    args.__dict__.update(
+        model=str(path), data=str(data), train=True, fine_tune_type=cfg.mode,
+        num_layers=layers if cfg.num_layers < 0 else min(cfg.num_layers, layers), batch_size=cfg.batch_size,
+        iters=cfg.iters, learning_rate=cfg.lr, max_seq_length=cfg.max_seq_length,
+        steps_per_eval=max(1, cfg.iters // EVALS), steps_per_report=max(1, cfg.iters // 10),
+        save_every=max(cfg.iters, 1), val_batches=-1, adapter_path=str(tmp / "adapters"),
+        lora_parameters={"rank": cfg.rank, "dropout": 0.0, "scale": 20.0},
+    )
+    return args
+
+
+def _datasets(args, model, tokenizer, cfg: FinetuneConfig, data_dir: Path):
+    """(train set, valid set, valid-loss function), each split checked."""
+    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+    from mlx_lm.tuner.trainer import evaluate
+
+    train_set, valid_set, _ = load_local_dataset(Path(args.data), tokenizer, args)
+    if len(train_set) == 0 or len(valid_set) == 0:
+        raise CBDError(f"{data_dir}: empty train or valid split")
+    for split, n in (("training", len(train_set)), ("validation", len(valid_set))):
+        if n < cfg.batch_size:
+            raise CBDError(f"{data_dir}: {n} {split} examples, fewer than --batch-size {cfg.batch_size}; add "
+                           "examples or lower --batch-size")
+
+    def val_loss() -> float:
+        return float(evaluate(model, CacheDataset(valid_set), batch_size=min(cfg.batch_size, len(valid_set)),
+                              num_batches=-1, max_seq_length=cfg.max_seq_length))
+
+    return train_set, valid_set, val_loss
+
+
+def _write_fused(tmp: Path, model, tokenizer, config: dict, path: Path) -> None:
+    """The adapters fused into a standalone mlx-lm model at ``tmp``."""
+    from mlx_lm.utils import save
+
+    fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    mx.eval(model.parameters())
+    final = tmp / "model"
+    save(final, str(path), model, tokenizer, config, donate_model=False)
+    shutil.rmtree(tmp / "adapters", ignore_errors=True)
+    shutil.rmtree(tmp / "data", ignore_errors=True)
+    for f in final.iterdir():
+        f.rename(tmp / f.name)
+    final.rmdir()
+
+
+def _write_adapters(tmp: Path, model) -> None:
+    """The kept adapters (not the tuner's last ones) at ``tmp``."""
+    mx.save_safetensors(str(tmp / "adapters" / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    for f in (tmp / "adapters").iterdir():
+        f.rename(tmp / f.name)
+    (tmp / "adapters").rmdir()
+    shutil.rmtree(tmp / "data", ignore_errors=True)
