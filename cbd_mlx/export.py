@@ -136,30 +136,41 @@ def export(src: str, out: Path, cfg: ExportConfig | None = None, *, calib: Path 
                    str(eval_data) if eval_data else None, cfg.gguf, cfg.package, force, log)
 
 
-def _export(src: str, out: Path, bits: int, group_size: int | None, method: str, recipe: str | None,
-            calib: np.ndarray | None, eval_tokens: np.ndarray | None, eval_name: str | None,
-            gguf_type: str | None, package: bool, force: bool, log) -> dict:
-
-    path = resolve(src)
-    q = is_quantized(path) if (path / "config.json").is_file() else None
-    if q:
-        raise CBDError(f"{src} is already quantized ({q.get('bits')}-bit); export from the full-precision model")
-    out = Path(out)
+def _check_outputs(out: Path, package: bool, force: bool) -> Path:
+    """Every output path checked before anything is replaced; returns the tarball's path."""
     tar_path = out.with_name(out.name + ".tar.gz")
     refuse_existing(out, force)
     if package:
         refuse_existing(tar_path, force)
-    for p in (out, tar_path) if package else (out,):  # every output checked before anything is replaced
+    for p in (out, tar_path) if package else (out,):
         if p.is_symlink():
             raise CBDError(f"{p} is a symbolic link; give a real path as --out (nothing was written)")
     if out.exists() and not out.is_dir():
         raise CBDError(f"{out} is a file; give another --out")
     if package and tar_path.is_dir():
         raise CBDError(f"{tar_path} is a directory; the package would replace it: move it or give another --out")
+    return tar_path
+
+
+def _linux_note(out: Path, bits: int, gguf_name: str | None) -> str:
+    return (f"note: the {bits}-bit mlx-lm model in {out} runs fast on Apple silicon (Metal); on this machine MLX has "
+            "no fast quantized matmul (under 1 token/s): "
+            + (f"run {out / gguf_name} with llama.cpp here" if gguf_name else
+               "add --gguf Q4_K_M and run that file with llama.cpp here"))
+
+
+def _export(src: str, out: Path, bits: int, group_size: int | None, method: str, recipe: str | None,
+            calib: np.ndarray | None, eval_tokens: np.ndarray | None, eval_name: str | None,
+            gguf_type: str | None, package: bool, force: bool, log) -> dict:
+    path = resolve(src)
+    q = is_quantized(path) if (path / "config.json").is_file() else None
+    if q:
+        raise CBDError(f"{src} is already quantized ({q.get('bits')}-bit); export from the full-precision model")
+    out = Path(out)
+    tar_path = _check_outputs(out, package, force)
     t0 = time.time()
     a = load_anchor(src)
     if gguf_type:
-
         if a.config.get("model_type") not in GGUF_ARCH:
             raise CBDError(f"--gguf supports {', '.join(sorted(GGUF_ARCH))}, not '{a.config.get('model_type')}'")
         pre_tokenizer_type(a.path)  # refuse a tokenizer llama.cpp would split differently, before any work
@@ -191,10 +202,7 @@ def _export(src: str, out: Path, bits: int, group_size: int | None, method: str,
 
     write_quantized(out, model, qconfig, a.path, prov, force, extra=extra)
     if sys.platform != "darwin":
-        log(f"note: the {bits}-bit mlx-lm model in {out} runs fast on Apple silicon (Metal); on this machine MLX has "
-            "no fast quantized matmul (under 1 token/s): "
-            + (f"run {out / gguf_name} with llama.cpp here" if gguf_name else
-               "add --gguf Q4_K_M and run that file with llama.cpp here"))
+        log(_linux_note(out, bits, gguf_name))
     if package:
         write_tarball(out, tar_path, force)
         info["package"] = str(tar_path)

@@ -241,9 +241,10 @@ def solve_shape(
     raise error
 
 
-def _solve(family, template, small, big, target, fixed, tolerance, multiple) -> Shape:
-    fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
-    template = {k: v for k, v in template.items() if layer_local_name(family, k)[0] in (None, 0)}
+def _candidates(family, template, small, big, target, fixed, multiple):
+    """The shapes between ``small`` and ``big`` worth scoring for ``target``:
+    every layers/kv-heads/heads/hidden combination, each with the FFN width
+    that brings it closest to the target count."""
     group = big.heads // big.kv_heads
     lo = lambda f: min(getattr(small, f), getattr(big, f))  # noqa: E731
     hi = lambda f: max(getattr(small, f), getattr(big, f))  # noqa: E731
@@ -251,55 +252,50 @@ def _solve(family, template, small, big, target, fixed, tolerance, multiple) -> 
     def options(f, step=None):
         if f in fixed:
             return [fixed[f]]
-        if step is None:
-            return list(range(lo(f), hi(f) + 1))
-        return _range(lo(f), hi(f), step)
+        return list(range(lo(f), hi(f) + 1)) if step is None else _range(lo(f), hi(f), step)
 
-    best, nearest = None, None
     for layers, kv in itertools.product(options("layers"), options("kv_heads")):
-        heads_opts = [fixed["heads"]] if "heads" in fixed else [kv * group]
-        for heads in heads_opts:
-            if heads % kv or not (lo("heads") <= heads <= hi("heads") or "heads" in fixed):
+        heads = fixed.get("heads", kv * group)
+        if heads % kv or not (lo("heads") <= heads <= hi("heads") or "heads" in fixed):
+            continue
+        if family.tied_attention_width:
+            hidden_opts = [heads * big.head_dim]
+        else:  # Hugging Face configs require hidden % heads == 0
+            hidden_opts = [h for h in options("hidden", math.lcm(heads, multiple)) if h % heads == 0]
+        for hidden in hidden_opts:
+            if "hidden" in fixed and hidden != fixed["hidden"]:
                 continue
-            if family.tied_attention_width:
-                hidden_opts = [heads * big.head_dim]
-            else:  # Hugging Face configs require hidden % heads == 0
-                step = math.lcm(heads, multiple)
-                hidden_opts = [h for h in options("hidden", step) if h % heads == 0]
-            for hidden in hidden_opts:
-                if "hidden" in fixed and hidden != fixed["hidden"]:
-                    continue
-                base = Shape(layers, hidden, 0, heads, kv, big.head_dim, big.vocab)
-                if family.ffn_multiple:
-                    ffns = [family.ffn_multiple * hidden]
-                elif "ffn" in fixed:
-                    ffns = [fixed["ffn"]]
-                else:
-                    c0 = count_params(family, template, base)
-                    c1 = count_params(family, template, replace(base, ffn=1)) - c0
-                    ideal = (target - c0) / c1 if c1 else lo("ffn")
-                    f = int(round(ideal / multiple) * multiple)
-                    ffns = [min(max(f, lo("ffn")), hi("ffn"))]
-                for ffn in ffns:
-                    cand = replace(base, ffn=ffn)
-                    n = count_params(family, template, cand)
-                    err = abs(n - target) / target
-                    if nearest is None or err < nearest[0]:
-                        nearest = (err, n, cand)
-                    if err > tolerance:
-                        continue
-                    ts = [
-                        _rel(getattr(cand, f), getattr(small, f), getattr(big, f))
-                        for f in ("layers", "hidden", "ffn", "heads")
-                    ]
-                    spread = max(ts) - min(ts)
-                    score = (round(spread, 6), err)
-                    if best is None or score < best[0]:
-                        best = (score, cand)
+            base = Shape(layers, hidden, 0, heads, kv, big.head_dim, big.vocab)
+            if family.ffn_multiple:
+                yield replace(base, ffn=family.ffn_multiple * hidden)
+            elif "ffn" in fixed:
+                yield replace(base, ffn=fixed["ffn"])
+            else:
+                c0 = count_params(family, template, base)
+                c1 = count_params(family, template, replace(base, ffn=1)) - c0
+                f = int(round(((target - c0) / c1 if c1 else lo("ffn")) / multiple) * multiple)
+                yield replace(base, ffn=min(max(f, lo("ffn")), hi("ffn")))
+
+
+def _solve(family, template, small, big, target, fixed, tolerance, multiple) -> Shape:
+    """The candidate within ``tolerance`` of ``target`` whose dimensions sit at
+    the most similar relative position between the anchors."""
+    fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    template = {k: v for k, v in template.items() if layer_local_name(family, k)[0] in (None, 0)}
+    best, nearest = None, None
+    for cand in _candidates(family, template, small, big, target, fixed, multiple):
+        n = count_params(family, template, cand)
+        err = abs(n - target) / target
+        if nearest is None or err < nearest[0]:
+            nearest = (err, n, cand)
+        if err > tolerance:
+            continue
+        ts = [_rel(getattr(cand, f), getattr(small, f), getattr(big, f)) for f in ("layers", "hidden", "ffn", "heads")]
+        score = (round(max(ts) - min(ts), 6), err)
+        if best is None or score < best[0]:
+            best = (score, cand)
     if best is None:
         hint = f"; the nearest is {format_size(nearest[1])} ({nearest[2]})" if nearest else ""
-        raise CBDError(
-            f"no shape between the anchors reaches {format_size(target)} within {tolerance:.0%}{hint}; "
-            "pick another size or drop pinned dimensions"
-        )
+        raise CBDError(f"no shape between the anchors reaches {format_size(target)} within {tolerance:.0%}{hint}; "
+                       "pick another size or drop pinned dimensions")
     return best[1]
