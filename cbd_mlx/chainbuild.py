@@ -22,7 +22,7 @@ from .interpolate import lineage_of
 from .loader import Anchor, anchor_sha256, load_anchor, read_provenance
 from .operators import subset
 from .prune import child_shape, prune_weights
-from .save import write_model
+from .save import read_json, write_model
 from .selection import CALIB_SEQ_LEN, placement, select
 from .shapes import Shape, config_for, format_size, solve_shape
 from .train import TrainConfig
@@ -389,19 +389,7 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
     out, cache = Path(out), Path(cache)
     out.mkdir(parents=True, exist_ok=True)
     anchors_dir = out / "anchors"
-    if bridge:
-
-        a0_dir = anchors_dir / "a0-bridge"
-        if not (a0_dir / "cbd.json").exists():
-            log(f"[chain] a0-bridge: bridge distillation from {bridge['source']} into {source}'s family")
-            run_bridge(bridge["source"], source, a0_dir, replace(cfg, loss="ce"), bridge["prompts"],
-                       bridge.get("max_new_tokens", 128), size=bridge.get("size"), force=True, log=log)
-        src = load_anchor(str(a0_dir))
-        a0_name = a0_dir.name
-    else:
-        src = load_anchor(source)
-        a0_name = f"a0-{format_size(src.n_params)}"
-        a0_dir = anchors_dir / a0_name
+    src, a0_name = _source_anchor(source, anchors_dir, cfg, bridge, log)
     check_steps(src.n_params, sizes, max_step)
     names = [f"a{i}-{format_size(n)}" for i, n in enumerate(sizes, start=1)]
     if polish and (unknown := sorted(set(polish) - set(names))):
@@ -410,45 +398,23 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
         raise CBDError(f"--polish: the chain will have no anchor {', '.join(unknown)}; its anchors: {', '.join(names)}")
     if step_tokens is not None and len(step_tokens) != len(sizes):
         raise CBDError(f"give one token budget per size ({len(sizes)}), or one for every step; got {len(step_tokens)}")
-    if not (a0_dir / "cbd.json").exists():
-        log(f"[chain] copying the source into {a0_dir}")
-        write_model(a0_dir, src.config, src.weights, src.path, {"kind": "source", "source": source}, force=True)
-    prev, prev_name = load_anchor(str(a0_dir)), a0_name
+    if not (anchors_dir / a0_name / "cbd.json").exists():
+        log(f"[chain] copying the source into {anchors_dir / a0_name}")
+        write_model(anchors_dir / a0_name, src.config, src.weights, src.path, {"kind": "source", "source": source},
+                    force=True)
+    prev, prev_name = load_anchor(str(anchors_dir / a0_name)), a0_name
     entries = [_entry(a0_name, prev, None)]
-    batches = None
+    calib = []  # calibration windows, read once on the first prune
     for n in names:
         _finish_swap(anchors_dir, n)
     for i, (n, name_i) in enumerate(zip(sizes, names), start=1):
-        final = anchors_dir / name_i
-        if not (final / "cbd.json").exists():
-            pruned = anchors_dir / f".{name_i}.pruned"
-            if not (pruned / "cbd.json").exists():
-                shape = _child_shape(prev, n, keep_hidden, log)
-                if batches is None:
-                    batches = cache_calibration(cache)
-                log(f"[chain] {name_i}: prune {prev_name} -> {shape} (calibration: {batches.size:,} tokens)")
-                w, lineage = prune_weights(prev, shape, batches)
-                prov = {"kind": "pruned", "lineage": lineage, "parent": prev_name}
-                write_model(pruned, config_for(prev.family, prev.config, shape), w, prev.path, prov, force=True)
-            cfg_i = replace(cfg, tokens=step_tokens[i - 1]) if step_tokens else cfg
-            log(f"[chain] {name_i}: distill from {prev_name} on {cfg_i.tokens:,} tokens")
-            tc = out / ".work" / f"teacher-cache-{name_i}" if teacher_cache else None
-            distill(str(anchors_dir / prev_name), str(pruned), cache, final, cfg_i, force=True, log=log,
-                    teacher_cache=tc, cache_k=CACHE_K)
-            shutil.rmtree(pruned, ignore_errors=True)
-            if tc is not None:
-                shutil.rmtree(tc, ignore_errors=True)
-        cur = load_anchor(str(final))
+        cfg_i = replace(cfg, tokens=step_tokens[i - 1]) if step_tokens else cfg
+        cur = _chain_step(out, prev, prev_name, name_i, n, cache, cfg_i, keep_hidden, teacher_cache, calib, log)
         entries.append(_entry(name_i, cur, prev_name))
-        teacher = str(anchors_dir / prev_name)  # this step's record (the first from its teacher), not a polish's
-        rec = next((h for h in cur.provenance.get("history") or [] if h.get("teacher") == teacher), {})
-        if rec.get("heldout_ppl_after"):
-            log(f"[chain] {name_i}: held-out ppl {rec['heldout_ppl_before']:.1f} -> {rec['heldout_ppl_after']:.1f} "
-                f"({rec.get('tokens_seen', 0):,} tokens, {rec.get('tokens_per_s') or 0:.0f} tokens/s)")
         plot_chain(out, entries, anchors_dir, name)
         prev, prev_name = cur, name_i
     _repoint_children(anchors_dir, entries)
-    meta = json.loads((Path(cache) / "meta.json").read_text())
+    meta = read_json(Path(cache) / "meta.json", "token cache")
     chain = Chain(name or out.name, src.family.name, meta.get("tokenizer", source), out / MANIFEST_NAME, entries,
                   f"built by cbd-mlx chain build from {source}")
     _write_manifest(out, chain)
@@ -457,3 +423,48 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
         chain = load_chain(out / MANIFEST_NAME)
         plot_chain(out, chain.anchors, anchors_dir, chain.name)
     return chain
+
+
+def _source_anchor(source: str, anchors_dir: Path, cfg: TrainConfig, bridge: dict | None, log) -> tuple[Anchor, str]:
+    """(A0, its name in the chain): the source (copied in later), or a bridge
+    anchor trained from ``bridge['source']`` into the source's family."""
+    if bridge:
+        a0_dir = anchors_dir / "a0-bridge"
+        if not (a0_dir / "cbd.json").exists():
+            log(f"[chain] a0-bridge: bridge distillation from {bridge['source']} into {source}'s family")
+            run_bridge(bridge["source"], source, a0_dir, replace(cfg, loss="ce"), bridge["prompts"],
+                       bridge.get("max_new_tokens", 128), size=bridge.get("size"), force=True, log=log)
+        return load_anchor(str(a0_dir)), a0_dir.name
+    src = load_anchor(source)
+    return src, f"a0-{format_size(src.n_params)}"
+
+
+def _chain_step(out: Path, prev: Anchor, prev_name: str, name: str, n: int, cache: Path, cfg: TrainConfig,
+                keep_hidden: bool, teacher_cache: bool, calib: list, log) -> Anchor:
+    """One chain step (resumable): ``name`` pruned from ``prev`` and distilled from it."""
+    anchors_dir = out / "anchors"
+    final = anchors_dir / name
+    if not (final / "cbd.json").exists():
+        pruned = anchors_dir / f".{name}.pruned"
+        if not (pruned / "cbd.json").exists():
+            shape = _child_shape(prev, n, keep_hidden, log)
+            if not calib:
+                calib.append(cache_calibration(cache))
+            log(f"[chain] {name}: prune {prev_name} -> {shape} (calibration: {calib[0].size:,} tokens)")
+            w, lineage = prune_weights(prev, shape, calib[0])
+            prov = {"kind": "pruned", "lineage": lineage, "parent": prev_name}
+            write_model(pruned, config_for(prev.family, prev.config, shape), w, prev.path, prov, force=True)
+        log(f"[chain] {name}: distill from {prev_name} on {cfg.tokens:,} tokens")
+        tc = out / ".work" / f"teacher-cache-{name}" if teacher_cache else None
+        distill(str(anchors_dir / prev_name), str(pruned), cache, final, cfg, force=True, log=log,
+                teacher_cache=tc, cache_k=CACHE_K)
+        shutil.rmtree(pruned, ignore_errors=True)
+        if tc is not None:
+            shutil.rmtree(tc, ignore_errors=True)
+    cur = load_anchor(str(final))
+    teacher = str(anchors_dir / prev_name)  # this step's record (the first from its teacher), not a polish's
+    rec = next((h for h in cur.provenance.get("history") or [] if h.get("teacher") == teacher), {})
+    if rec.get("heldout_ppl_after"):
+        log(f"[chain] {name}: held-out ppl {rec['heldout_ppl_before']:.1f} -> {rec['heldout_ppl_after']:.1f} "
+            f"({rec.get('tokens_seen', 0):,} tokens, {rec.get('tokens_per_s') or 0:.0f} tokens/s)")
+    return cur
