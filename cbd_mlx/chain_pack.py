@@ -115,7 +115,7 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
     unknown = sorted(set(ship or []) - set(names))
     if unknown:
         raise CBDError(f"chain {chain.name} has no anchor {', '.join(unknown)}; its anchors: {', '.join(names)}")
-    entries, renamed, padded_parents, dropped, parent_of = [], {}, {}, {}, {}
+    entries, padded_parents, dropped, parent_of = [], {}, {}, {}
     pending = []  # (entry, anchor, model, config, provenance, old sha) of the anchors to write
     for e in chain.anchors:
         a = load_chain_anchor(chain, e)
@@ -142,53 +142,12 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
                 parent_of[e.name] = parent
             log(f"[pack] {e.name}: left out (its children's lineage goes through it)")
             continue
-        a, pad = pad_widths(replace(a, provenance=prov), group_size)
-        prov = copy.deepcopy(a.provenance)
-        lin = prov.get("lineage")
-        if pad:
-            log(f"[pack] {e.name}: widths padded for {group_size}-groups: "
-                + ", ".join(f"{k} {o}->{n}" for k, (o, n) in pad.items() if o != n))
-        if lin and lin.get("parent_sha256") in padded_parents:
-            _extend_parent_ranking(lin, padded_parents[lin["parent_sha256"]])
-        if pad:
-            padded_parents[old_sha] = pad
-        prov["packed"] = {"bits": bits, "group_size": group_size, "recipe": recipe, "method": method,
-                          "embed_bits": embed_bits, "embed_group_size": embed_group_size, "from_sha256": old_sha}
-        calib = None
-        if method != "rtn":
-            ids = tokenize_file(load_tokenizer(a.path), calib_text)
-            calib = calibration_batches(np.array(ids), CALIB_SEQ_LEN, CALIB_SEQS * CALIB_SEQ_LEN)
-        log(f"[pack] {e.name}: quantizing ({method}, {bits}-bit, groups of {group_size})")
-        model, cfg = quantize_anchor(a, bits, group_size, method, recipe, calib, fallback_bits=embed_bits,
-                                     fallback_group_size=embed_group_size)
-        if eval_tokens is not None:
-            fp, q = eval_ppl(model_from_weights(a.config, a.weights), eval_tokens), eval_ppl(model, eval_tokens)
-            prov["packed"].update(ppl_full_precision=fp, ppl_packed=q, eval_tokens=int(eval_tokens.size))
-            log(f"[pack] {e.name}: held-out ppl {fp:.2f} in fp32, {q:.2f} packed ({q / fp - 1:+.1%})")
+        q = dict(bits=bits, group_size=group_size, recipe=recipe, method=method, embed_bits=embed_bits,
+                 embed_group_size=embed_group_size)
+        a, model, cfg, prov = _quantized(a, prov, old_sha, padded_parents, q, calib_text, eval_tokens, log)
         pending.append((replace(e, parent=parent), a, model, cfg, prov, old_sha))
-    shared = _shared_tensors([p[2] for p in pending])
     with atomic_dir(out, force) as tmp:
-        link = None
-        if shared:
-            first = dict(tree_flatten(pending[0][2].parameters()))
-            (tmp / SHARED_DIR).mkdir()
-            mx.save_safetensors(str(tmp / SHARED_DIR / SHARED_FILE), {k: first[k] for k in sorted(shared)},
-                                metadata={"format": "mlx"})
-            link = Path("..") / ".." / SHARED_DIR / SHARED_FILE
-            size = (tmp / SHARED_DIR / SHARED_FILE).stat().st_size
-            log(f"[pack] {len(shared)} tensors identical in every anchor ({', '.join(sorted(shared)[:3])}"
-                f"{', ...' if len(shared) > 3 else ''}) stored once: {size / 1e6:.1f} MB")
-        for e, a, model, cfg, prov, old_sha in pending:
-            lin = prov.get("lineage")
-            if lin and lin.get("parent_sha256") in renamed:
-                lin["parent_sha256"] = renamed[lin["parent_sha256"]]
-            dest = tmp / "anchors" / e.name
-            write_quantized(dest, model, cfg, a.path, prov, shared=(shared, link) if shared else None)
-            renamed[old_sha] = read_provenance(dest)["weights_sha256"]
-            size = sum(f.stat().st_size for f in dest.glob("*.safetensors") if not f.is_symlink())
-            log(f"[pack] {e.name}: {bits_per_weight(model):.2f} bits/weight, {size / 1e6:.1f} MB of its own")
-            entries.append(replace(e, source=f"anchors/{e.name}", local=True, sha256=renamed[old_sha],
-                                   params=a.n_params, shape=a.shape))
+        entries += _write_quantized_anchors(tmp, pending, log)
         packed = Chain(chain.name, chain.family, chain.tokenizer, Path(out) / MANIFEST_NAME, entries,
                        chain.description + f" (packed: {bits}-bit, group {group_size}{', ' + recipe if recipe else ''})")
         (tmp / MANIFEST_NAME).write_text(dump_chain(packed))
@@ -282,3 +241,61 @@ def _source_entry(e: ChainAnchor, a: Anchor, tmp: Path, log) -> tuple[ChainAncho
         raise CBDError(f"{e.name}: '{ref}' no longer matches the copy the chain was built from")
     log(f"[pack] {e.name}: referenced as {ref}")
     return replace(e, source=ref, local=False, sha256=anchor_sha256(src)), src
+
+
+def _quantized(a: Anchor, prov: dict, old_sha: str, padded_parents: dict, q: dict, calib_text: Path | None,
+               eval_tokens: np.ndarray | None, log):
+    """(padded anchor, quantized model, its config, record) of one shipped
+    anchor; ``q``: bits, group_size, recipe, method, embed_bits, embed_group_size."""
+    name = Path(a.path).name
+    a, pad = pad_widths(replace(a, provenance=prov), q["group_size"])
+    prov = copy.deepcopy(a.provenance)
+    lin = prov.get("lineage")
+    if pad:
+        log(f"[pack] {name}: widths padded for {q['group_size']}-groups: "
+            + ", ".join(f"{k} {o}->{n}" for k, (o, n) in pad.items() if o != n))
+        padded_parents[old_sha] = pad
+    if lin and lin.get("parent_sha256") in padded_parents:
+        _extend_parent_ranking(lin, padded_parents[lin["parent_sha256"]])
+    prov["packed"] = {**q, "from_sha256": old_sha}
+    calib = None
+    if q["method"] != "rtn":
+        ids = tokenize_file(load_tokenizer(a.path), calib_text)
+        calib = calibration_batches(np.array(ids), CALIB_SEQ_LEN, CALIB_SEQS * CALIB_SEQ_LEN)
+    log(f"[pack] {name}: quantizing ({q['method']}, {q['bits']}-bit, groups of {q['group_size']})")
+    model, cfg = quantize_anchor(a, q["bits"], q["group_size"], q["method"], q["recipe"], calib,
+                                 fallback_bits=q["embed_bits"], fallback_group_size=q["embed_group_size"])
+    if eval_tokens is not None:
+        fp, qp = eval_ppl(model_from_weights(a.config, a.weights), eval_tokens), eval_ppl(model, eval_tokens)
+        prov["packed"].update(ppl_full_precision=fp, ppl_packed=qp, eval_tokens=int(eval_tokens.size))
+        log(f"[pack] {name}: held-out ppl {fp:.2f} in fp32, {qp:.2f} packed ({qp / fp - 1:+.1%})")
+    return a, model, cfg, prov
+
+
+def _write_quantized_anchors(tmp: Path, pending: list, log) -> list[ChainAnchor]:
+    """Write the quantized anchors under ``tmp`` (tensors identical in all of
+    them stored once in shared/, linked into each); their manifest entries."""
+    shared = _shared_tensors([p[2] for p in pending])
+    link = None
+    if shared:
+        first = dict(tree_flatten(pending[0][2].parameters()))
+        (tmp / SHARED_DIR).mkdir()
+        mx.save_safetensors(str(tmp / SHARED_DIR / SHARED_FILE), {k: first[k] for k in sorted(shared)},
+                            metadata={"format": "mlx"})
+        link = Path("..") / ".." / SHARED_DIR / SHARED_FILE
+        size = (tmp / SHARED_DIR / SHARED_FILE).stat().st_size
+        log(f"[pack] {len(shared)} tensors identical in every anchor ({', '.join(sorted(shared)[:3])}"
+            f"{', ...' if len(shared) > 3 else ''}) stored once: {size / 1e6:.1f} MB")
+    entries, renamed = [], {}
+    for e, a, model, cfg, prov, old_sha in pending:
+        lin = prov.get("lineage")
+        if lin and lin.get("parent_sha256") in renamed:
+            lin["parent_sha256"] = renamed[lin["parent_sha256"]]
+        dest = tmp / "anchors" / e.name
+        write_quantized(dest, model, cfg, a.path, prov, shared=(shared, link) if shared else None)
+        renamed[old_sha] = read_provenance(dest)["weights_sha256"]
+        size = sum(f.stat().st_size for f in dest.glob("*.safetensors") if not f.is_symlink())
+        log(f"[pack] {e.name}: {bits_per_weight(model):.2f} bits/weight, {size / 1e6:.1f} MB of its own")
+        entries.append(replace(e, source=f"anchors/{e.name}", local=True, sha256=renamed[old_sha],
+                               params=a.n_params, shape=a.shape))
+    return entries
