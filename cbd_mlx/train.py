@@ -343,30 +343,158 @@ class _Signals:
         return Batch(x, y, t, u)
 
 
-def train(
-    model: nn.Module,
-    train_data: PackedSequences,
-    heldout: PackedSequences | None,
-    cfg: TrainConfig,
-    work: Path,
-    teacher: nn.Module | None = None,
-    log=print,
-    stop_after: int | None = None,
-    teacher_cache=None,
-    xvocab=None,
-    loss_fn: LossFn | None = None,
-) -> TrainResult:
+def _check_batch_memory(model: nn.Module, cfg: TrainConfig) -> None:
+    """Refuse a batch whose logits alone would not fit in memory (a native crash otherwise)."""
+    vocab = max((v.shape[0] for k, v in tree_flatten(model.parameters()) if k.endswith("embed_tokens.weight")
+                 or k.endswith("wte.weight") or k.endswith("embed_in.weight")), default=0)
+    check_fits(f"a batch of {cfg.batch_size} x {cfg.seq_len} tokens", 3 * 4 * cfg.batch_size * cfg.seq_len * vocab,
+               "lower --batch-size or --seq-len (use --grad-accum for a bigger effective batch)")
+
+
+class _Run:
+    """One training run's state: step, metrics, the best and the last good
+    points, rollbacks; the guards and checkpoints of ``train`` act on it.
+
+    A non-finite step loss, or a held-out loss ``DIVERGE_FACTOR`` above the
+    best so far, rolls back to the last good point and halves the lr
+    (``MAX_ROLLBACKS`` times, then the run stops with one clear line); a step
+    loss ``EXPLODE_FACTOR`` above the recent median is checked on the
+    held-out split at once: rollback when that diverged too, else the batch
+    is an outlier and its update is skipped. The model ends holding its best
+    weights by held-out loss (the start's when training never improved on them)."""
+
+    def __init__(self, model: nn.Module, heldout: PackedSequences | None, cfg: TrainConfig, work: Path, log,
+                 teacher_cache):
+        group = mx.distributed.init()
+        self.rank, self.world = group.rank(), group.size()
+        self.model, self.heldout, self.cfg, self.work, self.log, self.cache = model, heldout, cfg, work, log, \
+            teacher_cache
+        self.steps = cfg.steps(self.world)
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world
+        self.opt = _Updater(model, cfg, self.steps)
+        for d in (work, work / CHECKPOINT):
+            if d.is_symlink():  # a run deletes and replaces files there: never in a directory it points to
+                raise CBDError(f"{d} is a symbolic link; remove it (runs keep their checkpoints in a real directory)")
+        work.mkdir(parents=True, exist_ok=True)
+        initial = model.parameters()
+        loaded = _load_checkpoint(work, model, self.opt, cfg)
+        if loaded:
+            state, best_params = loaded
+            self.step, self.metrics = state["step"], state["metrics"]
+            self.opt.lr_scale, self.rollbacks, self.before = state["lr_scale"], state["rollbacks"], \
+                state["heldout_before"]
+            best_params = {0: initial, self.step: model.parameters()}.get(state["best_step"], best_params)
+            self.best = _Point(state["best_step"], best_params, loss=state["best_loss"])
+            log(f"resuming from step {self.step}/{self.steps} ({work / CHECKPOINT})")
+        else:
+            self.step, self.metrics, self.rollbacks = 0, [], 0
+            self.before = heldout_loss(model, heldout, cfg)
+            self.best = _Point(0, initial, loss=self.before)
+        self.good = _Point(self.step, model.parameters(), _copy_tree(self.opt.state), len(self.metrics))
+
+    def rollback(self, why: str) -> None:
+        """Back to the last good point at half the lr (or stop, after MAX_ROLLBACKS)."""
+        self.rollbacks += 1
+        lr = self.cfg.lr * self.opt.lr_scale
+        if self.rollbacks > MAX_ROLLBACKS:
+            if self.cache is not None:
+                self.cache.flush()
+            raise CBDError(f"training diverged {self.rollbacks} times ({why}), the last at lr {lr:.2e}; lower --lr "
+                           f"(try {lr / 4:.1e}) or check the data")
+        self.opt.lr_scale = self.opt.lr_scale * 0.5
+        self.model.update(self.good.params)
+        self.opt.state = _copy_tree(self.good.opt_state)
+        del self.metrics[self.good.n_metrics:]
+        self.metrics.append({"step": self.good.step, "tokens": self.good.step * self.tokens_per_step,
+                             "event": "rollback", "why": why, "lr_scale": self.opt.lr_scale})
+        self.log(f"{why}: rolled back to step {self.good.step}, lr x{self.opt.lr_scale:g} "
+                 f"({self.rollbacks}/{MAX_ROLLBACKS})")
+        self.step = self.good.step
+
+    def gradients(self, loss_and_grad, signals: _Signals):
+        """(mean loss, summed gradients) of this step's micro-batches, averaged over processes."""
+        acc, loss_sum = None, 0.0
+        for micro in range(self.cfg.grad_accum):
+            index = (self.step * self.cfg.grad_accum + micro) * self.world + self.rank
+            loss, grads = loss_and_grad(self.model, signals.batch(index))
+            acc = grads if acc is None else tree_map(mx.add, acc, grads)
+            mx.eval(acc, loss)
+            loss_sum += float(loss)
+        loss_val = loss_sum / self.cfg.grad_accum
+        if self.world > 1:
+            acc = nn.average_gradients(acc)
+            loss_val = float(mx.distributed.all_sum(mx.array(loss_val))) / self.world
+        return loss_val, acc
+
+    def guard_step(self, loss_val: float) -> str:
+        """'ok', 'skip' (an outlier batch: the model is fine) or 'rollback' (done)."""
+        recent = [m["loss"] for m in self.metrics[-EXPLODE_WINDOW:] if "loss" in m]
+        if not math.isfinite(loss_val):
+            self.rollback(f"the loss became {loss_val} at step {self.step + 1}")
+            return "rollback"
+        if len(recent) < 8 or loss_val <= EXPLODE_FACTOR * statistics.median(recent):
+            return "ok"
+        why = (f"the loss jumped to {loss_val:.3g} at step {self.step + 1} "
+               f"(median of the last {len(recent)}: {statistics.median(recent):.3g})")
+        h = heldout_loss(self.model, self.heldout, self.cfg)
+        if h is None or not math.isfinite(h) or (self.best.loss is not None and h > DIVERGE_FACTOR * self.best.loss):
+            self.rollback(why)
+            return "rollback"
+        self.log(f"{why}; the held-out loss is fine ({h:.3f}): skipping that batch's update")
+        return "skip"
+
+    def evaluate(self, rec: dict) -> bool:
+        """Held-out loss into ``rec``; False when it diverged (rolled back)."""
+        h = heldout_loss(self.model, self.heldout, self.cfg)
+        rec["heldout_loss"] = h
+        if h is not None and not math.isfinite(h):
+            self.rollback(f"the held-out loss became {h} at step {self.step}")
+            return False
+        if h is not None and self.best.loss is not None and h > DIVERGE_FACTOR * self.best.loss:
+            self.rollback(f"the held-out loss rose to {h:.3f} at step {self.step} (best {self.best.loss:.3f})")
+            return False
+        if h is not None and (self.best.loss is None or h < self.best.loss):
+            self.best = _Point(self.step, self.model.parameters(), loss=h)
+        return True
+
+    def checkpoint(self) -> None:
+        self.good = _Point(self.step, self.model.parameters(), _copy_tree(self.opt.state), len(self.metrics))
+        if self.rank != 0:
+            return
+        if self.cache is not None:
+            self.cache.flush()
+        state = {"step": self.step, "metrics": self.metrics, "lr_scale": self.opt.lr_scale,
+                 "rollbacks": self.rollbacks, "heldout_before": self.before, "best_step": self.best.step,
+                 "best_loss": self.best.loss, "config": _resume_record(self.cfg)}
+        _save_checkpoint(self.work, self.model, self.opt, state, self.best)
+
+    def finish(self) -> TrainResult:
+        """The result; a finished run's model holds its best weights by held-out loss."""
+        if self.cache is not None:
+            self.cache.flush()
+        finished = self.step == self.steps
+        best = self.best
+        if finished and best.step != self.step and best.loss is not None:
+            self.model.update(best.params)
+            mx.eval(self.model.parameters())
+            if best.step == 0:
+                self.log(f"warning: the held-out loss never went below the start's ({best.loss:.3f}); the model "
+                         "keeps its starting weights (try a lower --lr or more --tokens)")
+            else:
+                self.log(f"keeping the best weights by held-out loss: step {best.step} ({best.loss:.3f}; "
+                         f"the last step had {self.metrics[-1].get('heldout_loss', float('nan')):.3f})")
+        return TrainResult(self.metrics, self.before, best.step, best.loss, self.rollbacks, finished)
+
+
+def train(model: nn.Module, train_data: PackedSequences, heldout: PackedSequences | None, cfg: TrainConfig,
+          work: Path, teacher: nn.Module | None = None, log=print, stop_after: int | None = None,
+          teacher_cache=None, xvocab=None, loss_fn: LossFn | None = None) -> TrainResult:
     """Train ``model`` in place with ``loss_fn(model, batch)`` (default: the
     loss ``cfg`` names, ``losses.from_config``); checkpoints go to ``work``
     (resumed if present).
 
-    Guarded: a non-finite step loss, or a held-out loss ``DIVERGE_FACTOR``
-    above the best so far, rolls back to the last good point and halves the
-    lr (``MAX_ROLLBACKS`` times, then the run stops with one clear line); a
-    step loss ``EXPLODE_FACTOR`` above the recent median is checked on the
-    held-out split at once: rollback when that diverged too, else the batch
-    is an outlier and its update is skipped. The model ends holding its best
-    weights by held-out loss (the start's when training never improved on them).
+    Guarded (``_Run``): a diverging run rolls back to its last good point at
+    half the lr; the model ends holding its best weights by held-out loss.
 
     Each process of an ``mlx.launch`` group reads its own slice of every
     global batch; gradients are averaged with ``nn.average_gradients``.
@@ -374,153 +502,48 @@ def train(
     Batches carry ``teacher``'s head output, or its top-k from
     ``teacher_cache`` (a TeacherCache, computed once per batch), and the
     window of ``xvocab`` (uld.XVocabTargets) when given."""
-    group = mx.distributed.init()
-    rank, world = group.rank(), group.size()
-    steps = cfg.steps(world)
-    vocab = max((v.shape[0] for k, v in tree_flatten(model.parameters()) if k.endswith("embed_tokens.weight")
-                 or k.endswith("wte.weight") or k.endswith("embed_in.weight")), default=0)
-    check_fits(f"a batch of {cfg.batch_size} x {cfg.seq_len} tokens", 3 * 4 * cfg.batch_size * cfg.seq_len * vocab,
-               "lower --batch-size or --seq-len (use --grad-accum for a bigger effective batch)")
-    loss_fn_given = loss_fn is not None
+    _check_batch_memory(model, cfg)
+    # a loss that reads no teacher (cfg.loss "ce" with the default loss) is not handed one: its forward
+    # would be paid for nothing
+    needs_teacher = loss_fn is not None or cfg.loss != "ce"
     loss_fn = loss_fn or losses.from_config(cfg)
     if cfg.freeze_embeddings:
         freeze_embeddings(model)
-    opt = _Updater(model, cfg, steps)
-    for d in (work, work / CHECKPOINT):
-        if d.is_symlink():  # a run deletes and replaces files there: never in a directory it points to
-            raise CBDError(f"{d} is a symbolic link; remove it (runs keep their checkpoints in a real directory)")
-    work.mkdir(parents=True, exist_ok=True)
-    initial = model.parameters()
-    loaded = _load_checkpoint(work, model, opt, cfg)
-    if loaded:
-        state, best_params = loaded
-        start, metrics = state["step"], state["metrics"]
-        opt.lr_scale, rollbacks, before = state["lr_scale"], state["rollbacks"], state["heldout_before"]
-        best_step = state["best_step"]
-        best_params = {0: initial, start: model.parameters()}.get(best_step, best_params)
-        best = _Point(best_step, best_params, loss=state["best_loss"])
-        log(f"resuming from step {start}/{steps} ({work / CHECKPOINT})")
-    else:
-        start, metrics, rollbacks = 0, [], 0
-        before = heldout_loss(model, heldout, cfg)
-        best = _Point(0, initial, loss=before)
-    good = _Point(start, model.parameters(), _copy_tree(opt.state), len(metrics))
+    run = _Run(model, heldout, cfg, work, log, teacher_cache)
     if teacher is not None:
         teacher.freeze()
-    # a loss that reads no teacher (cfg.loss "ce" with the default loss) is not handed one: its forward
-    # would be paid for nothing
-    needs_teacher = loss_fn_given or cfg.loss != "ce"
     signals = _Signals(teacher if needs_teacher else None, teacher_cache if needs_teacher else None, xvocab,
                        train_data, cfg)
-
-    def rollback(why: str) -> int:
-        nonlocal rollbacks
-        rollbacks += 1
-        if rollbacks > MAX_ROLLBACKS:
-            if teacher_cache is not None:
-                teacher_cache.flush()
-            raise CBDError(f"training diverged {rollbacks} times ({why}), the last at lr "
-                           f"{cfg.lr * opt.lr_scale:.2e}; lower --lr (try {cfg.lr * opt.lr_scale / 4:.1e}) "
-                           "or check the data")
-        opt.lr_scale = opt.lr_scale * 0.5
-        model.update(good.params)
-        opt.state = _copy_tree(good.opt_state)
-        del metrics[good.n_metrics:]
-        metrics.append({"step": good.step, "tokens": good.step * tokens_per_step, "event": "rollback",
-                        "why": why, "lr_scale": opt.lr_scale})
-        log(f"{why}: rolled back to step {good.step}, lr x{opt.lr_scale:g} ({rollbacks}/{MAX_ROLLBACKS})")
-        return good.step
-
     loss_and_grad = nn.value_and_grad(model, loss_fn)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=rank != 0)
-    t_last, tok_since = time.time(), 0
-    step, done = start, 0
-    while step < steps:
-        acc, loss_sum = None, 0.0
-        for micro in range(cfg.grad_accum):
-            index = (step * cfg.grad_accum + micro) * world + rank
-            loss, grads = loss_and_grad(model, signals.batch(index))
-            acc = grads if acc is None else tree_map(mx.add, acc, grads)
-            mx.eval(acc, loss)
-            loss_sum += float(loss)
-        loss_val = loss_sum / cfg.grad_accum
-        if world > 1:
-            acc = nn.average_gradients(acc)
-            loss_val = float(mx.distributed.all_sum(mx.array(loss_val))) / world
-        recent = [m["loss"] for m in metrics[-EXPLODE_WINDOW:] if "loss" in m]
-        if not math.isfinite(loss_val):
-            step = rollback(f"the loss became {loss_val} at step {step + 1}")
-            bar.reset(steps)
-            bar.update(step)
-            continue
-        skip = False
-        if len(recent) >= 8 and loss_val > EXPLODE_FACTOR * statistics.median(recent):
-            why = (f"the loss jumped to {loss_val:.3g} at step {step + 1} "
-                   f"(median of the last {len(recent)}: {statistics.median(recent):.3g})")
-            h = heldout_loss(model, heldout, cfg)
-            if h is None or not math.isfinite(h) or (best.loss is not None and h > DIVERGE_FACTOR * best.loss):
-                step = rollback(why)
-                bar.reset(steps)
-                bar.update(step)
+    bar = tqdm(total=run.steps, initial=run.step, desc="train", unit="step", disable=run.rank != 0)
+    t_last, tok_since, done = time.time(), 0, 0
+    while run.step < run.steps:
+        loss_val, acc = run.gradients(loss_and_grad, signals)
+        verdict = run.guard_step(loss_val)
+        if verdict != "rollback":
+            if verdict == "ok":
+                run.opt.apply(acc, 1.0 / cfg.grad_accum)
+            run.step += 1
+            done += 1
+            tok_since += run.tokens_per_step
+            rec = {"step": run.step, "tokens": run.step * run.tokens_per_step, "loss": loss_val,
+                   "lr": run.opt.learning_rate, **({"event": "skipped"} if verdict == "skip" else {})}
+            last = run.step == run.steps
+            if not ((run.step % cfg.eval_every == 0 or last) and not run.evaluate(rec)):
+                now = time.time()
+                rec["tokens_per_s"], t_last, tok_since = tok_since / max(now - t_last, 1e-9), now, 0
+                run.metrics.append(rec)
+                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.update(1)
+                if run.step % cfg.save_every == 0 and not last:
+                    run.checkpoint()
+                if stop_after is not None and done >= stop_after:
+                    break
                 continue
-            skip = True  # the model is fine: an outlier batch, whose update is left out
-            log(f"{why}; the held-out loss is fine ({h:.3f}): skipping that batch's update")
-        if not skip:
-            opt.apply(acc, 1.0 / cfg.grad_accum)
-        step += 1
-        done += 1
-        tok_since += tokens_per_step
-        rec = {"step": step, "tokens": step * tokens_per_step, "loss": loss_val, "lr": opt.learning_rate}
-        if skip:
-            rec["event"] = "skipped"
-        last = step == steps
-        if step % cfg.eval_every == 0 or last:
-            h = heldout_loss(model, heldout, cfg)
-            rec["heldout_loss"] = h
-            if h is not None and not math.isfinite(h):
-                step = rollback(f"the held-out loss became {h} at step {step}")
-                bar.reset(steps)
-                bar.update(step)
-                continue
-            if h is not None and best.loss is not None and h > DIVERGE_FACTOR * best.loss:
-                step = rollback(f"the held-out loss rose to {h:.3f} at step {step} (best {best.loss:.3f})")
-                bar.reset(steps)
-                bar.update(step)
-                continue
-            if h is not None and (best.loss is None or h < best.loss):
-                best = _Point(step, model.parameters(), loss=h)
-        now = time.time()
-        rec["tokens_per_s"] = tok_since / max(now - t_last, 1e-9)
-        t_last, tok_since = now, 0
-        metrics.append(rec)
-        bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        bar.update(1)
-        if step % cfg.save_every == 0 and not last:
-            good = _Point(step, model.parameters(), _copy_tree(opt.state), len(metrics))
-            if rank == 0:
-                if teacher_cache is not None:
-                    teacher_cache.flush()
-                state = {"step": step, "metrics": metrics, "lr_scale": opt.lr_scale, "rollbacks": rollbacks,
-                         "heldout_before": before, "best_step": best.step, "best_loss": best.loss,
-                         "config": _resume_record(cfg)}
-                _save_checkpoint(work, model, opt, state, best)
-        if stop_after is not None and done >= stop_after:
-            break
+        bar.reset(run.steps)  # rolled back
+        bar.update(run.step)
     bar.close()
-    if teacher_cache is not None:
-        teacher_cache.flush()
-    finished = step == steps
-    if finished and best.step != step and best.loss is not None:
-        model.update(best.params)
-        mx.eval(model.parameters())
-        if best.step == 0:
-            log(f"warning: the held-out loss never went below the start's ({best.loss:.3f}); the model keeps its "
-                "starting weights (try a lower --lr or more --tokens)")
-        else:
-            log(f"keeping the best weights by held-out loss: step {best.step} ({best.loss:.3f}; "
-                f"the last step had {metrics[-1].get('heldout_loss', float('nan')):.3f})")
-    return TrainResult(metrics, before, best.step, best.loss, rollbacks, finished)
+    return run.finish()
 
 
 def write_training_outputs(out_tmp: Path, metrics: list[dict], title: str, heldout_before: float | None = None) -> None:
