@@ -17,11 +17,11 @@ from tqdm import tqdm
 from .data import iter_documents, open_cache, prepare, split_documents
 from .distill import distill
 from .errors import CBDError
-from .evaluate import read_text, tokenize_file
+from .evaluate import read_text
 from .loader import build_model, load_anchor, load_tokenizer, read_provenance, resolve
 from .prune import child_shape, prune_weights
 from .save import dump_json, read_json, refuse_existing, write_model
-from .selection import DEFAULT_CALIB, calibration_batches
+from .selection import DEFAULT_CALIB, calibration_from
 from .shapes import config_for, format_size
 from .uld import XVocabTargets, build_targets
 
@@ -151,8 +151,7 @@ def student_init(student: str, size: int | None, init: str, out: Path, seed: int
         prov = {"kind": "bridge-init", "init": "random", "like": student}
     elif shape != a.shape:
 
-        batches = calibration_batches(tokenize_file(load_tokenizer(a.path), DEFAULT_CALIB))
-        weights, lineage = prune_weights(a, shape, batches)
+        weights, lineage = prune_weights(a, shape, calibration_from(a.path, DEFAULT_CALIB))
         prov = {"kind": "bridge-init", "init": "prune", "from": student, "lineage": lineage}
     else:
         weights, prov = a.weights, {"kind": "bridge-init", "init": "as-is", "from": student}

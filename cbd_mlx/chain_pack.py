@@ -20,14 +20,14 @@ from .chain import (MANIFEST_NAME, SHARED_DIR, SHARED_FILE, Chain, ChainAnchor, 
                     reference)
 from .delta_store import materialize, parent_subset, write_delta_dir
 from .errors import CBDError
-from .evaluate import perplexity, tokenize_file
+from .evaluate import perplexity
 from .export import eval_ppl
 from .interpolate import grow, has_lineage
-from .loader import Anchor, anchor_sha256, load_anchor, load_tokenizer, model_from_weights, read_provenance
+from .loader import Anchor, anchor_sha256, load_anchor, model_from_weights, read_provenance
 from .operators import Selection
 from .quantize import CALIB_SEQ_LEN, CALIB_SEQS, bits_per_weight, quantize_anchor
 from .save import DELTA_FILE, atomic_dir, write_model, write_quantized
-from .selection import calibration_batches
+from .selection import calibration_from
 
 
 def pad_widths(a: Anchor, multiple: int) -> tuple[Anchor, dict | None]:
@@ -258,10 +258,8 @@ def _quantized(a: Anchor, prov: dict, old_sha: str, padded_parents: dict, q: dic
     if lin and lin.get("parent_sha256") in padded_parents:
         _extend_parent_ranking(lin, padded_parents[lin["parent_sha256"]])
     prov["packed"] = {**q, "from_sha256": old_sha}
-    calib = None
-    if q["method"] != "rtn":
-        ids = tokenize_file(load_tokenizer(a.path), calib_text)
-        calib = calibration_batches(np.array(ids), CALIB_SEQ_LEN, CALIB_SEQS * CALIB_SEQ_LEN)
+    calib = calibration_from(a.path, calib_text, CALIB_SEQS * CALIB_SEQ_LEN, CALIB_SEQ_LEN) \
+        if q["method"] != "rtn" else None
     log(f"[pack] {name}: quantizing ({q['method']}, {q['bits']}-bit, groups of {q['group_size']})")
     model, cfg = quantize_anchor(a, q["bits"], q["group_size"], q["method"], q["recipe"], calib,
                                  fallback_bits=q["embed_bits"], fallback_group_size=q["embed_group_size"])

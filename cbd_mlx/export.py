@@ -21,7 +21,7 @@ from .loader import load_anchor, load_tokenizer, model_from_weights, resolve
 from .quantize import (BITS, CALIB_SEQS, CALIB_SEQ_LEN, GROUP_SIZES, METHODS, auto_group_size, bits_per_weight,
                        is_quantized, quantize_anchor)
 from .save import append_history, atomic_dir, file_sha256, refuse_existing, write_quantized
-from .selection import DEFAULT_CALIB, calibration_batches
+from .selection import DEFAULT_CALIB, calibration_from
 
 CARD_NAME = "README.md"
 MANIFEST_NAME = "MANIFEST.json"
@@ -129,8 +129,7 @@ def export(src: str, out: Path, cfg: ExportConfig | None = None, *, calib: Path 
     tok = load_tokenizer(path)
     batches = None
     if cfg.method != "rtn":
-        batches = calibration_batches(tokenize_file(tok, calib or DEFAULT_CALIB), CALIB_SEQ_LEN,
-                                      CALIB_SEQS * CALIB_SEQ_LEN)
+        batches = calibration_from(path, calib or DEFAULT_CALIB, CALIB_SEQS * CALIB_SEQ_LEN, CALIB_SEQ_LEN)
     ev = np.array(tokenize_file(tok, eval_data, eval_tokens), dtype=np.int32) if eval_data else None
     return _export(src, out, cfg.bits, cfg.group_size, cfg.method, cfg.recipe, batches, ev,
                    str(eval_data) if eval_data else None, cfg.gguf, cfg.package, force, log)

@@ -227,7 +227,8 @@ def _write_fused(tmp: Path, model, tokenizer, config: dict, path: Path) -> None:
 
 def _write_adapters(tmp: Path, model) -> None:
     """The kept adapters (not the tuner's last ones) at ``tmp``."""
-    mx.save_safetensors(str(tmp / "adapters" / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(tmp / "adapters" / "adapters.safetensors"), weights)
     for f in (tmp / "adapters").iterdir():
         f.rename(tmp / f.name)
     (tmp / "adapters").rmdir()

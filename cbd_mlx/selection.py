@@ -104,12 +104,16 @@ def calibration_batches(tokens: list[int], seq_len: int = CALIB_SEQ_LEN, max_tok
     return np.array(tokens[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
 
 
-def calibration_from(model_dir, calib, max_tokens: int) -> np.ndarray | None:
-    """Calibration batches of the text file ``calib`` in ``model_dir``'s
-    tokenizer (None without a file)."""
+def calibration_from(model_dir, calib, max_tokens: int = CALIB_TOKENS,
+                     seq_len: int = CALIB_SEQ_LEN) -> np.ndarray | None:
+    """Calibration batches (windows of ``seq_len``, ``max_tokens`` in all) of
+    the text file ``calib`` in ``model_dir``'s tokenizer; None without one.
+    The one way calibration text becomes batches: init, prune, pack, export
+    and bridge all come here."""
     if calib is None:
         return None
-    return calibration_batches(tokenize_file(load_tokenizer(model_dir), calib, max_tokens), max_tokens=max_tokens)
+    ids = tokenize_file(load_tokenizer(model_dir), calib, max_tokens)
+    return calibration_batches(ids, seq_len=seq_len, max_tokens=max_tokens)
 
 
 def collect_stats(anchor: Anchor, batches: np.ndarray, batch_size: int = 4) -> Stats:
