@@ -68,7 +68,8 @@ def model_card(info: dict) -> str:
                   "| model | ppl |", "|---|---|", rows]
     lines += ["", "Use: on a Mac (Apple silicon), `mlx_lm.generate --model . --prompt 'Hello'`; on other machines "
               "MLX has no fast quantized matmul (a 4-bit model generates under 1 token/s on a Linux CPU): "
-              + (f"run `{info['gguf']}` in llama.cpp (`llama-cli -m {info['gguf']}`)." if info.get("gguf") else
+              + (f"run `{info['gguf']}` in llama.cpp (`cbd-mlx generate --model {info['gguf']}`, or "
+                 f"`llama-cli -m {info['gguf']}`)." if info.get("gguf") else
                  "export with `--gguf Q4_K_M` and run that file in llama.cpp."), ""]
     return "\n".join(lines)
 
@@ -154,8 +155,8 @@ def _check_outputs(out: Path, package: bool, force: bool) -> Path:
 def _linux_note(out: Path, bits: int, gguf_name: str | None) -> str:
     return (f"note: the {bits}-bit mlx-lm model in {out} runs fast on Apple silicon (Metal); on this machine MLX has "
             "no fast quantized matmul (under 1 token/s): "
-            + (f"run {out / gguf_name} with llama.cpp here" if gguf_name else
-               "add --gguf Q4_K_M and run that file with llama.cpp here"))
+            + (f"run `cbd-mlx generate --model {out / gguf_name}` (llama.cpp) here" if gguf_name else
+               "add --gguf Q4_K_M and run that file with `cbd-mlx generate --model FILE.gguf` (llama.cpp) here"))
 
 
 def _export(src: str, out: Path, bits: int, group_size: int | None, method: str, recipe: str | None,

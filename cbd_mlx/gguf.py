@@ -548,3 +548,32 @@ def llama_cpp_perplexity(path: Path, tokens: list[int], seq_len: int = 512, thre
         count += seq_len - 1
     secs = time.time() - t0
     return {"ppl": float(np.exp(total / count)), "tokens": count, "tokens_per_s": n * seq_len / secs}
+
+
+def llama_cpp_generate(path: Path, prompt: str, max_tokens: int = 100, temp: float = 0.0, top_p: float = 1.0,
+                       seed: int | None = None, chat: bool = True, threads: int | None = None) -> dict:
+    """Text from a GGUF file through llama.cpp (llama-cpp-python): the chat
+    template of the file when ``chat`` and it has one, else the raw prompt.
+    Returns text, prompt and generated token counts and tokens/s."""
+    import time
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise CBDError("running a .gguf needs llama-cpp-python (`pip install llama-cpp-python`, or "
+                       "`bash scripts/test.sh`, which builds it)") from None
+    check_gguf(path)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, verbose=False, n_threads=threads,
+                          seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
+    t0 = time.time()
+    if chat and llm.metadata.get("tokenizer.chat_template"):
+        out = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                         temperature=temp, top_p=top_p)
+        text = out["choices"][0]["message"]["content"]
+    else:
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p)
+        text = out["choices"][0]["text"]
+    secs = time.time() - t0
+    usage = out["usage"]
+    return {"text": text, "prompt_tokens": usage["prompt_tokens"], "tokens": usage["completion_tokens"],
+            "tokens_per_s": usage["completion_tokens"] / max(secs, 1e-9), "seconds": secs}

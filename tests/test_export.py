@@ -129,3 +129,20 @@ def test_export_package_refuses_before_replacing_anything(tiny, tmp_path, capsys
     code, _, err = run(capsys, "export", tiny, "--out", out, "--bits", "8", "--package", "--force")
     assert code == 1 and "is a directory" in err and len(err.strip().splitlines()) == 1, err
     assert (out / "keep.txt").read_text() == "previous export"
+
+
+def test_generate_runs_a_gguf_through_llama_cpp(tiny, tmp_path, capsys):
+    """`cbd-mlx generate --model X.gguf` answers through llama.cpp, with
+    mlx-lm's output shape (the fast runner on Linux for a quantized export)."""
+    pytest.importorskip("llama_cpp")
+    from cbd_mlx.gguf import write_gguf
+
+    a = load_anchor(str(tiny))
+    path = tmp_path / "m.gguf"
+    write_gguf(a.config, a.weights, a.path, path, "f16")
+    code, out, err = run(capsys, "generate", "--model", path, "--prompt", "def main", "--max-tokens", "5",
+                         "--ignore-chat-template")
+    assert code == 0, err
+    assert "Generation:" in out and "llama.cpp" in out
+    code, _, err = run(capsys, "generate", "--model", path, "--draft-model", "x")
+    assert code == 1 and "--draft-model" in err

@@ -49,15 +49,16 @@ def test_a_tampered_anchor_fails_its_pin_although_its_record_is_unchanged(tiny_c
         load_chain_anchor(c, c.anchors[1])
 
 
-def test_the_embedded_chain_pins_its_shared_embeddings_too(tmp_path):
+def test_the_embedded_chain_pins_its_delta_stored_anchors(tmp_path, monkeypatch):
+    """A shipped anchor is a delta on its parent's Subset: a tampered delta
+    file rebuilds to other weights, and the manifest's sha256 refuses them."""
+    monkeypatch.setenv("CBD_MLX_CACHE", str(tmp_path / "cache"))
     shutil.copytree(CHAINS_DIR / "smollm2-mini", tmp_path / "c", symlinks=True)
     c = find_chain(str(tmp_path / "c"))
-    a2 = next(e for e in c.anchors if e.name.startswith("a2"))
-    assert load_chain_anchor(c, a2, check_finite=False).shape.layers == 19
-    shared = tmp_path / "c" / "shared" / "model-shared.safetensors"
-    _flip(shared, at_from_end=1 << 20)
-    with pytest.raises(CBDError, match="does not match the sha256"):
-        load_chain_anchor(c, a2, check_finite=False)
+    first = c.anchors[1]  # coded on the source itself: the cheapest to rebuild
+    _flip(tmp_path / "c" / first.source / "delta.safetensors", at_from_end=1 << 20)
+    with pytest.raises(CBDError, match="does not match the chain's sha256"):
+        load_chain_anchor(c, first, check_finite=False)
 
 
 def test_a_poisoned_gguf_cache_entry_is_converted_again(tmp_path, tokenizer_dir):
