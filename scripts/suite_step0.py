@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--alpha", default=None, help="init's --alpha (default: its default, auto)")
     ap.add_argument("--calib", type=Path, default=None, help="init's --calib (default: its built-in text)")
     ap.add_argument("--tag", default="", help="row-name prefix for a variant (e.g. 'distance:')")
+    ap.add_argument("--compare", type=Path, default=None, help="an earlier OUT to plot beside this one")
+    ap.add_argument("--plot", type=Path, default=None, help="write the suite-mean ratio by size as a PNG")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "smollm2-mini" / "suite_step0.json")
     args = ap.parse_args()
 
@@ -66,6 +68,8 @@ def main() -> None:
         print(args.tag + size, json.dumps({k: round(v, 2) for k, v in ratios.items()}), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1))
+    if args.plot:
+        plot(res, args.compare, args.plot, args.tag)
     cols = list(texts)
     print("\n| init | " + " | ".join(cols) + " | suite mean (x source) |")
     print("|---|" + "---|" * (len(cols) + 1))
@@ -73,6 +77,35 @@ def main() -> None:
     for size, r in res["rows"].items():
         print(f"| {size} | " + " | ".join(f"{r['ppl'][c]:.1f} ({r['ratio'][c]:.2f}x)" for c in cols)
               + f" | **{r['suite_mean_ratio']:.2f}** |")
+
+
+def plot(res: dict, compare: Path | None, out: Path, tag: str) -> None:
+    """Suite-mean ratio to the source (and Persuasion's) by init size, beside an earlier run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cbd_mlx.shapes import size_of
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    runs = [("this chain", res)] + ([("before", json.loads(compare.read_text()))] if compare else [])
+    for (label, r), style in zip(runs, ("o-", "s--")):
+        rows = sorted(((size_of(k[len(tag):]), v) for k, v in r["rows"].items() if k.startswith(tag)),
+                      key=lambda x: x[0])
+        xs = [n / 1e6 for n, _ in rows]
+        ax.plot(xs, [v["suite_mean_ratio"] for _, v in rows], style, label=f"{label}: out-of-domain suite")
+        if all("persuasion" in v["ratio"] for _, v in rows):
+            ax.plot(xs, [v["ratio"]["persuasion"] for _, v in rows], style, alpha=0.45,
+                    label=f"{label}: Persuasion")
+    ax.set_xlabel("init size (M parameters)")
+    ax.set_ylabel("perplexity / source's (x)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Step-0 inits of smollm2-mini (no training)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
 
 
 if __name__ == "__main__":
