@@ -82,6 +82,7 @@ def main() -> None:
 def plot(res: dict, compare: Path | None, out: Path, tag: str) -> None:
     """Suite-mean ratio to the source (and Persuasion's) by init size, beside an earlier run."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -101,6 +102,9 @@ def plot(res: dict, compare: Path | None, out: Path, tag: str) -> None:
     ax.set_xlabel("init size (M parameters)")
     ax.set_ylabel("perplexity / source's (x)")
     ax.set_yscale("log")
+    ax.set_yticks([1, 1.5, 2, 3, 4, 6, 8])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Step-0 inits of smollm2-mini (no training)")
