@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
 from cbd_mlx.chain import MANIFEST_NAME, find_chain, load_chain  # noqa: E402
-from cbd_mlx.chainbuild import insert_anchor, polish_anchors, unpack_chain  # noqa: E402
+from cbd_mlx.chainbuild import STEP_METRICS, insert_anchor, polish_anchors, unpack_chain  # noqa: E402
 from cbd_mlx.corpus import BROAD, fetch  # noqa: E402
 from cbd_mlx.data import prepare  # noqa: E402
 from cbd_mlx.shapes import size_of  # noqa: E402
@@ -42,6 +42,44 @@ def mixed_inputs(old: Path, broad: Path) -> list[Path]:
     return austen + python + linux + [broad / "train" / s for s in BROAD if (broad / "train" / s).is_dir()]
 
 
+def plot_polish(out: Path) -> Path:
+    """OUT/curves.png: each anchor's held-out loss over its polish rounds on
+    the mix (round 2 dashed, after round 1's tokens)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def points(f: Path) -> list[tuple[int, float]]:
+        return [(m["tokens"], m["heldout_loss"]) for m in map(json.loads, f.read_text().splitlines())
+                if m.get("heldout_loss") is not None and "event" not in m] if f.is_file() else []
+
+    chain = load_chain(out / MANIFEST_NAME)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for e in chain.anchors[1:]:
+        d = out / "anchors" / e.name
+        first, second = (points(d / STEP_METRICS), points(d / "metrics.jsonl"))
+        if not first:
+            first, second = second, []
+        if not first:
+            continue
+        line, = ax.plot(*zip(*first), "o-", ms=3, label=f"{e.name}")
+        if second:
+            ax.plot([first[-1][0] + t for t, _ in second], [h for _, h in second], "o--", ms=3,
+                    color=line.get_color(), label=f"{e.name}: round 2")
+    ax.set_xlabel("tokens distilled from the source (this rebuild)")
+    ax.set_ylabel("held-out CE (nats)")
+    ax.set_title(f"chain {chain.name}: anchors polished from {chain.anchors[0].name} on the broader mix")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+    return out / "curves.png"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True)
@@ -49,7 +87,7 @@ def main() -> None:
     ap.add_argument("--old-corpus", type=Path, default=Path.home() / ".cache/cbd-mlx/build-smollm2-mini/corpus")
     ap.add_argument("--insert", action="append", default=None,
                     help="NAME:SIZE:BIG:SMALL (repeatable) [default: a1-101M between a0 and a2, "
-                         "a3-58M between a2 and a4]")
+                         "a3-58M between a2 and a4]; 'none' for a chain that has every anchor")
     ap.add_argument("--order", default=None, help="polish order, comma-separated [default: smallest first]")
     ap.add_argument("--tokens", type=int, default=262144)
     ap.add_argument("--lr", type=float, default=2.5e-4)
@@ -67,6 +105,8 @@ def main() -> None:
     if not (out / MANIFEST_NAME).exists():
         unpack_chain(find_chain(args.chain), out, force=True)
     inserts = args.insert or ["a1-101M:101M:a0-134.5M:a2-76.0M", "a3-58M:58M:a2-76.0M:a4-43.0M"]
+    if inserts == ["none"]:  # a chain built whole (`chain build`) already has every anchor
+        inserts = []
     for spec in inserts:
         name, size, big, small = spec.split(":")
         if name not in [e.name for e in load_chain(out / MANIFEST_NAME).anchors]:
@@ -76,6 +116,7 @@ def main() -> None:
     cfg = TrainConfig(tokens=args.tokens, lr=args.lr, ce_weight=0.5, freeze_embeddings=True,
                       eval_every=32, save_every=16, seed=args.seed)
     polish_anchors(out, cache, cfg, order)
+    print(f"curves: {plot_polish(out)}")
     print("DONE", flush=True)
 
 
