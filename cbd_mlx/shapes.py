@@ -75,6 +75,7 @@ def format_size(n: int) -> str:
 
 
 # dimensions beyond these are refused before anything is allocated (damaged or hostile configs)
+MAX_CANDIDATES = 200_000  # shapes the solver may score between two anchors (a damaged manifest: far more)
 MAX_DIMS = {"layers": 1024, "hidden": 1 << 17, "ffn": 1 << 19, "heads": 4096, "kv_heads": 4096, "head_dim": 4096,
             "vocab": 1 << 22}
 
@@ -282,6 +283,11 @@ def _solve(family, template, small, big, target, fixed, tolerance, multiple) -> 
     the most similar relative position between the anchors."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     template = {k: v for k, v in template.items() if layer_local_name(family, k)[0] in (None, 0)}
+    span = lambda f: 1 if f in fixed else abs(getattr(big, f) - getattr(small, f)) + 1  # noqa: E731
+    work = span("layers") * span("kv_heads") * (1 if family.tied_attention_width else -(-span("hidden") // multiple))
+    if work > MAX_CANDIDATES:
+        raise CBDError(f"the anchors' shapes are too far apart to search ({work:,} candidate shapes; "
+                       f"{small} .. {big}); pin --layers, --hidden or --kv-heads, or use closer anchors")
     best, nearest = None, None
     for cand in _candidates(family, template, small, big, target, fixed, multiple):
         n = count_params(family, template, cand)

@@ -267,3 +267,16 @@ def test_gguf_contents_are_checked_not_only_its_container(tmp_path, kw, want):
 
     with pytest.raises(CBDError, match=want):
         read_gguf(_gguf(tmp_path / "m.gguf", **kw))
+
+
+def test_anchors_too_far_apart_to_search_are_refused_not_spun_on():
+    from cbd_mlx.families import FAMILIES
+    from cbd_mlx.loader import param_template
+    from cbd_mlx.chain import manifest_config
+    from cbd_mlx.shapes import Shape, solve_shape
+
+    small = Shape(1, 64, 64, 1, 1, 64, 1000)
+    big = Shape(1024, 65536, 65536, 1024, 1024, 64, 1000)
+    template = param_template(manifest_config("llama", big))
+    with pytest.raises(CBDError, match="too far apart"):
+        solve_shape(FAMILIES["llama"], template, small, big, 10**9)
