@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .save import refuse_existing
+from .shapes import MAX_DIMS
 
 # the generator to name in hints: mlx-lm's own on a Mac; elsewhere the same command started with
 # OpenBLAS loaded (mlx_lm.generate alone runs on the wheel's reference BLAS: 29 vs 478 prompt tokens/s)
@@ -63,7 +64,7 @@ def shape_options(f):
     """--layers/--hidden/--ffn/--heads/--kv-heads: pin dimensions of the shape."""
     for name in reversed(SHAPE_OPTIONS):
         f = click.option(
-            f"--{name.replace('_', '-')}", name, type=click.IntRange(min=1), default=None,
+            f"--{name.replace('_', '-')}", name, type=click.IntRange(min=1, max=MAX_DIMS[name]), default=None,
             help=f"Pin the target's {name.replace('_', ' ')} (the solver picks the rest).",
         )(f)
     return f

@@ -282,6 +282,9 @@ def _solve(family, template, small, big, target, fixed, tolerance, multiple) -> 
     """The candidate within ``tolerance`` of ``target`` whose dimensions sit at
     the most similar relative position between the anchors."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    for k, v in fixed.items():
+        if k not in MAX_DIMS or isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIMS[k]:
+            raise CBDError(f"pinned {k} {v!r} is not a whole number in 1..{MAX_DIMS.get(k, '?')}")
     template = {k: v for k, v in template.items() if layer_local_name(family, k)[0] in (None, 0)}
     span = lambda f: 1 if f in fixed else abs(getattr(big, f) - getattr(small, f)) + 1  # noqa: E731
     work = span("layers") * span("kv_heads") * (1 if family.tied_attention_width else -(-span("hidden") // multiple))
