@@ -19,7 +19,8 @@ from .data import open_cache
 from .distill import distill
 from .errors import CBDError
 from .interpolate import lineage_of
-from .loader import Anchor, anchor_sha256, load_anchor, read_provenance
+from .evaluate import perplexity
+from .loader import Anchor, anchor_sha256, load_anchor, model_from_weights, read_provenance
 from .operators import subset
 from .prune import child_shape, prune_weights
 from .save import read_json, write_model
@@ -145,15 +146,17 @@ def _rewrite_provenance(d: Path, update) -> None:
 
 
 def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | None = None, log=print,
-                   teacher_cache: bool = True) -> list[str]:
+                   teacher_cache: bool = True, suite: dict[str, np.ndarray] | None = None) -> list[str]:
     """Distill the chain's anchors once more, each from the source A0 (the
     best teacher there is) on other windows of the cache (seed + 1), for
     ``cfg.tokens`` tokens, in the order of ``names``. Every anchor shares one teacher cache, so A0's
     forward pass is paid once per token for the whole chain. The anchors keep
     their shapes and lineage; a polished anchor's children are re-pointed to
     its new weights hash. ``names``: the anchors to polish (default: all but
-    A0). Resumable; anchors already polished are skipped. Returns the names
-    polished by this call."""
+    A0). Resumable; anchors already polished are skipped. With ``suite``
+    (token ids by text name), each polished anchor is scored on those texts
+    beside A0 (`suite_scores`, recorded under ``suite`` in its cbd.json).
+    Returns the names polished by this call."""
     out = Path(out)
     anchors_dir = out / "anchors"
     chain = load_chain(out / MANIFEST_NAME).anchors
@@ -191,11 +194,42 @@ def polish_anchors(out: Path, cache: Path, cfg: TrainConfig, names: list[str] | 
         rec = read_provenance(d)["history"][-1]
         log(f"[chain] {e.name}: held-out ppl {rec['heldout_ppl_before']:.1f} -> {rec['heldout_ppl_after']:.1f} "
             f"after polishing")
+        record_suite(out, e.name, a0, suite, log)
         done.append(e.name)
     _repoint_children(anchors_dir, chain)
     if tc is not None:  # every named anchor is polished now
         shutil.rmtree(tc, ignore_errors=True)
     return done
+
+
+def suite_scores(model_dir: Path, suite: dict[str, np.ndarray], ref: dict[str, float] | None = None) -> dict:
+    """Perplexity of a model on each text of ``suite``; with ``ref`` (the
+    source's), the ratio per text and their mean."""
+    a = load_anchor(str(model_dir))
+    m = model_from_weights(a.config, a.weights)
+    ppl = {k: perplexity(m, t, progress=False)["ppl"] for k, t in suite.items()}
+    if not ref:
+        return {"ppl": ppl}
+    ratio = {k: ppl[k] / ref[k] for k in ppl}
+    return {"ppl": ppl, "ratio": ratio, "mean_ratio": float(np.mean(list(ratio.values())))}
+
+
+def record_suite(out: Path, name: str, a0: str, suite: dict[str, np.ndarray] | None, log) -> None:
+    """Score anchor ``name`` of the chain at ``out`` on ``suite`` beside its
+    source ``a0`` (whose scores are kept in OUT/.work/suite-a0.json) and record it."""
+    if not suite:
+        return
+    ref_file = out / ".work" / "suite-a0.json"
+    ref = json.loads(ref_file.read_text()) if ref_file.is_file() else {}
+    if set(ref) != set(suite):
+        ref = suite_scores(out / "anchors" / a0, suite)["ppl"]
+        ref_file.parent.mkdir(parents=True, exist_ok=True)
+        ref_file.write_text(json.dumps(ref))
+    scores = suite_scores(out / "anchors" / name, suite, ref) | {"source": a0, "source_ppl": ref}
+    _rewrite_provenance(out / "anchors" / name, lambda p: p.update(suite=scores))
+    log(f"[chain] {name}: suite ppl " + ", ".join(f"{k} {v:.1f} ({scores['ratio'][k]:.2f}x)"
+                                                  for k, v in scores["ppl"].items())
+        + f"; mean {scores['mean_ratio']:.2f}x {a0}")
 
 
 def _polished_on(rec: dict | None, cache: Path, cfg: TrainConfig) -> bool:
@@ -374,7 +408,7 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
                 name: str | None = None, log=print, bridge: dict | None = None, keep_hidden: bool = True,
                 max_step: float = MAX_STEP, teacher_cache: bool = True,
                 step_tokens: list[int] | None = None, polish_tokens: int = 0,
-                polish: list[str] | None = None) -> Chain:
+                polish: list[str] | None = None, suite: dict[str, np.ndarray] | None = None) -> Chain:
     """Build (or resume building) a chain under ``out``; returns its manifest.
 
     Each anchor is pruned from the previous one (importance on calibration
@@ -385,7 +419,9 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
     trained from ``bridge['source']``. ``step_tokens`` gives each step its own
     distillation budget (one per size) instead of ``cfg.tokens``. With
     ``polish_tokens``, the anchors named in ``polish`` (default: all) are then
-    distilled from A0 for that many more tokens (`polish_anchors`)."""
+    distilled from A0 for that many more tokens (`polish_anchors`). With
+    ``suite`` (token ids by text name: held-out texts of other domains), every
+    anchor is scored on it beside A0 after its step and its polish."""
     out, cache = Path(out), Path(cache)
     out.mkdir(parents=True, exist_ok=True)
     anchors_dir = out / "anchors"
@@ -410,6 +446,9 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
     for i, (n, name_i) in enumerate(zip(sizes, names), start=1):
         cfg_i = replace(cfg, tokens=step_tokens[i - 1]) if step_tokens else cfg
         cur = _chain_step(out, prev, prev_name, name_i, n, cache, cfg_i, keep_hidden, teacher_cache, calib, log)
+        if suite and "suite" not in cur.provenance:
+            record_suite(out, name_i, a0_name, suite, log)
+            cur = load_anchor(str(anchors_dir / name_i))
         entries.append(_entry(name_i, cur, prev_name))
         plot_chain(out, entries, anchors_dir, name)
         prev, prev_name = cur, name_i
@@ -419,7 +458,7 @@ def build_chain(source: str, sizes: list[int], cache: Path, out: Path, cfg: Trai
                   f"built by cbd-mlx chain build from {source}")
     _write_manifest(out, chain)
     if polish_tokens:  # rewrites the manifest after each anchor it polishes
-        polish_anchors(out, cache, replace(cfg, tokens=polish_tokens), polish, log, teacher_cache)
+        polish_anchors(out, cache, replace(cfg, tokens=polish_tokens), polish, log, teacher_cache, suite)
         chain = load_chain(out / MANIFEST_NAME)
         plot_chain(out, chain.anchors, anchors_dir, chain.name)
     return chain

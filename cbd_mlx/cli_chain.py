@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import numpy as np
 
 from .bridge import prompts_from
 from .chain import find_chain, list_chains, manifest_config, round_sizes
@@ -12,9 +13,9 @@ from .chain_pack import pack_chain, pack_deltas
 from .chainbuild import build_chain
 from .cli_common import LR, POSITIVE, SEQ_LEN, WEIGHT, Finite, say
 from .errors import CBDError
-from .evaluate import tokenize_file
+from .evaluate import read_suite
 from .families import FAMILIES
-from .loader import load_tokenizer, param_template, resolve
+from .loader import param_template, resolve
 from .selection import DEFAULT_CALIB
 from .shapes import count_params, format_size, parse_size, solve_shape
 from .train import TrainConfig
@@ -98,9 +99,12 @@ def chain_show(name):
 @click.option("--bridge-size", default=None, help="Size of the bridge anchor [default: --source's].")
 @click.option("--prompt-data", multiple=True, type=click.Path(path_type=Path), help="Text to draw bridge prompts from.")
 @click.option("--num-prompts", type=POSITIVE, default=256, show_default=True)
+@click.option("--eval-suite", type=click.Path(path_type=Path), multiple=True,
+              help="Held-out texts of other domains (files, or a folder such as `data suite`'s; repeatable): every "
+                   "anchor is scored on them beside A0 after its step and its polish (recorded in its cbd.json).")
 def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep_hidden, freeze_embeddings, loss,
                 ce_weight, batch_size, seq_len, grad_accum, lr, save_every, eval_every, polish_tokens, polish_names,
-                bridge_from, bridge_size, prompt_data, num_prompts):
+                bridge_from, bridge_size, prompt_data, num_prompts, eval_suite):
     """Build a chain: each anchor is pruned from the previous one (lineage
     recorded) and distilled from it; writes OUT/chain.toml for `init --chain OUT`.
     Rerun the same command to resume after an interruption."""
@@ -125,7 +129,8 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep
     chain = build_chain(source, [parse_size(s) for s in sizes.split(",")], cache, out, cfg, name, log=say,
                         bridge=bridge, keep_hidden=keep_hidden, max_step=max_step,
                         step_tokens=budgets if len(budgets) > 1 else None, polish_tokens=polish_tokens,
-                        polish=[n.strip() for n in polish_names.split(",") if n.strip()] if polish_names else None)
+                        polish=[n.strip() for n in polish_names.split(",") if n.strip()] if polish_names else None,
+                        suite=read_suite(resolve(source), eval_suite) if eval_suite else None)
     say(f"wrote {chain.path} with {len(chain.anchors)} anchors")
 
 
@@ -162,15 +167,8 @@ def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, 
     rebuilt on first use into the cache (checked by sha256)."""
 
     chain = find_chain(chain_path)
-    texts = []
-    if eval_data:
-        import numpy as np
-
-
-        tok = load_tokenizer(resolve(chain.source_of(chain.anchors[0])))
-        files = [f for p in eval_data for f in (sorted(Path(p).glob("*.txt")) if Path(p).is_dir() else [p])
-                 if f.name != "README.txt"]
-        texts = [np.array(tokenize_file(tok, f, eval_tokens), dtype=np.int32) for f in files]
+    texts = list(read_suite(resolve(chain.source_of(chain.anchors[0])), eval_data, eval_tokens).values()) \
+        if eval_data else []
     if delta_bits:
         packed = pack_deltas(chain, out, delta_bits if delta_bits == "auto" else int(delta_bits), int(group_size),
                              force, texts or None, log=say)

@@ -80,6 +80,17 @@ def tokenize_file(tokenizer, path: Path, max_tokens: int | None = None) -> list[
         chars *= 4
 
 
+def read_suite(model_dir, paths, max_tokens: int = 4096) -> dict[str, np.ndarray]:
+    """Token ids (``max_tokens`` of each) of held-out texts by name: files, or
+    folders of .txt files such as `data suite`'s (its README.txt skipped)."""
+    tok = load_tokenizer(model_dir)
+    files = [f for p in map(Path, paths) for f in (sorted(p.glob("*.txt")) if p.is_dir() else [p])
+             if f.name != "README.txt"]
+    if not files:
+        raise CBDError(f"no text files in {', '.join(map(str, paths))}")
+    return {f.stem: np.array(tokenize_file(tok, f, max_tokens), dtype=np.int32) for f in files}
+
+
 def perplexity(
     model: nn.Module,
     tokens: list[int],

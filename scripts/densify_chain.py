@@ -30,6 +30,7 @@ from cbd_mlx.chain import MANIFEST_NAME, find_chain, load_chain  # noqa: E402
 from cbd_mlx.chainbuild import STEP_METRICS, insert_anchor, polish_anchors, unpack_chain  # noqa: E402
 from cbd_mlx.corpus import BROAD, fetch  # noqa: E402
 from cbd_mlx.data import prepare  # noqa: E402
+from cbd_mlx.evaluate import read_suite  # noqa: E402
 from cbd_mlx.shapes import size_of  # noqa: E402
 from cbd_mlx.train import TrainConfig  # noqa: E402
 
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=262144)
     ap.add_argument("--lr", type=float, default=2.5e-4)
     ap.add_argument("--seed", type=int, default=0, help="another seed: a further polish round on other windows")
+    ap.add_argument("--suite", type=Path, action="append", default=[],
+                    help="out-of-domain texts (a `data suite` folder) to score each polished anchor on, beside A0")
     args = ap.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,8 @@ def main() -> None:
     order = args.order.split(",") if args.order else [e.name for e in chain.anchors[1:]][::-1]
     cfg = TrainConfig(tokens=args.tokens, lr=args.lr, ce_weight=0.5, freeze_embeddings=True,
                       eval_every=32, save_every=16, seed=args.seed)
-    polish_anchors(out, cache, cfg, order)
+    suite = read_suite(out / "anchors" / chain.anchors[0].name, args.suite) if args.suite else None
+    polish_anchors(out, cache, cfg, order, suite=suite)
     print(f"curves: {plot_polish(out)}")
     print("DONE", flush=True)
 

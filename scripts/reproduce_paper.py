@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="80M,100M")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--heldout", type=Path, default=ROOT / "tests" / "data" / "heldout.txt")
+    ap.add_argument("--suite", type=Path, action="append", default=[],
+                    help="out-of-domain texts (a `data suite` folder or files) scored beside --heldout")
     ap.add_argument("--calib", type=Path, default=ROOT / "cbd_mlx" / "assets" / "calib.txt")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--cloze", type=int, default=0, help="cloze items (0: skip)")
@@ -125,13 +127,14 @@ def main() -> None:
     from cbd_mlx.choice import build_items as choice_items
     from cbd_mlx.choice import choice_accuracy
     from cbd_mlx.cloze import build_items, cloze_accuracy
-    from cbd_mlx.evaluate import perplexity, read_text, tokenize_file
+    from cbd_mlx.evaluate import perplexity, read_suite, read_text, tokenize_file
     from cbd_mlx.selection import calibration_batches
     from cbd_mlx.loader import load_tokenizer, model_from_weights
 
     pairs = chain_pairs(args)
     tok = load_tokenizer(pairs[0][1].path)
     heldout = tokenize_file(tok, args.heldout, args.max_tokens)
+    suite = read_suite(pairs[0][1].path, args.suite, min(args.max_tokens, 4096)) if args.suite else {}
     calib = calibration_batches(tokenize_file(tok, args.calib), max_tokens=2048)
     items = build_items(read_text(args.cloze_data or args.heldout), tok, args.cloze) if args.cloze else None
     choices = choice_items(read_text(args.cloze_data or args.heldout), tok, args.choice) if args.choice else None
@@ -143,6 +146,8 @@ def main() -> None:
         """Held-out ppl, and cloze / choice accuracy on the same items for every row."""
         r = perplexity(model, heldout, 512, 4, progress=False)
         out = {"ppl": r["ppl"], "nll": r["nll"]}
+        if suite:
+            out["suite_ppl"] = {k: perplexity(model, t, 512, 4, progress=False)["ppl"] for k, t in suite.items()}
         if items:
             out["cloze"] = cloze_accuracy(model, items)
         if choices and with_choice:
@@ -197,12 +202,17 @@ def zero_step_advantage(rows: list[dict], size: str) -> str:
 
 
 def print_tables(rows: list[dict], cloze: bool, choice: bool = False) -> None:
-    print("\n| size | mode | anchors | alpha | held-out ppl |" + (" cloze |" if cloze else "")
-          + (" choice |" if choice else ""))
-    print("|---|---|---|---|---|" + ("---|" if cloze else "") + ("---|" if choice else ""))
+    ref = next((r for r in rows if r["mode"] == "reference" and r.get("suite_ppl")), None)
+    suite = ref is not None
+    print("\n| size | mode | anchors | alpha | held-out ppl |" + (" suite mean (x source) |" if suite else "")
+          + (" cloze |" if cloze else "") + (" choice |" if choice else ""))
+    print("|---|---|---|---|---|" + ("---|" if suite else "") + ("---|" if cloze else "") + ("---|" if choice else ""))
     for r in rows:
         a = "" if r["alpha"] is None else f"{r['alpha']:.3f}"
         c = (f" {r['cloze']:.1%} |" if cloze else "") + ((f" {r['choice']:.1%} |" if 'choice' in r else ' — |') if choice else "")
+        if suite:
+            ratios = [r["suite_ppl"][k] / ref["suite_ppl"][k] for k in ref["suite_ppl"]]
+            c = f" {sum(ratios) / len(ratios):.2f} |" + c
         names = " + ".join(Path(x).name for x in r["anchors"])
         print(f"| {r['size']} | {r['mode']} ({r['density']}) | {names} | {a} | {r['ppl']:.2f} |{c}")
     if any(r.get("recovery") for r in rows):

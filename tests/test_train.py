@@ -784,3 +784,24 @@ def test_a_damaged_checkpoint_is_refused_not_resumed(setup, tmp_path, damage):
         mx.save_safetensors(str(f), w)
     with pytest.raises(CBDError, match="checkpoint .* is damaged"):
         distill(str(teacher), str(student), cache, out, cfg(), log=lambda *_: None)
+
+
+def test_chain_build_and_polish_score_every_anchor_on_a_suite(setup, tmp_path):
+    """With held-out texts of other domains, each anchor's cbd.json records
+    its perplexity on them beside A0's after its step and after its polish,
+    and the log says it."""
+    from cbd_mlx.chainbuild import build_chain
+    from cbd_mlx.evaluate import read_suite
+    from conftest import HELDOUT
+
+    teacher, _, cache = setup
+    big = load_anchor(str(teacher))
+    suite = read_suite(teacher, [HELDOUT, DATA / "calib.txt"], 512)
+    logs = []
+    chain = build_chain(str(teacher), [int(big.n_params * 0.6)], cache, tmp_path / "chain",
+                        cfg(tokens=2 * 4 * 64, freeze_embeddings=True), log=logs.append, max_step=0.6,
+                        polish_tokens=256, suite=suite)
+    rec = load_anchor(str(tmp_path / "chain" / chain.anchors[1].source)).provenance["suite"]
+    assert set(rec["ppl"]) == set(suite) == {"heldout", "calib"} and rec["source"] == chain.anchors[0].name
+    assert rec["mean_ratio"] == pytest.approx(np.mean([rec["ppl"][k] / rec["source_ppl"][k] for k in suite]))
+    assert sum("suite ppl" in line for line in logs) == 2  # after the step and after the polish
