@@ -24,8 +24,8 @@ from .families import layer_local_name
 from .loader import Anchor, Built, all_finite, anchor_sha256, load_anchor, model_from_weights, same_tokenizer
 from .operators import Selection, blend, blend_tensor, expand, iter_expand, iter_subset, subset
 from .prune import child_shape, prune_weights
-from .selection import (DEFAULT_CALIB, align, calibration_from, collect_stats, importance, placement, rankings, select,
-                        uniform_rankings)
+from .selection import (DEFAULT_CALIB, INIT_CALIB, align, calibration_from, collect_stats, importance, placement,
+                        rankings, select, uniform_rankings)
 from .shapes import Shape, config_for, count_params, format_size, param_shapes, size_of, solve_shape
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -368,8 +368,8 @@ def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str,
         raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
     target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed)
     if calib is None and (alpha == "auto" or not has_lineage(small, big)):
-        calib = DEFAULT_CALIB
-        log(f"calibration text: the built-in {DEFAULT_CALIB.name} (Python tutorial excerpt); pass --calib FILE "
+        calib = INIT_CALIB
+        log(f"calibration text: the built-in {INIT_CALIB.name} (English of several kinds); pass --calib FILE "
             "for your domain")
     res = interpolate(big, small, target, alpha, calibration_from(big.path, calib, calib_tokens), log=log,
                       stream=stream)

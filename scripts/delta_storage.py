@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
-import mlx.nn as nn  # noqa: E402
+import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cbd_mlx import delta  # noqa: E402
@@ -47,9 +47,12 @@ def main() -> None:
              for p in sorted(args.suite.glob("*.txt")) if p.name != "README.txt"}
 
     def score(config, weights, quant_bits=None) -> dict:
+        if quant_bits:  # mlx's affine quantization, scored through its dequantized copy (same function,
+            # ~20x faster than MLX's CPU quantized matmul); the embedding as the layers
+            weights = {k: (np.array(mx.dequantize(*mx.quantize(mx.array(v), group_size=64, bits=quant_bits),
+                                                  group_size=64, bits=quant_bits))
+                           if v.ndim == 2 and v.shape[-1] % 64 == 0 else v) for k, v in weights.items()}
         m = model_from_weights(config, weights)
-        if quant_bits:
-            nn.quantize(m, group_size=64, bits=quant_bits)
         return {k: perplexity(m, t, progress=False)["ppl"] for k, t in texts.items()}
 
     rows = {}

@@ -219,7 +219,7 @@ def test_init_without_lineage_aligns_on_builtin_text(tokenizer_dir, tmp_path, ca
     small = save_tiny(tmp_path / "small", small_cfg, random_weights(small_cfg, 2), tokenizer_dir)
     code, _, err = run(capsys, "init", "--size", "450K", "--anchors", big, small, "--out", tmp_path / "o")
     assert code == 0, err
-    assert "built-in calib.txt" in err and "alignment: activation-matching" in err
+    assert "built-in calib-init.txt" in err and "alignment: activation-matching" in err
 
 
 @pytest.mark.parametrize("edit,words", [
