@@ -57,7 +57,7 @@ def test_the_embedded_chain_pins_its_delta_stored_anchors(tmp_path, monkeypatch)
     c = find_chain(str(tmp_path / "c"))
     first = c.anchors[1]  # coded on the source itself: the cheapest to rebuild
     _flip(tmp_path / "c" / first.source / "delta.safetensors", at_from_end=1 << 20)
-    with pytest.raises(CBDError, match="does not match the chain's sha256"):
+    with pytest.raises(CBDError, match="do not match the chain's sha256"):
         load_chain_anchor(c, first, check_finite=False)
 
 
