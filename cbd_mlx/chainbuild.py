@@ -100,22 +100,16 @@ def plot_chain(out: Path, entries: list[ChainAnchor], anchors_dir: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def points(f: Path) -> list[tuple[int, float]]:
-        if not f.is_file():
-            return []
-        return [(m["tokens"], m["heldout_loss"]) for m in map(json.loads, f.read_text().splitlines())
-                if m.get("heldout_loss") is not None and "event" not in m]
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn, polish = 0, False
     for e in entries:
         d = anchors_dir / e.name
         polished = (d / STEP_METRICS).is_file()
-        step = points(d / (STEP_METRICS if polished else "metrics.jsonl"))
+        step = curve_points(d / (STEP_METRICS if polished else "metrics.jsonl"))
         if not step:
             continue
         line, = ax.plot(*zip(*step), "o-", ms=3, label=f"{e.name} (from {e.parent})")
-        if polished and (more := points(d / "metrics.jsonl")):
+        if polished and (more := curve_points(d / "metrics.jsonl")):
             t0 = step[-1][0]
             ax.plot([t0 + t for t, _ in more], [h for _, h in more], "o--", ms=3, color=line.get_color(),
                     label=f"{e.name}: polish from {entries[0].name}")
@@ -124,16 +118,32 @@ def plot_chain(out: Path, entries: list[ChainAnchor], anchors_dir: Path,
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("distillation tokens")
+    return save_curves(fig, ax, out / "curves.png", "distillation tokens",
+                       f"chain {name or out.name}: each anchor distilled from the previous"
+                       + ("\n(dashed: then from A0, held out on other windows)" if polish else ""))
+
+
+def curve_points(f: Path) -> list[tuple[int, float]]:
+    """(tokens, held-out loss) of a run's metrics.jsonl (none when it is missing)."""
+    if not f.is_file():
+        return []
+    return [(m["tokens"], m["heldout_loss"]) for m in map(json.loads, f.read_text().splitlines())
+            if m.get("heldout_loss") is not None and "event" not in m]
+
+
+def save_curves(fig, ax, path: Path, xlabel: str, title: str) -> Path:
+    """Label, save and close a held-out-loss plot."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out CE (nats)")
-    ax.set_title(f"chain {name or out.name}: each anchor distilled from the previous"
-                 + ("\n(dashed: then from A0, held out on other windows)" if polish else ""))
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return out / "curves.png"
+    return path
 
 
 def _rewrite_provenance(d: Path, update) -> None:

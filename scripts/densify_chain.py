@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
 from cbd_mlx.chain import MANIFEST_NAME, find_chain, load_chain  # noqa: E402
-from cbd_mlx.chainbuild import STEP_METRICS, insert_anchor, polish_anchors, unpack_chain  # noqa: E402
+from cbd_mlx.chainbuild import (STEP_METRICS, curve_points, insert_anchor, polish_anchors,  # noqa: E402
+                                save_curves, unpack_chain)
 from cbd_mlx.corpus import BROAD, fetch  # noqa: E402
 from cbd_mlx.data import prepare  # noqa: E402
 from cbd_mlx.evaluate import read_suite  # noqa: E402
@@ -46,22 +47,16 @@ def mixed_inputs(old: Path, broad: Path) -> list[Path]:
 def plot_polish(out: Path) -> Path:
     """OUT/curves.png: each anchor's held-out loss over its polish rounds on
     the mix (round 2 dashed, after round 1's tokens)."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def points(f: Path) -> list[tuple[int, float]]:
-        return [(m["tokens"], m["heldout_loss"]) for m in map(json.loads, f.read_text().splitlines())
-                if m.get("heldout_loss") is not None and "event" not in m] if f.is_file() else []
-
     chain = load_chain(out / MANIFEST_NAME)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for e in chain.anchors[1:]:
         d = out / "anchors" / e.name
-        first, second = (points(d / STEP_METRICS), points(d / "metrics.jsonl"))
+        first, second = (curve_points(d / STEP_METRICS), curve_points(d / "metrics.jsonl"))
         if not first:
             first, second = second, []
         if not first:
@@ -70,15 +65,8 @@ def plot_polish(out: Path) -> Path:
         if second:
             ax.plot([first[-1][0] + t for t, _ in second], [h for _, h in second], "o--", ms=3,
                     color=line.get_color(), label=f"{e.name}: round 2")
-    ax.set_xlabel("tokens distilled from the source (this rebuild)")
-    ax.set_ylabel("held-out CE (nats)")
-    ax.set_title(f"chain {chain.name}: anchors polished from {chain.anchors[0].name} on the broader mix")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
-    return out / "curves.png"
+    return save_curves(fig, ax, out / "curves.png", "tokens distilled from the source (this rebuild)",
+                       f"chain {chain.name}: anchors polished from {chain.anchors[0].name} on the broader mix")
 
 
 def main() -> None:
