@@ -11,9 +11,8 @@ from pathlib import Path
 from .delta_store import materialize
 from .errors import CBDError
 from .families import FAMILIES
-from .loader import anchor_sha256, is_hub_id, load_anchor
+from .loader import anchor_sha256, is_delta_dir, is_hub_id, load_anchor
 from .resources import PACKAGED_MODELS, packaged_model
-from .save import DELTA_FILE
 from .shapes import Shape, check_shape, config_for, format_size
 
 def _chains_dir() -> Path:
@@ -72,7 +71,7 @@ class Chain:
         """What ``loader.resolve`` takes: a directory, a packaged alias or a hub
         id. A delta-stored anchor is materialized first (once, into the cache)."""
         where = self.stored_at(anchor)
-        if anchor.local and (Path(where) / DELTA_FILE).is_file():
+        if anchor.local and is_delta_dir(Path(where)):
 
             parent = next((e for e in self.anchors if e.name == anchor.parent), None)
             if parent is None or not anchor.sha256:

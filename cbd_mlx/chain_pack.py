@@ -22,7 +22,7 @@ from .delta_store import materialize, parent_subset, write_delta_dir
 from .errors import CBDError
 from .evaluate import perplexity
 from .export import eval_ppl
-from .interpolate import grow, has_lineage
+from .interpolate import grow
 from .loader import Anchor, anchor_sha256, load_anchor, model_from_weights, read_provenance
 from .operators import Selection
 from .quantize import CALIB_SEQ_LEN, CALIB_SEQS, bits_per_weight, quantize_anchor
@@ -197,23 +197,24 @@ def pack_deltas(chain: Chain, out: Path, bits: int | str = "auto", group_size: i
     if bits == "auto" and not eval_texts:
         raise CBDError("--delta-bits auto needs --eval-data to measure each anchor against its fp32 perplexity")
     tries = list(delta.DELTA_BITS) if bits == "auto" else [int(bits)]
-    entries, rebuilt = [], {}
+    entries, rebuilt, sha_of = [], {}, {}  # sha_of: the chain's own (unpacked) anchors' hashes
     with atomic_dir(out, force) as tmp:
         for e in chain.anchors:
             a = load_chain_anchor(chain, e)
+            sha_of[e.name] = anchor_sha256(a)
             if e.parent is None:
                 entry, rebuilt[e.name] = _source_entry(e, a, tmp, log)
                 entries.append(entry)
                 continue
             parent = rebuilt[e.parent]
-            if not has_lineage(a, load_chain_anchor(chain, next(p for p in chain.anchors if p.name == e.parent))):
+            if (a.lineage or {}).get("parent_sha256") != sha_of.get(e.parent):  # has_lineage, parent not reloaded
                 raise CBDError(f"{e.name} has no lineage in its parent {e.parent}; only a chain built by "
                                "`chain build` (or densified) can be delta-stored")
             arrays, meta, rec = code_anchor(a, parent_subset(parent, a.lineage), tries, group_size, eval_texts,
                                             tolerance, log)
             prov = copy.deepcopy(a.provenance)
             prov["lineage"]["parent_sha256"] = anchor_sha256(parent)
-            prov["packed"] = rec | {"from_sha256": anchor_sha256(a)}
+            prov["packed"] = rec | {"from_sha256": sha_of[e.name]}
             dest = tmp / "anchors" / e.name
             write_delta_dir(dest, a.config, prov, arrays, meta)
             rebuilt[e.name] = load_anchor(str(materialize(dest, lambda: parent, None)))
