@@ -66,6 +66,75 @@ def loss_and_grads(h: np.ndarray, w: np.ndarray, y: np.ndarray, spec: Spec, teac
 
     ``teacher``: None, ("head", ht (n, dt), wt (vocab, dt)) or
     ("topk", idx (n, k), logp (n, k))."""
+    if spec.mode != "ce" and teacher is not None and teacher[0] == "head":
+        return _dense_loss_and_grads(h, w, y, spec, teacher, grad=grad, need_dw=need_dw)
+    return _sparse_loss_and_grads(h, w, y, spec, teacher if spec.mode != "ce" else None, grad=grad,
+                                  need_dw=need_dw)
+
+
+def _sparse_loss_and_grads(h, w, y, spec: Spec, teacher, *, grad: bool, need_dw: bool):
+    """CE, or forward KL against a top-k teacher plus ``ce_weight`` x CE,
+    with one pass of exp over the logits and none over a gradient array.
+
+    Per row the logits' gradient is ``a (e - S / a)``: ``e`` the unnormalized
+    softmax (computed in the logits' own buffer), ``a`` = (1 + ce_weight) /
+    sum(e), and ``S`` the teacher's share: its probability at each top-k
+    token, its uniform rest mass ``u`` elsewhere, plus ce_weight at the target
+    (plain CE: 1 at the target). ``e - S / a`` is formed in place, and the
+    row scale ``a`` is applied to ``e @ w`` (n x d) and to ``h`` instead of
+    to the (n x vocab) array."""
+    n, vocab = h.shape[0], w.shape[0]
+    need_dw = grad and need_dw
+    r = _chunk_rows(vocab, n, CHUNK_ELEMS_DW if need_dw else CHUNK_ELEMS)
+    topk = teacher is not None
+    cw = float(spec.ce_weight) if topk else 1.0  # the CE term's weight (plain CE: 1, its only term)
+    total = 0.0
+    dh = np.empty_like(h) if grad else None
+    dw = np.zeros_like(w) if need_dw else None
+    w_sum = w.sum(axis=0) if topk else None  # a row's sum of logits is h @ w_sum
+    buf = np.empty((r, vocab), np.float32)
+    for a0 in range(0, n, r):
+        b0 = min(n, a0 + r)
+        rows = np.arange(b0 - a0)
+        hc, yc = h[a0:b0], y[a0:b0]
+        e = np.matmul(hc, w.T, out=buf[:b0 - a0])
+        zy = e[rows, yc].copy()
+        if topk:
+            idx, lp = teacher[1][a0:b0], teacher[2][a0:b0]
+            z_top = np.take_along_axis(e, idx, axis=1)
+        m = e.max(axis=1, keepdims=True)
+        e -= m
+        np.maximum(e, FLOOR, out=e)  # probabilities below e^-60 stay normal floats: denormals are ~100x slower
+        np.exp(e, out=e)
+        s = e.sum(axis=1)
+        lse = m[:, 0] + np.log(s)
+        if cw:
+            total += cw * float((lse - zy).sum())
+        if topk:  # KL(teacher || student), the non-top-k mass spread evenly
+            q = np.exp(lp)
+            rest = np.maximum(1.0 - q.sum(axis=1), 1e-6)
+            u = rest / max(vocab - idx.shape[1], 1)
+            logp_top = z_top - lse[:, None]
+            logp_rest = hc @ w_sum - vocab * lse - logp_top.sum(axis=1)
+            total += float(((q * (lp - logp_top)).sum(axis=1) + rest * np.log(u) - u * logp_rest).sum())
+        if not grad:
+            continue
+        scale = ((1.0 + cw if topk else 1.0) / s).astype(np.float32)
+        if topk:
+            e -= (u / scale)[:, None]
+            e[rows[:, None], idx] -= ((q - u[:, None]) / scale[:, None])  # a row's top-k indices are distinct
+        if cw:
+            e[rows, yc] -= cw / scale
+        np.matmul(e, w, out=dh[a0:b0])
+        dh[a0:b0] *= scale[:, None]
+        if need_dw:
+            dw += e.T @ (hc * scale[:, None])
+    return total, dh, dw
+
+
+def _dense_loss_and_grads(h, w, y, spec: Spec, teacher, *, grad: bool, need_dw: bool):
+    """Forward or reverse KL against a dense teacher (hidden states and head)
+    at any temperature, plus ``ce_weight`` x CE."""
     n, vocab = h.shape[0], w.shape[0]
     need_dw = grad and need_dw
     r = _chunk_rows(vocab, n, CHUNK_ELEMS_DW if need_dw else CHUNK_ELEMS)
@@ -74,7 +143,6 @@ def loss_and_grads(h: np.ndarray, w: np.ndarray, y: np.ndarray, spec: Spec, teac
     dw = np.zeros_like(w) if need_dw else None
     t = float(spec.temperature)
     c = float(spec.ce_weight)
-    kd = spec.mode != "ce" and teacher is not None
     for a in range(0, n, r):
         b = min(n, a + r)
         rows = np.arange(b - a)
@@ -82,32 +150,22 @@ def loss_and_grads(h: np.ndarray, w: np.ndarray, y: np.ndarray, spec: Spec, teac
         z = h[a:b] @ w.T
         zy = z[rows, yc]
         g = np.empty_like(z)
-        if not kd:  # plain cross-entropy
-            lse = _softmax(z, out=g)
-            total += float((lse - zy).sum())
+        # the CE term shares the student's softmax when the KL runs at temperature 1
+        cw = c if t == 1.0 else 0.0
+        kl, lse = _dense_kl(z, g, teacher[1][a:b] @ teacher[2].T, spec.mode, t, cw)
+        total += kl
+        if cw:
+            total += cw * float((lse - zy).sum())
             if grad:
-                g[rows, yc] -= 1.0
-            cw = 0.0
-        else:
-            # the CE term shares the student's softmax when the KL runs at temperature 1
-            cw = c if t == 1.0 else 0.0
-            if teacher[0] == "topk":
-                kl, lse = _topk_forward_kl(z, g, teacher[1][a:b], teacher[2][a:b], cw)
-            else:
-                kl, lse = _dense_kl(z, g, teacher[1][a:b] @ teacher[2].T, spec.mode, t, cw)
-            total += kl
-            if cw:
-                total += cw * float((lse - zy).sum())
-                if grad:
-                    g[rows, yc] -= cw
-            elif c:  # temperature != 1: CE on the untempered logits, its own softmax
-                p1 = np.empty_like(z)
-                lse1 = _softmax(z, out=p1)
-                total += c * float((lse1 - zy).sum())
-                if grad:
-                    p1[rows, yc] -= 1.0
-                    p1 *= c
-                    g += p1
+                g[rows, yc] -= cw
+        elif c:  # temperature != 1: CE on the untempered logits, its own softmax
+            p1 = np.empty_like(z)
+            lse1 = _softmax(z, out=p1)
+            total += c * float((lse1 - zy).sum())
+            if grad:
+                p1[rows, yc] -= 1.0
+                p1 *= c
+                g += p1
         if grad:
             np.matmul(g, w, out=dh[a:b])
         if need_dw:
@@ -148,30 +206,6 @@ def _dense_kl(z: np.ndarray, g: np.ndarray, zt: np.ndarray, mode: str, t: float,
             d += cw
         g *= d
     return float(kl.sum()) * t * t, lse_s
-
-
-def _topk_forward_kl(z: np.ndarray, g: np.ndarray, idx: np.ndarray, lp: np.ndarray, cw: float):
-    """KL(teacher || student) against a top-k teacher (the k log-probs as
-    cached, the remaining mass spread evenly over the rest of the vocabulary)
-    and the student's logsumexp; writes the gradient into ``g`` (plus ``cw``
-    x the softmax, as ``_dense_kl``)."""
-    vocab, k = z.shape[1], lp.shape[1]
-    rows = np.arange(z.shape[0])[:, None]
-    q = np.exp(lp)
-    rest = np.maximum(1.0 - q.sum(axis=1), 1e-6)
-    u = rest / max(vocab - k, 1)
-    z_top = z[rows, idx]
-    z_sum = z.sum(axis=1)
-    lse = _softmax(z, out=g)
-    logp_top = z_top - lse[:, None]
-    logp_rest = z_sum - vocab * lse - logp_top.sum(axis=1)
-    loss = (q * (lp - logp_top)).sum(axis=1) + rest * np.log(u) - u * logp_rest
-    p_top = g[rows, idx]
-    if cw:
-        g *= 1.0 + cw
-    g -= u[:, None]
-    g[rows, idx] = (1.0 + cw) * p_top - q
-    return float(loss.sum()), lse
 
 
 @np.errstate(all="ignore")

@@ -7,9 +7,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten, tree_map
 
 from cbd_mlx import losses
 from cbd_mlx.loader import model_from_weights
+from cbd_mlx.train import TrainConfig, _Updater
 from conftest import TINY_CONFIGS, random_weights
 
 V, D, N = 300, 16, 24
@@ -169,3 +171,23 @@ def test_numpy_swiglu_matches_mlx():
     assert _rel(o1[0], o2[0]) < 1e-5
     for a, b in zip(g1, g2):
         assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1e-3, 10.0])
+def test_numpy_norm_update_matches_clip_grad_norm(monkeypatch, max_norm):
+    """The CPU update (numpy global norm, clipping folded into one factor)
+    gives the weights of the compiled MLX step with optim.clip_grad_norm:
+    clipping off, active, and inactive."""
+    config = TINY_CONFIGS["llama"]
+
+    def run():
+        model = model_from_weights(config, random_weights(config))
+        mx.random.seed(3)
+        grads = tree_map(lambda p: mx.random.normal(p.shape) * 1e-2, model.trainable_parameters())
+        upd = _Updater(model, TrainConfig(tokens=10**4, max_grad_norm=max_norm), 10)
+        for _ in range(3):
+            upd.apply(grads, 0.5)
+        return dict(tree_flatten(model.parameters()))
+
+    fast, plain = _both(monkeypatch, run)
+    assert max(float(mx.abs(fast[k] - plain[k]).max()) for k in plain) <= 1e-6
