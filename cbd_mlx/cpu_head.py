@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import cpu_threads
+
 CHUNK_ELEMS = 1 << 23  # logits per chunk (32 MB of fp32): bounds the temporaries
 CHUNK_ELEMS_DW = 1 << 26  # with the head's gradient: bigger chunks (256 MB) keep dw's matmul efficient
 FLOOR = -60.0  # lowest log-probability kept in a softmax (e^-60 ~ 1e-26, a normal float)
@@ -42,15 +44,26 @@ def supports(spec: Spec, teacher_kind: str | None) -> bool:
                                        and spec.temperature == 1.0)
 
 
-def _softmax(z: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Row softmax of ``z`` into ``out`` (may be ``z``); returns the row logsumexp."""
+def _exp_shifted(z: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """exp(z - rowmax) into ``out`` (may be ``z``); returns (rowmax, rowsum)."""
     m = z.max(axis=1, keepdims=True)
     np.subtract(z, m, out=out)
     np.maximum(out, FLOOR, out=out)  # probabilities below e^-60 stay normal floats: denormals are ~100x slower
     np.exp(out, out=out)
-    s = out.sum(axis=1, keepdims=True)
-    out /= s
-    return (m + np.log(s))[:, 0]
+    return m[:, 0], out.sum(axis=1)
+
+
+def _exp_rows(z: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_exp_shifted`` over row blocks on every core."""
+    parts = cpu_threads.rows(_exp_shifted, z, out)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _softmax(z: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Row softmax of ``z`` into ``out`` (may be ``z``); returns the row logsumexp."""
+    m, s = _exp_rows(z, out)
+    cpu_threads.rows(lambda o, d: np.divide(o, d[:, None], out=o), out, s)
+    return m + np.log(s)
 
 
 def _chunk_rows(vocab: int, n: int, elems: int = CHUNK_ELEMS) -> int:
@@ -102,12 +115,8 @@ def _sparse_loss_and_grads(h, w, y, spec: Spec, teacher, *, grad: bool, need_dw:
         if topk:
             idx, lp = teacher[1][a0:b0], teacher[2][a0:b0]
             z_top = np.take_along_axis(e, idx, axis=1)
-        m = e.max(axis=1, keepdims=True)
-        e -= m
-        np.maximum(e, FLOOR, out=e)  # probabilities below e^-60 stay normal floats: denormals are ~100x slower
-        np.exp(e, out=e)
-        s = e.sum(axis=1)
-        lse = m[:, 0] + np.log(s)
+        m, s = _exp_rows(e, e)
+        lse = m + np.log(s)
         if cw:
             total += cw * float((lse - zy).sum())
         if topk:  # KL(teacher || student), the non-top-k mass spread evenly
@@ -121,7 +130,7 @@ def _sparse_loss_and_grads(h, w, y, spec: Spec, teacher, *, grad: bool, need_dw:
             continue
         scale = ((1.0 + cw if topk else 1.0) / s).astype(np.float32)
         if topk:
-            e -= (u / scale)[:, None]
+            cpu_threads.rows(lambda x, v: np.subtract(x, v[:, None], out=x), e, u / scale)
             e[rows[:, None], idx] -= ((q - u[:, None]) / scale[:, None])  # a row's top-k indices are distinct
         if cw:
             e[rows, yc] -= cw / scale
@@ -174,8 +183,8 @@ def _dense_loss_and_grads(h, w, y, spec: Spec, teacher, *, grad: bool, need_dw: 
 
 
 def _lse(z: np.ndarray) -> np.ndarray:
-    m = z.max(axis=1, keepdims=True)
-    return (m + np.log(np.exp(np.maximum(z - m, FLOOR)).sum(axis=1, keepdims=True)))[:, 0]
+    m, s = _exp_rows(z, np.empty_like(z))
+    return m + np.log(s)
 
 
 def _dense_kl(z: np.ndarray, g: np.ndarray, zt: np.ndarray, mode: str, t: float, cw: float):

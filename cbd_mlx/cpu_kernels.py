@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import mlx.core as mx
 import numpy as np
+
+from . import cpu_threads
 
 
 FLOOR = -60.0  # lowest log-probability kept; masked positions get e^-60 (~1e-26) instead of 0
@@ -37,13 +39,27 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float):
     rep = h // kv
     qs = q.reshape(b, kv, rep * t, d)
     s = qs @ k.transpose(0, 1, 3, 2)
+    cpu_threads.rows(partial(_softmax_causal, scale=scale, t=t), s.reshape(b * kv, rep, t, t))
+    return (s @ v).reshape(b, h, t, d), s
+
+
+@np.errstate(all="ignore")
+def _softmax_causal(s: np.ndarray, scale: float, t: int) -> None:
+    """In place: the causal softmax of scores ``s`` (..., t, t) times ``scale``."""
     s *= scale
-    s.reshape(b, kv, rep, t, t)[...] += _causal(t)
+    s += _causal(t)
     s -= s.max(axis=-1, keepdims=True)
     np.maximum(s, FLOOR, out=s)  # probabilities below e^-60 stay normal floats: denormals are ~100x slower
     np.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
-    return (s @ v).reshape(b, h, t, d), s
+
+
+@np.errstate(all="ignore")
+def _softmax_vjp(ds: np.ndarray, rowdot: np.ndarray, p: np.ndarray, scale: float) -> None:
+    """In place: the scores' cotangent from the probabilities' (``ds``)."""
+    ds -= rowdot[..., None]
+    ds *= p
+    ds *= scale
 
 
 @np.errstate(all="ignore")
@@ -58,9 +74,9 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, p: np.ndarray, out: np
     do = dout.reshape(b, kv, rep * t, d)
     dv = p.transpose(0, 1, 3, 2) @ do
     ds = do @ v.transpose(0, 1, 3, 2)
-    ds -= np.einsum("bkid,bkid->bki", do, out.reshape(b, kv, rep * t, d))[..., None]
-    ds *= p
-    ds *= scale
+    rowdot = np.einsum("bkid,bkid->bki", do, out.reshape(b, kv, rep * t, d))
+    cpu_threads.rows(partial(_softmax_vjp, scale=scale), ds.reshape(b * kv, rep * t, t),
+                     rowdot.reshape(b * kv, rep * t), p.reshape(b * kv, rep * t, t))
     dq = (ds @ k).reshape(b, h, t, d)
     dk = ds.transpose(0, 1, 3, 2) @ qs
     return dq, dk, dv
@@ -88,36 +104,52 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     return f(q, k, v)
 
 
+@np.errstate(all="ignore")
+def _swiglu_fwd(a: np.ndarray, b: np.ndarray, sig: np.ndarray, silu: np.ndarray, out: np.ndarray) -> None:
+    np.negative(a, out=sig)
+    np.maximum(sig, -80.0, out=sig)
+    np.minimum(sig, 80.0, out=sig)
+    np.exp(sig, out=sig)
+    sig += 1.0
+    np.reciprocal(sig, out=sig)  # sigmoid(a)
+    np.multiply(a, sig, out=silu)
+    np.multiply(silu, b, out=out)
+
+
+@np.errstate(all="ignore")
+def _swiglu_bwd(b: np.ndarray, g: np.ndarray, sig: np.ndarray, silu: np.ndarray, da: np.ndarray,
+                dx: np.ndarray) -> None:
+    np.multiply(g, silu, out=dx)
+    # d silu / da = sig + silu (1 - sig)
+    np.subtract(1.0, sig, out=da)
+    da *= silu
+    da += sig
+    da *= b
+    da *= g
+
+
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """silu(gate) * x through numpy, differentiable."""
     saved = {}
 
+    def flat(a: mx.array) -> np.ndarray:
+        return np.asarray(a).reshape(-1, a.shape[-1])
+
     @mx.custom_function
-    @np.errstate(all="ignore")
     def f(gate, x):
-        a, b = np.asarray(gate), np.asarray(x)
-        sig = np.negative(a)
-        np.maximum(sig, -80.0, out=sig)
-        np.minimum(sig, 80.0, out=sig)
-        np.exp(sig, out=sig)
-        sig += 1.0
-        np.reciprocal(sig, out=sig)  # sigmoid(a)
-        silu = a * sig
+        a, b = flat(gate), flat(x)
+        sig, silu, out = np.empty_like(a), np.empty_like(a), np.empty_like(a)
+        cpu_threads.rows(_swiglu_fwd, a, b, sig, silu, out)
         saved["sig"], saved["silu"] = sig, silu
-        return mx.array(silu * b)
+        return mx.array(out).reshape(gate.shape)
 
     @f.vjp
-    @np.errstate(all="ignore")
     def f_vjp(primals, cotangent, output):
-        b, g = np.asarray(primals[1]), np.asarray(cotangent)
-        sig, silu = saved["sig"], saved["silu"]
-        dx = g * silu
-        # d silu / da = sig + silu (1 - sig)
-        da = silu * (1.0 - sig)
-        da += sig
-        da *= b
-        da *= g
-        return mx.array(da), mx.array(dx)
+        b, g = flat(primals[1]), flat(cotangent)
+        da, dx = np.empty_like(b), np.empty_like(b)
+        cpu_threads.rows(_swiglu_bwd, b, g, saved["sig"], saved["silu"], da, dx)
+        shape = primals[0].shape
+        return mx.array(da).reshape(shape), mx.array(dx).reshape(shape)
 
     return f(gate, x)
 

@@ -8,8 +8,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models.activations import swiglu
 
-from cbd_mlx import losses
+from cbd_mlx import cpu_kernels, cpu_threads, losses
 from cbd_mlx.loader import model_from_weights
 from cbd_mlx.train import TrainConfig, _Updater
 from conftest import TINY_CONFIGS, random_weights
@@ -63,13 +64,13 @@ def _check_head(monkeypatch, h, w, y, teacher, spec, trainable: bool) -> None:
 
 @pytest.mark.parametrize("mode,t,c", SPECS)
 @pytest.mark.parametrize("trainable", [True, False])
-def test_fast_head_matches_mlx_dense_teacher(monkeypatch, mode, t, c, trainable):
+def test_fast_head_matches_mlx_dense_teacher(monkeypatch, mode, t, c, trainable, split):
     h, w, ht, wt, y = _arrays()
     _check_head(monkeypatch, h, w, y, losses.HeadOut(ht, wt), losses.cpu_head.Spec(mode, t, c), trainable)
 
 
 @pytest.mark.parametrize("c", [0.0, 0.5])
-def test_fast_head_matches_mlx_topk_teacher(monkeypatch, c):
+def test_fast_head_matches_mlx_topk_teacher(monkeypatch, c, split):
     h, w, ht, wt, y = _arrays(1)
     logp = nn.log_softmax(ht @ wt.T, axis=-1)
     idx = mx.argsort(-logp, axis=-1)[..., :8].astype(mx.int32)
@@ -138,10 +139,15 @@ def test_heldout_sum_matches_cross_entropy(monkeypatch):
     assert abs(a - ref) <= 1e-4 * ref and abs(b - ref) <= 1e-4 * ref
 
 
-@pytest.mark.parametrize("heads,kv", [(4, 2), (4, 4), (6, 2)])
-def test_numpy_attention_matches_mlx(heads, kv):
-    from cbd_mlx import cpu_kernels
+@pytest.fixture(params=[False, True], ids=["whole", "row-split"])
+def split(request, monkeypatch):
+    """Run a numpy kernel whole, then split over threads even at test sizes."""
+    if request.param:
+        monkeypatch.setattr(cpu_threads, "MIN_ELEMS", 1)
 
+
+@pytest.mark.parametrize("heads,kv", [(4, 2), (4, 4), (6, 2)])
+def test_numpy_attention_matches_mlx(heads, kv, split):
     rng = np.random.default_rng(heads * 10 + kv)
     q, k, v = (mx.array(rng.standard_normal(s).astype(np.float32))
                for s in ((2, heads, 7, 8), (2, kv, 7, 8), (2, kv, 7, 8)))
@@ -160,10 +166,7 @@ def test_numpy_attention_matches_mlx(heads, kv):
         assert _rel(a, b) < 1e-4
 
 
-def test_numpy_swiglu_matches_mlx():
-    from cbd_mlx import cpu_kernels
-    from mlx_lm.models.activations import swiglu
-
+def test_numpy_swiglu_matches_mlx(split):
     rng = np.random.default_rng(5)
     g, x, cot = (mx.array((rng.standard_normal((2, 5, 12)) * 4).astype(np.float32)) for _ in range(3))
     o1, g1 = mx.vjp(cpu_kernels.swiglu, [g, x], [cot])
