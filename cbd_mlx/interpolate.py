@@ -29,6 +29,7 @@ from .selection import (DEFAULT_CALIB, INIT_CALIB, align, calibration_from, coll
 from .shapes import Shape, config_for, count_params, format_size, param_shapes, size_of, solve_shape
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+SHAPE_RULE = "proportional"  # init's default shapes.SHAPE_RULES entry
 
 
 @dataclass
@@ -334,7 +335,8 @@ def _init_record(big: Anchor, small: Anchor, chain_info, target: Shape, res: Ini
 
 def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str, str] | None = None,
                alpha: float | str | None = None, calib=None, calib_tokens: int = CALIB_TOKENS_INIT,
-               shape: dict | None = None, extrapolate: bool = False, stream: bool = False, log=None):
+               shape: dict | None = None, shape_rule: str = SHAPE_RULE, extrapolate: bool = False,
+               stream: bool = False, log=None):
     """The init of ``size`` parameters, in memory (``loader.Built``: ``.save(out)``
     writes it, ``.load()`` gives (model, tokenizer)); its cbd.json record holds
     the chain, anchors, shape, alpha and alignment. See ``init``."""
@@ -366,7 +368,7 @@ def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str,
     check_compatible(big, small)
     if not same_tokenizer(big.path, small.path):
         raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
-    target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed)
+    target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed, rule=shape_rule)
     if calib is None and (alpha == "auto" or not has_lineage(small, big)):
         calib = INIT_CALIB
         log(f"calibration text: the built-in {INIT_CALIB.name} (English of several kinds); pass --calib FILE "
@@ -382,8 +384,8 @@ def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str,
 
 def init(size: str | int, *, chain: str | None = None, anchors: tuple[str, str] | None = None,
          alpha: float | str | None = None, calib=None, calib_tokens: int = CALIB_TOKENS_INIT,
-         shape: dict | None = None, extrapolate: bool = False, out=None, force: bool = False,
-         dtype: str = "float32", log=None):
+         shape: dict | None = None, shape_rule: str = SHAPE_RULE, extrapolate: bool = False, out=None,
+         force: bool = False, dtype: str = "float32", log=None):
     """A model of ``size`` parameters (e.g. "138M") initialized from two anchors
     by parameter interpolation: alpha * Expand(small) + (1 - alpha) * Subset(big).
 
@@ -393,14 +395,15 @@ def init(size: str | int, *, chain: str | None = None, anchors: tuple[str, str] 
     [0, 1], "auto" (the default: best of a grid on calibration text) or
     "distance" (relative distance in parameters); ``calib``: a text file for
     ``alpha="auto"`` and for aligning anchors without lineage;
-    ``shape``: pins any of layers/hidden/ffn/heads/kv_heads. Sizes up to 10%
+    ``shape``: pins any of layers/hidden/ffn/heads/kv_heads; ``shape_rule``:
+    how the other dimensions are chosen (``shapes.SHAPE_RULES``). Sizes up to 10%
     above a chain's largest anchor grow it function-preservingly; further out
     needs ``extrapolate``. Writes an mlx-lm directory (with cbd.json) when
     ``out`` is given. Returns (model, tokenizer) like ``mlx_lm.load``."""
 
     refuse_existing(out, force)
     built = build_init(size, chain=chain, anchors=anchors, alpha=alpha, calib=calib, calib_tokens=calib_tokens,
-                       shape=shape, extrapolate=extrapolate, log=log)
+                       shape=shape, shape_rule=shape_rule, extrapolate=extrapolate, log=log)
     if out is not None:
         built.save(out, force, dtype)
     return built.load()

@@ -17,6 +17,7 @@ SIZE_TOLERANCE = 0.01  # the solver's exact count is within 1% of the request
 # along a layer's input, so every shape it picks can be exported); hidden is also
 # a multiple of the head count (Hugging Face configs require it)
 WIDTH_MULTIPLE = 32
+SHAPE_RULES = ("proportional", "deep")  # how init's solver picks among the shapes of a size
 MIN_MULTIPLE = 8
 
 
@@ -225,18 +226,24 @@ def solve_shape(
     fixed: dict | None = None,
     tolerance: float = SIZE_TOLERANCE,
     multiple: int = WIDTH_MULTIPLE,
+    rule: str = "proportional",
 ) -> Shape:
     """A shape between ``small`` and ``big`` whose exact count is within
-    ``tolerance`` of ``target``, as proportional to both anchors as possible.
+    ``tolerance`` of ``target``: with ``rule`` "proportional", its dimensions
+    as proportional to both anchors as possible; with "deep", the depth
+    nearest the bigger anchor's (cutting widths before layers), then as
+    proportional as possible.
 
     ``fixed`` pins any of layers/hidden/ffn/heads/kv_heads. Hidden and ffn
     widths are multiples of ``multiple`` (or the anchors' own widths) when any
     such shape is close enough, else multiples of 8 (tiny models).
     """
+    if rule not in SHAPE_RULES:
+        raise CBDError(f"unknown shape rule '{rule}'; choose one of {', '.join(SHAPE_RULES)}")
     error = None
     for m in dict.fromkeys((multiple, MIN_MULTIPLE)):
         try:
-            return _solve(family, template, small, big, target, fixed, tolerance, m)
+            return _solve(family, template, small, big, target, fixed, tolerance, m, rule)
         except CBDError as e:
             error = error or e
     raise error
@@ -278,9 +285,10 @@ def _candidates(family, template, small, big, target, fixed, multiple):
                 yield replace(base, ffn=min(max(f, lo("ffn")), hi("ffn")))
 
 
-def _solve(family, template, small, big, target, fixed, tolerance, multiple) -> Shape:
+def _solve(family, template, small, big, target, fixed, tolerance, multiple, rule) -> Shape:
     """The candidate within ``tolerance`` of ``target`` whose dimensions sit at
-    the most similar relative position between the anchors."""
+    the most similar relative position between the anchors (with rule "deep":
+    among those of the depth nearest the bigger anchor's)."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     for k, v in fixed.items():
         if k not in MAX_DIMS or isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIMS[k]:
@@ -300,7 +308,8 @@ def _solve(family, template, small, big, target, fixed, tolerance, multiple) -> 
         if err > tolerance:
             continue
         ts = [_rel(getattr(cand, f), getattr(small, f), getattr(big, f)) for f in ("layers", "hidden", "ffn", "heads")]
-        score = (round(max(ts) - min(ts), 6), err)
+        depth_gap = abs(big.layers - cand.layers) if rule == "deep" else 0
+        score = (depth_gap, round(max(ts) - min(ts), 6), err)
         if best is None or score < best[0]:
             best = (score, cand)
     if best is None:

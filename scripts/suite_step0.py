@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--alpha", default=None, help="init's --alpha (default: its default, auto)")
     ap.add_argument("--calib", type=Path, default=None, help="init's --calib (default: its built-in text)")
+    ap.add_argument("--shape-rule", default=None, help="init's --shape-rule (default: its default)")
     ap.add_argument("--tag", default="", help="row-name prefix for a variant (e.g. 'distance:')")
     ap.add_argument("--compare", type=Path, default=None, help="an earlier OUT to plot beside this one")
     ap.add_argument("--plot", type=Path, default=None, help="write the suite-mean ratio by size as a PNG")
@@ -59,7 +60,8 @@ def main() -> None:
             continue
         t0 = time.time()
         lines = []
-        model, _ = cbd_mlx.init(size, chain=args.chain, alpha=args.alpha, calib=args.calib, log=lines.append)
+        rule = {"shape_rule": args.shape_rule} if args.shape_rule else {}
+        model, _ = cbd_mlx.init(size, chain=args.chain, alpha=args.alpha, calib=args.calib, log=lines.append, **rule)
         ppl = score(model)
         ratios = {k: ppl[k] / res["source"][k] for k in ppl}
         res["rows"][args.tag + size] = {"ppl": ppl, "ratio": ratios,

@@ -67,6 +67,26 @@ def test_solver_on_real_chains(chain, size):
     assert shape.heads // shape.kv_heads == big.shape.heads // big.shape.kv_heads
 
 
+@pytest.mark.parametrize("size", ["55M", "65M", "90M", "120M"])
+def test_deep_rule_keeps_the_bigger_anchors_depth_where_it_can(size):
+    """rule "deep": the depth nearest the bigger anchor's among the shapes of
+    the size (widths cut first), never farther than the proportional shape's."""
+    c = find_chain("smollm2-mini")
+    n = parse_size(size)
+    big, small = c.bracket(n)
+    fam = FAMILIES[c.family]
+    tmpl = param_template(manifest_config(c.family, big.shape))
+    prop, deep = (solve_shape(fam, tmpl, small.shape, big.shape, n, rule=r) for r in ("proportional", "deep"))
+    assert big.shape.layers >= deep.layers >= prop.layers
+    assert abs(count_params(fam, tmpl, deep) - n) / n <= 0.01
+    deeper = replace(deep, layers=deep.layers + 1)
+    if deeper.layers <= big.shape.layers:  # one layer more cannot reach the size with widths in range
+        with pytest.raises(CBDError):
+            solve_shape(fam, tmpl, small.shape, big.shape, n, {"layers": deeper.layers})
+    with pytest.raises(CBDError, match="unknown shape rule"):
+        solve_shape(fam, tmpl, small.shape, big.shape, n, rule="wide")
+
+
 def test_solver_names_nearest_reachable_size():
     # gpt_neox in mlx-lm fixes ffn = 4 * hidden and hidden = heads * head_dim:
     # between pythia-70m and -160m only (layers, heads) move, so 100M is not
