@@ -25,7 +25,7 @@ from .evaluate import evaluate
 from .export import ExportConfig, export
 from .finetune import FinetuneConfig, finetune
 from .gguf import GGUF_TYPES
-from .interpolate import SHAPE_RULE, build_init
+from .interpolate import COMPENSATE, SHAPE_RULE, build_init
 from .loader import load_anchor
 from .prune import build_prune
 from .recover import recover, recover_lr
@@ -98,12 +98,15 @@ def prune_cmd(parent, size, calib, calib_tokens, out, force, dtype, **fixed):
 @click.option("--shape-rule", type=click.Choice(SHAPE_RULES), default=SHAPE_RULE, show_default=True,
               help="How the unpinned dimensions are chosen: 'deep' keeps the bigger anchor's depth where the size "
                    "allows (cutting widths first), 'proportional' places every dimension alike between the anchors.")
+@click.option("--compensate/--no-compensate", default=COMPENSATE, show_default=True,
+              help="Subset of the bigger anchor corrects the projections reading its pruned FFN channels by least "
+                   "squares on the calibration text.")
 @click.option("--extrapolate", is_flag=True, help="Allow sizes outside the anchors: Subset of the smallest below, function-preserving growth of the largest above (no blend).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: ./cbd-init-SIZE].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
-def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, shape_rule, extrapolate, out, force, dtype,
-             **fixed):
+def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, shape_rule, compensate, extrapolate, out, force,
+             dtype, **fixed):
     """Build a model of any size between two adjacent anchors by parameter
     interpolation: alpha * Expand(small) + (1 - alpha) * Subset(big).
     Seconds, no teacher; the output loads with mlx_lm.load."""
@@ -112,7 +115,8 @@ def init_cmd(size, chain_name, anchors, alpha, calib, calib_tokens, shape_rule, 
     check_out(out, force)
     t0 = time.time()
     built = build_init(size, chain=chain_name, anchors=anchors, alpha=alpha, calib=calib, calib_tokens=calib_tokens,
-                       shape=fixed, shape_rule=shape_rule, extrapolate=extrapolate, stream=True, log=say)
+                       shape=fixed, shape_rule=shape_rule, compensate=compensate, extrapolate=extrapolate,
+                       stream=True, log=say)
     built.save(out, force, dtype)
     say(f"wrote {out} in {time.time() - t0:.1f}s  (try: {GENERATE} --model {out} --prompt 'Hello')")
 

@@ -22,7 +22,7 @@ from .errors import CBDError
 from .save import refuse_existing
 from .families import layer_local_name
 from .loader import Anchor, Built, all_finite, anchor_sha256, load_anchor, model_from_weights, same_tokenizer
-from .operators import Selection, blend, blend_tensor, expand, iter_expand, iter_subset, subset
+from .operators import Selection, blend, blend_tensor, expand, iter_compensate, iter_expand, iter_subset
 from .prune import child_shape, prune_weights
 from .selection import (DEFAULT_CALIB, INIT_CALIB, align, calibration_from, collect_stats, importance, placement,
                         rankings, select, uniform_rankings)
@@ -30,6 +30,7 @@ from .shapes import Shape, config_for, count_params, format_size, param_shapes, 
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 SHAPE_RULE = "proportional"  # init's default shapes.SHAPE_RULES entry
+COMPENSATE = False  # init's default: Subset(big) with least-squares FFN compensation
 
 
 @dataclass
@@ -167,9 +168,12 @@ def interpolate(
     batches: np.ndarray | None = None,
     log=print,
     stream: bool = False,
+    compensate: bool = False,
 ) -> InitResult:
     """Build theta_T for ``target`` from a bigger and a smaller anchor.
 
+    With ``compensate`` (and calibration ``batches``) Subset(big) corrects the
+    projections that read pruned FFN channels (``operators.iter_compensate``).
     With ``stream`` (and a numeric alpha) the weights come as a generator of
     (name, tensor) so a writer can consume them one at a time."""
     t0 = time.time()
@@ -180,10 +184,16 @@ def interpolate(
     n_t = count_params(big.family, big.template, target)
     a0 = default_alpha(big.n_params, small.n_params, n_t)
     scores = {}
+    grams = collect_stats(big, batches, grams=True).grams if compensate and batches is not None else None
+
+    def big_subset():
+        parts = iter_subset(big.family, big.weights, big.shape, sel_t)
+        return iter_compensate(big.family, parts, big.weights, big.shape, sel_t, grams) if grams else parts
+
     if alpha == "auto":
         if batches is None:
             raise CBDError("--alpha auto needs calibration text: pass --calib FILE")
-        sub = subset(big.family, big.weights, big.shape, sel_t)
+        sub = dict(big_subset())
         exp = expand(small.family, small.weights, small.shape, target, place)
         for a in sorted(set(ALPHA_GRID) | {round(a0, 4)}):
             scores[a] = calib_loss(target_config(big, small, target, a), blend(exp, sub, a), batches[:2])
@@ -195,7 +205,7 @@ def interpolate(
         if not 0.0 <= a <= 1.0:
             raise CBDError(f"--alpha {a} is outside [0, 1]")
         pairs = zip(  # both in sorted name order, a few tensors of each alive at a time
-            prefetch(iter_subset(big.family, big.weights, big.shape, sel_t)),
+            prefetch(big_subset()),
             iter_expand(small.family, small.weights, small.shape, target, place),
         )
         weights = (finite(name, blend_tensor(e_t, s_t, a), big, small) for (name, s_t), (_, e_t) in pairs)
@@ -203,6 +213,7 @@ def interpolate(
             weights = dict(weights)
     info = {
         "alignment": how,
+        "compensated": grams is not None,
         "default_alpha": a0,
         "alpha_scores": {str(k): v for k, v in scores.items()},
         "selection_in_big": sel_t.to_json(),
@@ -335,8 +346,8 @@ def _init_record(big: Anchor, small: Anchor, chain_info, target: Shape, res: Ini
 
 def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str, str] | None = None,
                alpha: float | str | None = None, calib=None, calib_tokens: int = CALIB_TOKENS_INIT,
-               shape: dict | None = None, shape_rule: str = SHAPE_RULE, extrapolate: bool = False,
-               stream: bool = False, log=None):
+               shape: dict | None = None, shape_rule: str = SHAPE_RULE, compensate: bool = COMPENSATE,
+               extrapolate: bool = False, stream: bool = False, log=None):
     """The init of ``size`` parameters, in memory (``loader.Built``: ``.save(out)``
     writes it, ``.load()`` gives (model, tokenizer)); its cbd.json record holds
     the chain, anchors, shape, alpha and alignment. See ``init``."""
@@ -369,12 +380,12 @@ def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str,
     if not same_tokenizer(big.path, small.path):
         raise CBDError("the anchors use different tokenizers; a chain shares one tokenizer")
     target = solve_shape(big.family, big.template, small.shape, big.shape, n, fixed, rule=shape_rule)
-    if calib is None and (alpha == "auto" or not has_lineage(small, big)):
+    if calib is None and (alpha == "auto" or compensate or not has_lineage(small, big)):
         calib = INIT_CALIB
         log(f"calibration text: the built-in {INIT_CALIB.name} (English of several kinds); pass --calib FILE "
             "for your domain")
     res = interpolate(big, small, target, alpha, calibration_from(big.path, calib, calib_tokens), log=log,
-                      stream=stream)
+                      stream=stream, compensate=compensate)
     log(f"shape: {target} -> {res.n_params:,} parameters ({format_size(res.n_params)}, "
         f"{(res.n_params - n) / n:+.2%} of {format_size(n)})")
     log(f"alpha: {res.alpha:.4f} (distance rule {res.info['default_alpha']:.4f}), alignment: {res.info['alignment']}")
@@ -384,8 +395,8 @@ def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str,
 
 def init(size: str | int, *, chain: str | None = None, anchors: tuple[str, str] | None = None,
          alpha: float | str | None = None, calib=None, calib_tokens: int = CALIB_TOKENS_INIT,
-         shape: dict | None = None, shape_rule: str = SHAPE_RULE, extrapolate: bool = False, out=None,
-         force: bool = False, dtype: str = "float32", log=None):
+         shape: dict | None = None, shape_rule: str = SHAPE_RULE, compensate: bool = COMPENSATE,
+         extrapolate: bool = False, out=None, force: bool = False, dtype: str = "float32", log=None):
     """A model of ``size`` parameters (e.g. "138M") initialized from two anchors
     by parameter interpolation: alpha * Expand(small) + (1 - alpha) * Subset(big).
 
@@ -396,14 +407,17 @@ def init(size: str | int, *, chain: str | None = None, anchors: tuple[str, str] 
     "distance" (relative distance in parameters); ``calib``: a text file for
     ``alpha="auto"`` and for aligning anchors without lineage;
     ``shape``: pins any of layers/hidden/ffn/heads/kv_heads; ``shape_rule``:
-    how the other dimensions are chosen (``shapes.SHAPE_RULES``). Sizes up to 10%
+    how the other dimensions are chosen (``shapes.SHAPE_RULES``);
+    ``compensate``: Subset(big) corrects what reads its pruned FFN channels
+    by least squares on the calibration text. Sizes up to 10%
     above a chain's largest anchor grow it function-preservingly; further out
     needs ``extrapolate``. Writes an mlx-lm directory (with cbd.json) when
     ``out`` is given. Returns (model, tokenizer) like ``mlx_lm.load``."""
 
     refuse_existing(out, force)
     built = build_init(size, chain=chain, anchors=anchors, alpha=alpha, calib=calib, calib_tokens=calib_tokens,
-                       shape=shape, shape_rule=shape_rule, extrapolate=extrapolate, log=log)
+                       shape=shape, shape_rule=shape_rule, compensate=compensate, extrapolate=extrapolate,
+                       log=log)
     if out is not None:
         built.save(out, force, dtype)
     return built.load()

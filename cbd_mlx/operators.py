@@ -18,6 +18,8 @@ from .errors import CBDError
 from .families import Family, layer_local_name
 from .shapes import Shape, param_shapes
 
+COMPENSATE_RIDGE = 0.01  # ridge of Subset's FFN compensation, relative to the mean activation energy
+
 
 @dataclass
 class Selection:
@@ -177,6 +179,36 @@ def iter_subset(family: Family, weights: dict, parent: Shape, sel: Selection):
         kv_heads=[(ar(len(k)), np.asarray(k)) for k in sel.kv_heads],
     )
     yield from iter_remap(family, weights, parent, child, maps)
+
+
+def iter_compensate(family: Family, subsetted, weights: dict, parent: Shape, sel: Selection, grams: dict,
+                    ridge: float = COMPENSATE_RIDGE):
+    """Subset's (name, tensor) stream with every projection that reads the FFN
+    corrected for the channels it lost: the removed inputs are predicted from
+    the kept ones by least squares on calibration activations (``grams``:
+    X^T X per parent weight), ``x_R ~ A x_K`` with ``A = G_RK (G_KK + l I)^-1``,
+    so ``W_K`` becomes ``W_K + W_R A`` (the output a pruned layer would have
+    lost, in the span of what it keeps). Nothing removed: unchanged."""
+    prefix = family.layers_prefix
+    for name, t in subsetted:
+        j, local = layer_local_name(family, name)
+        labels = family.axes_of(name)
+        if j is None or len(labels) != 2 or labels[-1] != "ffn" or labels[0] != "hidden":
+            yield name, t
+            continue
+        src = f"{prefix}.{sel.layers[j]}.{local}"
+        keep = np.asarray(sel.ffn[j])
+        gone = np.setdiff1d(np.arange(parent.ffn), keep)
+        g = grams.get(src)
+        if len(gone) == 0 or g is None:
+            yield name, t
+            continue
+        g = g.astype(np.float64)
+        g_kk = g[np.ix_(keep, keep)]
+        g_kk[np.diag_indices_from(g_kk)] += ridge * float(np.mean(np.diag(g_kk))) + 1e-12
+        a = np.linalg.solve(g_kk, g[np.ix_(keep, gone)]).T  # (gone, keep)
+        w = np.asarray(weights[src], dtype=np.float64)[np.asarray(sel.hidden)]
+        yield name, (t + (w[:, gone] @ a).astype(t.dtype)).astype(t.dtype)
 
 
 def expand(family: Family, weights: dict, small: Shape, big: Shape, place: Selection) -> dict:

@@ -41,6 +41,7 @@ class Stats:
     mean_abs: dict[str, np.ndarray]  # linear weight name -> mean |x| per input channel
     samples: dict[str, np.ndarray]  # linear weight name -> (rows, in) activations
     layer_influence: np.ndarray  # 1 - cos(block input, block output), per layer
+    grams: dict[str, np.ndarray] | None = None  # linear weight name -> X^T X of its inputs (ffn inputs, on request)
 
 
 def _module_names(model: nn.Module) -> dict[int, str]:
@@ -48,8 +49,9 @@ def _module_names(model: nn.Module) -> dict[int, str]:
 
 
 @contextmanager
-def _recording(model: nn.Module, family: Family):
+def _recording(model: nn.Module, family: Family, grams: bool = False):
     names = _module_names(model)
+    gram: dict[str, np.ndarray] = {}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     samples: dict[str, list] = {}
@@ -69,6 +71,9 @@ def _recording(model: nn.Module, family: Family):
             key = name + ".weight"
             sums[key] = sums.get(key, 0) + s
             counts[key] = counts.get(key, 0) + flat.shape[0]
+            if grams and family.axes_of(key)[-1] == "ffn":
+                g = mx.matmul(flat.T, flat)
+                gram[key] = gram[key] + np.array(g) if key in gram else np.array(g)
             have = sum(len(r) for r in samples.get(key, []))
             if have < SAMPLE_ROWS:
                 samples.setdefault(key, []).append(np.array(flat[: SAMPLE_ROWS - have]))
@@ -95,6 +100,7 @@ def _recording(model: nn.Module, family: Family):
         {k: sums[k] / counts[k] for k in sums},
         {k: np.concatenate(v) for k, v in samples.items()},
         np.array([np.mean(influence.get(i, [0.0])) for i in range(len(blocks))]),
+        gram if grams else None,
     )
 
 
@@ -120,10 +126,11 @@ def calibration_from(model_dir, calib, max_tokens: int = CALIB_TOKENS,
     return calibration_batches(ids, seq_len=seq_len, max_tokens=max_tokens)
 
 
-def collect_stats(anchor: Anchor, batches: np.ndarray, batch_size: int = 4) -> Stats:
-    """Run the anchor on calibration batches and record activation statistics."""
+def collect_stats(anchor: Anchor, batches: np.ndarray, batch_size: int = 4, grams: bool = False) -> Stats:
+    """Run the anchor on calibration batches and record activation statistics
+    (with ``grams``, also X^T X of every input on the ffn axis)."""
     model = model_from_weights(anchor.config, anchor.weights)
-    with _recording(model, anchor.family) as rec:
+    with _recording(model, anchor.family, grams) as rec:
         for i in range(0, len(batches), batch_size):
             mx.eval(model(mx.array(batches[i : i + batch_size])))
     return rec["stats"]

@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--alpha", default=None, help="init's --alpha (default: its default, auto)")
     ap.add_argument("--calib", type=Path, default=None, help="init's --calib (default: its built-in text)")
     ap.add_argument("--shape-rule", default=None, help="init's --shape-rule (default: its default)")
+    ap.add_argument("--compensate", choices=("on", "off"), default=None, help="init's --compensate (default: its default)")
     ap.add_argument("--tag", default="", help="row-name prefix for a variant (e.g. 'distance:')")
     ap.add_argument("--compare", type=Path, default=None, help="an earlier OUT to plot beside this one")
     ap.add_argument("--plot", type=Path, default=None, help="write the suite-mean ratio by size as a PNG")
@@ -61,6 +62,8 @@ def main() -> None:
         t0 = time.time()
         lines = []
         rule = {"shape_rule": args.shape_rule} if args.shape_rule else {}
+        if args.compensate:
+            rule["compensate"] = args.compensate == "on"
         model, _ = cbd_mlx.init(size, chain=args.chain, alpha=args.alpha, calib=args.calib, log=lines.append, **rule)
         ppl = score(model)
         ratios = {k: ppl[k] / res["source"][k] for k in ppl}

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from cbd_mlx.families import FAMILIES, family_of
-from cbd_mlx.selection import placement, select, uniform_rankings
+from cbd_mlx.selection import collect_stats, placement, select, uniform_rankings
 from cbd_mlx.interpolate import grow
 from cbd_mlx.loader import load_anchor, model_from_weights
-from cbd_mlx.operators import Selection, blend, expand, subset
+from cbd_mlx.operators import Selection, blend, expand, iter_compensate, iter_subset, subset
 from cbd_mlx.shapes import config_for, shape_of
 
 from conftest import HELDOUT, TINY_CONFIGS, random_weights, save_tiny
@@ -181,3 +181,29 @@ def test_lineage_composes_across_two_prunes(tokenizer_dir, tmp_path):
     direct = subset(b.family, b.weights, b.shape, composed)
     for k, v in w2.items():
         np.testing.assert_array_equal(direct[k], v, err_msg=k)
+
+
+def test_compensated_subset_is_closer_to_its_parent(tokenizer_dir, tmp_path):
+    """Least-squares FFN compensation: nothing removed, nothing changes; half
+    the FFN channels removed, the pruned model's logits on the calibration
+    text move closer to the full model's than plain Subset's."""
+    cfg = TINY_CONFIGS["llama"]
+    fam = family_of(cfg)
+    shape = shape_of(fam, cfg)
+    anchor = load_anchor(str(save_tiny(tmp_path / "big", cfg, random_weights(cfg, 4), tokenizer_dir)))
+    toks = text_tokens(tokenizer_dir, 96)
+    grams = collect_stats(anchor, np.array([toks]), grams=True).grams
+    full = Selection.full(shape)
+    same = dict(iter_compensate(fam, iter_subset(fam, anchor.weights, shape, full), anchor.weights, shape, full, grams))
+    assert all(np.array_equal(same[k], anchor.weights[k]) for k in same)
+
+    rng = np.random.default_rng(0)
+    half = replace(full, ffn=[sorted(rng.choice(shape.ffn, shape.ffn // 2, replace=False).tolist())
+                              for _ in range(shape.layers)])
+    plain = subset(fam, anchor.weights, shape, half)
+    comp = dict(iter_compensate(fam, iter_subset(fam, anchor.weights, shape, half), anchor.weights, shape, half,
+                                grams))
+    child_cfg = config_for(fam, cfg, half.shape(shape))
+    ref = logits(cfg, anchor.weights, toks)
+    err = lambda w: float(np.abs(logits(child_cfg, w, toks) - ref).mean())  # noqa: E731
+    assert err(comp) < 0.8 * err(plain)
