@@ -217,6 +217,11 @@ def test_wheel_installs_and_inits_from_anywhere(tmp_path, smollm2_gguf):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
+    # run from inside a venv (the README's set-up), --system-site-packages sees the base interpreter's packages,
+    # not this one's: hand the new venv this interpreter's site-packages (the dependencies) after its own
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "outer-env.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
     r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
                         str(wheel)], capture_output=True, text=True, timeout=600)  # not the editable checkout
     assert r.returncode == 0, r.stderr[-3000:]
