@@ -16,21 +16,20 @@ from functools import lru_cache
 import numpy as np
 
 MIN_ELEMS = 1 << 16  # below this a part is not worth a thread's hand-off
+WORKERS = min(os.cpu_count() or 1, 8)  # threads of the pool (one per core)
 
 
 @lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor | None:
-    n = min(os.cpu_count() or 1, 8)
-    return ThreadPoolExecutor(n, thread_name_prefix="cbd-cpu") if n > 1 else None
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(WORKERS, thread_name_prefix="cbd-cpu")
 
 
 def rows(fn, *arrays: np.ndarray) -> list:
     """[fn(*parts) for each split of ``arrays`` along axis 0], the parts run
     in parallel; ``fn`` must touch only its own rows."""
-    pool = _pool()
     n = arrays[0].shape[0]
-    parts = min(pool._max_workers if pool else 1, n, max(1, arrays[0].size // MIN_ELEMS))
+    parts = min(WORKERS, n, max(1, arrays[0].size // MIN_ELEMS))
     if parts <= 1:
         return [fn(*arrays)]
     cuts = np.linspace(0, n, parts + 1).astype(int)
-    return list(pool.map(lambda i: fn(*(a[cuts[i]:cuts[i + 1]] for a in arrays)), range(parts)))
+    return list(_pool().map(lambda i: fn(*(a[cuts[i]:cuts[i + 1]] for a in arrays)), range(parts)))
