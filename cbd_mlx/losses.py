@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import cpu_head, cpu_kernels
+from . import cpu_block, cpu_head
 from .errors import CBDError
 from .uld import uld_loss
 
@@ -104,7 +104,7 @@ def head_out(model: nn.Module, x: mx.array) -> HeadOut | mx.array:
     """The model's final hidden states and head weight on inputs ``x``; its
     logits when the head is not a plain Linear/Embedding."""
     head = _head_module(model)
-    with cpu_kernels.patched(model) if fast_cpu() else nullcontext():
+    with cpu_block.patched(model) if fast_cpu() else nullcontext():
         if head is None:
             return model(x)
         with _tapped(head):

@@ -29,7 +29,7 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cbd_mlx import losses  # noqa: E402
+from cbd_mlx import cpu_block, losses  # noqa: E402
 from cbd_mlx.data import PackedSequences  # noqa: E402
 from cbd_mlx.loader import load_anchor, model_from_weights  # noqa: E402
 from cbd_mlx.train import TrainConfig, _Updater  # noqa: E402
@@ -51,7 +51,7 @@ def profile(model, batch: losses.Batch, teacher: losses.TopK, reps: int, fast: b
     n_layers = len(model.model.layers)
     h = mx.random.normal((*batch.x.shape, model.args.hidden_size))
     mx.eval(h)
-    ctx = losses.cpu_kernels.patched(model) if fast else contextlib.nullcontext()
+    ctx = cpu_block.patched(model) if fast else contextlib.nullcontext()
     r = {}
     with ctx:
         ga = nn.value_and_grad(layer.self_attn, lambda m, h: (m(h, "causal", None) ** 2).sum())

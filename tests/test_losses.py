@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.activations import swiglu
 
-from cbd_mlx import cpu_kernels, cpu_threads, losses
+from cbd_mlx import cpu_block, cpu_kernels, cpu_threads, losses
 from cbd_mlx.loader import model_from_weights
 from cbd_mlx.train import TrainConfig, _Updater
 from conftest import TINY_CONFIGS, random_weights
@@ -174,6 +174,64 @@ def test_numpy_swiglu_matches_mlx(split):
     assert _rel(o1[0], o2[0]) < 1e-5
     for a, b in zip(g1, g2):
         assert _rel(a, b) < 1e-4
+
+
+def _llama(**kw):
+    from mlx_lm.models import llama
+
+    cfg = {**TINY_CONFIGS["llama"], **kw}
+    return model_from_weights(cfg, random_weights(cfg, 0)), llama
+
+
+@pytest.mark.parametrize("kw", [{}, dict(num_attention_heads=4, num_key_value_heads=4),
+                                dict(rope_theta=500.0, rms_norm_eps=1e-3, intermediate_size=96)],
+                         ids=["gqa", "mha", "theta-eps-ffn"])
+def test_numpy_block_matches_mlx(kw, split):
+    """A whole llama block in numpy: output and every gradient (input, all
+    nine weights) match mlx-lm's block to fp32 tolerance."""
+    model, llama = _llama(**kw)
+    layer = model.model.layers[1]
+    assert cpu_block.covered(layer) is not None
+    rng = np.random.default_rng(7)
+    x = mx.array(rng.standard_normal((2, 11, 64)).astype(np.float32))
+    cot = mx.array(rng.standard_normal((2, 11, 64)).astype(np.float32))
+
+    def run():
+        f = lambda m, x: (m(x, "causal", None) * cot).sum()  # noqa: E731
+        (v, g), gx = nn.value_and_grad(layer, f)(layer, x), mx.grad(lambda x: f(layer, x))(x)
+        mx.eval(v, g, gx)
+        return v, dict(tree_flatten(g)), gx
+
+    v2, g2, gx2 = run()
+    with cpu_block.patched(model):
+        assert type(layer) is not llama.TransformerBlock  # the numpy block inside
+        v1, g1, gx1 = run()
+    assert type(layer) is llama.TransformerBlock and not hasattr(layer, "_cbd_dims")
+    assert abs(float(v1) - float(v2)) <= 1e-4 * abs(float(v2))
+    assert _rel(gx1, gx2) <= 1e-4
+    assert g1.keys() == g2.keys() and len(g1) == 9
+    for k in g1:
+        assert _rel(g1[k], g2[k]) <= 1e-4, k
+
+
+def test_numpy_block_leaves_other_calls_to_mlx_lm():
+    """Blocks it does not compute (bias, sliding window, half precision) keep
+    mlx-lm's; within the patch a KV-cache call (generation) still runs
+    mlx-lm's block, and the class comes back after an exception."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    assert cpu_block.covered(_llama(attention_bias=True)[0].model.layers[0]) is None
+    half, _ = _llama()
+    half.set_dtype(mx.float16)
+    assert cpu_block.covered(half.model.layers[0]) is None
+    model, llama = _llama()
+    x = mx.array(np.arange(12, dtype=np.int32).reshape(2, 6))
+    ref = model(x, cache=make_prompt_cache(model))
+    with pytest.raises(RuntimeError):
+        with cpu_block.patched(model):
+            assert _rel(model(x, cache=make_prompt_cache(model)), ref) < 1e-6
+            raise RuntimeError
+    assert all(type(m) is llama.TransformerBlock for m in model.model.layers)
 
 
 @pytest.mark.parametrize("max_norm", [0.0, 1e-3, 10.0])
