@@ -56,6 +56,13 @@ class Batch(NamedTuple):
 LossFn = Callable[[nn.Module, Batch], mx.array]
 
 
+def reads_teacher(loss_fn: LossFn) -> bool:
+    """Whether ``loss_fn`` uses the batch's teacher signal (a loss function says
+    otherwise with ``loss_fn.reads_teacher = False``; the trainer then skips
+    the teacher's forward)."""
+    return getattr(loss_fn, "reads_teacher", True)
+
+
 def fast_cpu() -> bool:
     """The numpy head path: on the CPU, unless CBD_MLX_FAST_HEAD=0."""
     return mx.default_device() == mx.cpu and os.environ.get("CBD_MLX_FAST_HEAD", "1") != "0"
@@ -337,6 +344,7 @@ def kd_loss(mode: str = "forward_kl", temperature: float = 1.0, ce_weight: float
         out = head_out(model, batch.x)
         return _plus_uld(vocab_loss(out, batch.y, batch.teacher, spec), out, batch, uld_weight)
 
+    loss.reads_teacher = mode != "ce"
     return loss
 
 

@@ -528,10 +528,8 @@ def train(model: nn.Module, train_data: PackedSequences, heldout: PackedSequence
     ``teacher_cache`` (a TeacherCache, computed once per batch), and the
     window of ``xvocab`` (uld.XVocabTargets) when given."""
     _check_batch_memory(model, cfg)
-    # a loss that reads no teacher (cfg.loss "ce" with the default loss) is not handed one: its forward
-    # would be paid for nothing
-    needs_teacher = loss_fn is not None or cfg.loss != "ce"
     loss_fn = loss_fn or losses.from_config(cfg)
+    needs_teacher = losses.reads_teacher(loss_fn)  # else the teacher's forward would be paid for nothing
     if cfg.freeze_embeddings:
         freeze_embeddings(model)
     run = _Run(model, heldout, cfg, work, log, teacher_cache)
