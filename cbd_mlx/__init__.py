@@ -80,6 +80,13 @@ try:  # the API (light imports: mlx-lm and transformers load on first use)
     from .prune import prune
     from .recover import recover, recover_lr
     from .train import TrainConfig
+
+    from .argcheck import checked  # the API refuses bad arguments as the command line's typed options do
+
+    (build_chain, build_init, convert, distill, evaluate, export, fetch_corpus, find_chain, finetune, init,
+     list_chains, load, pack_chain, prepare_data, prune, recover, recover_lr) = map(checked, (
+        build_chain, build_init, convert, distill, evaluate, export, fetch_corpus, find_chain, finetune, init,
+        list_chains, load, pack_chain, prepare_data, prune, recover, recover_lr))
 except KeyboardInterrupt:  # Ctrl-C while the command starts: no traceback
     if not _cli_process():
         raise

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .data import iter_documents, open_cache, prepare, split_documents
 from .distill import distill
-from .errors import CBDError
+from .errors import CBDError, check_count, check_fits
 from .evaluate import read_text
 from .loader import build_model, load_anchor, load_tokenizer, read_provenance, resolve
 from .prune import child_shape, prune_weights
@@ -31,12 +31,15 @@ HELDOUT_FRACTION = 0.1  # of the generated documents
 
 
 MAX_PROMPT_CHARS = 64 << 20  # a prompts file is read up to this many characters
+PROMPT_BYTES = 1024  # memory per prompt (its text and the continuation generated for it), for --num-prompts' bound
 
 
 def prompts_from(prompts_file: Path | None, texts: list[Path], n: int, seed: int = 0,
                  words: int = PROMPT_WORDS) -> list[str]:
     """``n`` prompts: lines of a prompts file, or openings of ``words``-word
     windows drawn (seeded) from text files / folders."""
+    check_count("--num-prompts", n, 1)
+    check_fits(f"{n:,} prompts", n * PROMPT_BYTES, "lower --num-prompts")
     if prompts_file is not None:
         lines = [line.strip() for line in read_text(prompts_file, MAX_PROMPT_CHARS).splitlines() if line.strip()]
         if not lines:

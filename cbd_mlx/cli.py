@@ -273,6 +273,7 @@ def export_cmd(model, out, bits, group_size, method, recipe, calib, eval_data, e
     """Quantize MODEL for the edge: an mlx-lm quantized directory (loads in
     mlx_lm.generate), optionally a GGUF for llama.cpp and a release tarball."""
 
+    check_out(out, force)
     cfg = ExportConfig(int(bits), None if group_size == "auto" else int(group_size), method, recipe, gguf_type, package)
     info = export(model, out, cfg, calib=calib, eval_data=eval_data, eval_tokens=eval_tokens, force=force, log=say)
     say(f"wrote {out} ({info['size_bytes'] / 1e6:.1f} MB, {info['bits_per_weight']:.2f} bits/weight)"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from .errors import CBDError
+from .errors import CBDError, translated
 from .gguf import llama_cpp_generate
-from .loader import is_hub_id
+from .loader import check_model_files, is_hub_id
 
 
 def _mlx_lm_passthrough(name: str):
@@ -39,9 +39,12 @@ def _mlx_lm_passthrough(name: str):
         def usage_error(parser, message):  # mlx-lm's argparse errors: one line, like ours
             raise CBDError(f"{message} (see `cbd-mlx {name} --help`)")
 
+        port = _option(args, "--port")
+        if port is not None and not (port.isdigit() and int(port) <= 65535):
+            raise CBDError(f"--port {port} is invalid: give a port number 0..65535")
         module = importlib.import_module(f"mlx_lm.{name}")
         sys.argv = [f"mlx_lm.{name}", *args]
-        with mock.patch.object(argparse.ArgumentParser, "error", usage_error):
+        with mock.patch.object(argparse.ArgumentParser, "error", usage_error), translated(f"mlx_lm.{name}"):
             module.main()
 
     return passthrough
@@ -63,11 +66,24 @@ def _check_model_arg(args: list[str]) -> None:
                     "`cbd-mlx finetune --fuse`" if (p / "adapters.safetensors").is_file()
                     else "it has no config.json (an mlx-lm model directory has one)")
             raise CBDError(f"--model {value}: {hint}")
+        if p.is_dir():
+            check_model_files(p)  # what mlx-lm reads unchecked: config fields, weights headers, tokenizer files
         if p.is_file() and p.suffix == ".gguf":
             raise CBDError(f"--model {value} is a GGUF file: run it with `cbd-mlx generate --model {value}` or "
                            f"llama.cpp, or convert it first (`cbd-mlx convert {value} --out DIR`)")
         if not p.exists() and not is_hub_id(value):
             raise CBDError(f"--model {value} does not exist (and is not a Hugging Face repo id); check the path")
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The value given to option ``name`` in ``args`` (the last one), None without one."""
+    value = None
+    for i, a in enumerate(args):
+        if a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+        elif a == name and i + 1 < len(args):
+            value = args[i + 1]
+    return value
 
 
 def _gguf_model(args: list[str]) -> str | None:

@@ -55,7 +55,7 @@ def _read_documents(files: list[tuple[Path, str]]):
                         continue
                     try:
                         text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+                    except (ValueError, KeyError, TypeError, RecursionError):  # not JSON, numbers too long
                         raise CBDError(f"{f}:{i + 1}: each jsonl line needs a 'text' field") from None
                     if not isinstance(text, str):
                         raise CBDError(f"{f}:{i + 1}: 'text' is {type(text).__name__}, not a string; "
@@ -97,40 +97,46 @@ def prepare(inputs: list[Path], tokenizer_src: str, out: Path, heldout_fraction:
         inputs = [inputs]
     if not (isinstance(heldout_fraction, (int, float)) and 0 <= heldout_fraction < 1):
         raise CBDError("--heldout-fraction must be in [0, 1)")
+    with atomic_dir(out, force) as tmp:
+        return tokenize_into(tmp, inputs, tokenizer_src, heldout_fraction)
+
+
+def tokenize_into(dest: Path, inputs: list[Path], tokenizer_src: str, heldout_fraction: float) -> dict:
+    """Write a token cache's files into the folder ``dest``; returns its meta."""
     tok_dir = resolve(tokenizer_src)
     tok = load_tokenizer(tok_dir)
     eos = tok.eos_token_id
     counts = {s: 0 for s in SPLITS}
     docs = {s: 0 for s in SPLITS}
     max_id = -1
-    with atomic_dir(out, force) as tmp:
-        files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
-        try:
-            for split, _, text in tqdm(split_documents(inputs, heldout_fraction), desc="tokenize", unit="doc"):
-                ids = encode_text(tok, text)
-                if eos is not None:
-                    ids.append(eos)
-                files[split].write(np.asarray(ids, dtype=np.uint32).tobytes())
-                counts[split] += len(ids)
-                docs[split] += 1
-                max_id = max(max_id, max(ids, default=-1))
-        finally:
-            for f in files.values():
-                f.close()
-        if counts["train"] == 0:
-            raise CBDError(f"no training tokens: all {docs['heldout']} document(s) went to the held-out split; "
-                           "give more documents or a lower --heldout-fraction")
-        meta = {
-            "tokenizer": str(tokenizer_src),
-            "tokenizer_sha256": tokenizer_fingerprint(tok_dir),
-            "vocab_size": len(tok._tokenizer.get_vocab()),
-            "max_token_id": max_id,
-            "tokens": counts,
-            "documents": docs,
-            "heldout_fraction": heldout_fraction,
-            "inputs": [str(p) for p in inputs],
-        }
-        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2))
+    dest.mkdir(parents=True, exist_ok=True)
+    files = {s: open(dest / f"{s}.bin", "wb") for s in SPLITS}
+    try:
+        for split, _, text in tqdm(split_documents(inputs, heldout_fraction), desc="tokenize", unit="doc"):
+            ids = encode_text(tok, text)
+            if eos is not None:
+                ids.append(eos)
+            files[split].write(np.asarray(ids, dtype=np.uint32).tobytes())
+            counts[split] += len(ids)
+            docs[split] += 1
+            max_id = max(max_id, max(ids, default=-1))
+    finally:
+        for f in files.values():
+            f.close()
+    if counts["train"] == 0:
+        raise CBDError(f"no training tokens: all {docs['heldout']} document(s) went to the held-out split; "
+                       "give more documents or a lower --heldout-fraction")
+    meta = {
+        "tokenizer": str(tokenizer_src),
+        "tokenizer_sha256": tokenizer_fingerprint(tok_dir),
+        "vocab_size": len(tok._tokenizer.get_vocab()),
+        "max_token_id": max_id,
+        "tokens": counts,
+        "documents": docs,
+        "heldout_fraction": heldout_fraction,
+        "inputs": [str(p) for p in inputs],
+    }
+    (dest / CACHE_META).write_text(json.dumps(meta, indent=2))
     return meta
 
 
@@ -140,9 +146,12 @@ def open_cache(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     if not (path / CACHE_META).is_file():
         raise CBDError(f"{path} is not a token cache (no {CACHE_META}); make one with `cbd-mlx data prepare`")
     meta = read_json(path / CACHE_META, "token cache (rebuild it with `cbd-mlx data prepare`)")
+    check_cache_meta(meta, path)
     arrays = {}
     for s in SPLITS:
         f = path / f"{s}.bin"
+        if f.exists() and not f.is_file():
+            raise CBDError(f"{f} is not a regular file (a pipe or a device?); the cache is damaged, rebuild it")
         n = f.stat().st_size // 4 if f.exists() else 0
         if n != meta["tokens"][s]:
             raise CBDError(f"{f} holds {n} tokens but meta.json says {meta['tokens'][s]}; the cache is damaged, rebuild it")
@@ -181,11 +190,27 @@ class PackedSequences:
                          for s in self.starts(index, batch_size)])
 
 
+def check_cache_meta(meta: dict, path: Path) -> None:
+    """A token cache's meta.json: the fields a run reads, with their types."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    tokens = meta.get("tokens")
+    ok = (isinstance(tokens, dict) and all(count(tokens.get(s)) for s in SPLITS)
+          and isinstance(meta.get("tokenizer_sha256"), str)
+          and (meta.get("max_token_id") is None or isinstance(meta["max_token_id"], int))
+          and all(meta.get(k) is None or isinstance(meta[k], t)
+                  for k, t in (("tokenizer", str), ("inputs", list), ("documents", dict), ("vocab_size", int))))
+    if not ok:
+        raise CBDError(f"{path / CACHE_META} has missing or wrong fields; the cache is damaged, rebuild it with "
+                       "`cbd-mlx data prepare`")
+
+
 def check_ids(meta: dict, splits: dict[str, np.ndarray], vocab: int, model: str) -> None:
-    """Refuse a cache whose token ids do not fit the model's embedding rows."""
-    top = meta.get("max_token_id")
-    if top is None:
-        top = max((int(a.max()) for a in splits.values() if len(a)), default=-1)
+    """Refuse a cache whose token ids do not fit the model's embedding rows:
+    the largest id is computed from the token files, never taken from
+    meta.json (an edited file would index past the embedding)."""
+    top = max((int(a.max()) for a in splits.values() if len(a)), default=-1)
     if top >= vocab:
         raise CBDError(f"the token cache holds token id {top} but {model} has {vocab} embedding rows: its "
                        "tokenizer does not belong to this model; rebuild the cache with the model's own tokenizer")

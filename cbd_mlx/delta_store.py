@@ -21,16 +21,16 @@ import numpy as np
 
 from . import delta
 from .errors import CBDError
-from .loader import Anchor, anchor_sha256
+from .loader import Anchor, anchor_sha256, check_safetensors, read_provenance
 from .operators import Selection, subset
-from .save import DELTA_FILE, cache_dir, dump_json, weights_sha256, write_model
+from .save import DELTA_FILE, cache_dir, cache_entry, dump_json, read_json, weights_sha256, write_model
 
 META_KEY = "cbd_delta"
 
 
 def parent_subset(parent: Anchor, lineage: dict) -> dict[str, np.ndarray]:
     """The Subset of ``parent`` a child's lineage names: the delta's base."""
-    return subset(parent.family, parent.weights, parent.shape, Selection.from_json(lineage))
+    return subset(parent.family, parent.weights, parent.shape, Selection.from_json(lineage, parent.shape))
 
 
 def write_delta_dir(dest: Path, config: dict, provenance: dict, arrays: dict, meta: dict) -> None:
@@ -46,12 +46,15 @@ def write_delta_dir(dest: Path, config: dict, provenance: dict, arrays: dict, me
 def read_delta(path: Path) -> tuple[dict, dict, dict, dict]:
     """(config, provenance, arrays, meta) of a delta anchor's folder."""
     path = Path(path)
+    config = read_json(path / "config.json", "delta anchor's config.json")
+    prov = read_provenance(path)
+    check_safetensors(path / DELTA_FILE)  # its header and offsets, before MLX reads it
     try:
-        config = json.loads((path / "config.json").read_text())
-        prov = json.loads((path / "cbd.json").read_text())
         loaded, md = mx.load(str(path / DELTA_FILE), return_metadata=True)
         meta = json.loads(md[META_KEY])
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        if not isinstance(meta, dict):
+            raise ValueError("its record is not an object")
+    except (OSError, ValueError, KeyError, RuntimeError, RecursionError) as e:
         raise CBDError(f"{path} is not a readable delta anchor ({e}); re-download or re-pack the chain") from None
     if not isinstance(prov.get("lineage"), dict):
         raise CBDError(f"{path}/cbd.json has no lineage; a delta anchor needs its parent's Subset")
@@ -61,36 +64,33 @@ def read_delta(path: Path) -> tuple[dict, dict, dict, dict]:
 def materialize(path: Path, load_parent: Callable[[], Anchor], sha256: str | None) -> Path:
     """The full anchor of the delta folder ``path`` on its parent (the
     chain's previous anchor, loaded by ``load_parent`` only when needed):
-    built once into cache_dir()/anchors/SHA and verified there against
-    ``sha256`` (the manifest's), then reused."""
+    built once into cache_dir()/anchors/SHA (``save.cache_entry``: its files
+    checked against the digest written with them, its weights against
+    ``sha256``, the manifest's, on every use), then reused."""
     root = cache_dir() / "anchors"
+
+    def build(dest: Path) -> None:
+        config, prov, arrays, meta = read_delta(path)
+        parent = load_parent()
+        lin = prov["lineage"]
+        if lin.get("parent_sha256") and lin["parent_sha256"] != anchor_sha256(parent):
+            raise CBDError(f"{path} was coded on another parent than {parent.path}; the chain's files do not belong "
+                           "together: re-download the chain")
+        weights = delta.decode(parent_subset(parent, lin), arrays, meta)
+        write_model(dest, config, weights, parent.path, prov, force=True)
+        if sha256 and weights_sha256(dest) != sha256:  # what anchor_sha256 of the loaded copy gives, unloaded
+            raise CBDError(f"{path} rebuilds to weights that do not match the chain's sha256; its delta file is "
+                           "damaged or was replaced: re-download the chain")
+
     if sha256:
-        dest = root / sha256
-        if (dest / "cbd.json").is_file():
-            try:
-                if weights_sha256(dest) == sha256:  # from the files (memoized by size, times, inode)
-                    return dest
-            except OSError:
-                pass
-            shutil.rmtree(dest, ignore_errors=True)  # damaged or replaced: rebuilt below
-    config, prov, arrays, meta = read_delta(path)
-    parent = load_parent()
-    lin = prov["lineage"]
-    if lin.get("parent_sha256") and lin["parent_sha256"] != anchor_sha256(parent):
-        raise CBDError(f"{path} was coded on another parent than {parent.path}; the chain's files do not belong "
-                       "together: re-download the chain")
-    weights = delta.decode(parent_subset(parent, lin), arrays, meta)
-    root.mkdir(parents=True, exist_ok=True)
+        return cache_entry(root / sha256, build, check=lambda d: weights_sha256(d) == sha256)
+    # unpinned (a chain being packed): built first, then kept under the hash of what it holds
     tmp = root / f".{Path(path).name}.build-{os.getpid()}"
-    write_model(tmp, config, weights, parent.path, prov, force=True)
-    got = weights_sha256(tmp)  # what anchor_sha256 of the loaded copy would give, without loading it
-    if sha256 and got != sha256:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CBDError(f"{path} rebuilds to weights that do not match the chain's sha256; its delta file is "
-                       "damaged or was replaced: re-download the chain")
-    dest = root / got
+    shutil.rmtree(tmp, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    build(tmp)
+    got = weights_sha256(tmp)
     try:
-        os.rename(tmp, dest)
-    except OSError:  # another process materialized it meanwhile
+        return cache_entry(root / got, lambda dest: os.rename(tmp, dest), check=lambda d: weights_sha256(d) == got)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 from .data import cache_id, check_ids, open_cache, run_splits
 from .errors import CBDError
 from .loader import Anchor, anchor_sha256, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint
-from .losses import LossFn
+from .losses import LossFn, heldout_sum
 from .save import append_history, refuse_existing, write_model
 from .teacher_cache import TeacherCache
 from .train import TrainConfig, config_record, remove_work, train, write_training_outputs
@@ -32,6 +33,27 @@ def check_data(cache_meta: dict, student: Anchor) -> None:
             f"the token cache was made with another tokenizer ({cache_meta.get('tokenizer')}); "
             "rebuild it with `cbd-mlx data prepare --tokenizer STUDENT`"
         )
+
+
+def check_run_size(cfg: TrainConfig) -> None:
+    """A run has at least one step: with --grad-accum G one step is G micro-batches, and a step bigger than
+    --tokens would run far past what was asked (a --grad-accum of 2**31 never ends)."""
+    per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * mx.distributed.init().size()
+    if cfg.grad_accum > 1 and per_step > cfg.tokens:
+        raise CBDError(f"one step of --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} x --grad-accum "
+                       f"{cfg.grad_accum} is {per_step:,} tokens, more than --tokens {cfg.tokens:,}: lower --grad-accum")
+
+
+def check_finite_loss(model, src: str | None, heldout) -> None:
+    """A model whose loss is NaN/Inf before any training is named as the cause (its weights overflow), not
+    reported later as a diverging run that a lower --lr would fix."""
+    if model is None:
+        return
+    x = mx.array(heldout.batch(0, 1))
+    loss = heldout_sum(model, x[:, :-1], x[:, 1:])
+    if not math.isfinite(loss):
+        raise CBDError(f"{src} gives a loss of {loss} on the held-out text before any training: its weights "
+                       "overflow float32 arithmetic; check it with `cbd-mlx eval` or use another checkpoint")
 
 
 def distill(teacher_src: str | None, student_src: str, cache: Path, out: Path, cfg: TrainConfig, force: bool = False,
@@ -57,8 +79,11 @@ def distill(teacher_src: str | None, student_src: str, cache: Path, out: Path, c
     if carved:
         log(f"the cache's held-out split is too small; holding out the last {len(heldout.tokens):,} training "
             "tokens instead")
+    check_run_size(cfg)
     model = model_from_weights(student.config, student.weights)
     t_model = model_from_weights(teacher.config, teacher.weights) if teacher else None
+    for m, src in ((model, student_src), (t_model, teacher_src)):
+        check_finite_loss(m, src, heldout)
     work = work_dir(out)
     t0 = time.time()
     tc = _open_teacher_cache(teacher_cache, teacher, t_model, cfg, cache_k, meta, log)

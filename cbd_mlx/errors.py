@@ -1,6 +1,7 @@
 """The one exception type the CLI turns into a single clear error line."""
 
 import os
+from contextlib import contextmanager
 
 
 class CBDError(Exception):
@@ -32,3 +33,17 @@ def check_fits(what: str, need_bytes: float, fix: str) -> None:
         raise CBDError(f"{what} needs about {need_bytes / 2**30:,.0f} GiB, more than this machine's "
                        f"{total / 2**30:.0f} GiB; {fix}")
 
+
+
+@contextmanager
+def translated(what: str):
+    """Errors of another library's code (mlx-lm's tuner, generate, server) as
+    one clear line naming it, instead of a traceback."""
+    try:
+        yield
+    except (CBDError, KeyboardInterrupt, MemoryError, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the library raises
+        text = " ".join(str(e).split())
+        msg = text if text else type(e).__name__
+        raise CBDError(f"{what} failed: {msg[:400]}") from None

@@ -4,6 +4,8 @@ full) on its jsonl formats, optionally fused into a standalone model."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,27 +14,77 @@ from types import SimpleNamespace
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import CBDError, check_fits
-from .loader import read_provenance, resolve
+from .errors import CBDError, check_fits, translated
+from .loader import check_model_files, read_provenance, resolve
 from .save import append_history, atomic_dir, dump_json, refuse_existing, weights_sha256
 
 FORMATS = {"text": ("text",), "chat": ("messages",), "completions": ("prompt", "completion")}
 
 
+SPLIT_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")  # what mlx-lm's tuner reads from the folder
+
+
 def data_format(data_dir: Path) -> str:
-    """The mlx-lm jsonl format of ``data_dir``/train.jsonl (text, chat or completions)."""
+    """The mlx-lm jsonl format of ``data_dir``/train.jsonl (text, chat or
+    completions), every line of every split checked to be a record of it
+    before mlx-lm reads them."""
     f = Path(data_dir) / "train.jsonl"
     if not f.is_file():
         raise CBDError(f"{data_dir} has no train.jsonl (mlx-lm format: one JSON object per line)")
-    try:
-        first = json.loads(f.open().readline())
-    except json.JSONDecodeError as e:
-        raise CBDError(f"{f}: the first line is not JSON ({e.msg})") from None
-    for name, keys in FORMATS.items():
-        if isinstance(first, dict) and all(k in first for k in keys):
-            return name
-    keys = sorted(first) if isinstance(first, dict) else type(first).__name__
-    raise CBDError(f"{f}: unknown format (keys {keys}); use 'text', 'messages', or 'prompt' + 'completion'")
+    fmt = None
+    for name in SPLIT_FILES:
+        path = Path(data_dir) / name
+        if name != "train.jsonl" and not os.path.lexists(path):
+            continue
+        if not path.is_file():
+            raise CBDError(f"{path} is not a regular file (a pipe, a device, a folder or a broken link?)")
+        for i, rec in enumerate(_records(path)):
+            if fmt is None:
+                fmt = next((n for n, keys in FORMATS.items() if isinstance(rec, dict) and all(k in rec for k in keys)),
+                           None)
+                if fmt is None:
+                    keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+                    raise CBDError(f"{path}:{i + 1}: unknown format (keys {keys}); use 'text', 'messages', or "
+                                   "'prompt' + 'completion'")
+            why = _bad_record(rec, fmt)
+            if why:
+                raise CBDError(f"{path}:{i + 1}: {why} (a {fmt} record, like line 1 of train.jsonl); fix that line "
+                               "or drop it")
+    if fmt is None:
+        raise CBDError(f"{f} holds no records")
+    return fmt
+
+
+def _records(path: Path):
+    """The JSON values of a jsonl file's lines (an empty line, invalid UTF-8 or JSON: one clear error)."""
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        try:
+            for i, line in enumerate(fh):
+                if not line.strip():
+                    raise CBDError(f"{path}:{i + 1}: empty line (mlx-lm reads one JSON object per line)")
+                try:
+                    yield json.loads(line)
+                except (ValueError, RecursionError) as e:
+                    why = "nested too deeply" if isinstance(e, RecursionError) else e
+                    raise CBDError(f"{path}:{i + 1}: not JSON ({why})") from None
+        except UnicodeDecodeError:
+            raise CBDError(f"{path} is not UTF-8 text") from None
+
+
+def _bad_record(rec, fmt: str) -> str | None:
+    """Why ``rec`` is not a record of ``fmt`` (None when it is one)."""
+    if not isinstance(rec, dict):
+        return f"a {type(rec).__name__}, not an object"
+    if fmt == "text":
+        return None if isinstance(rec.get("text"), str) and rec["text"].strip() else "'text' is not a non-empty string"
+    if fmt == "completions":
+        return None if all(isinstance(rec.get(k), str) for k in ("prompt", "completion")) else \
+            "'prompt' and 'completion' must be strings"
+    msgs = rec.get("messages")
+    if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                    and isinstance(m.get("content"), str) for m in msgs)):
+        return "'messages' must be a list of {'role': ..., 'content': ...} with string values"
+    return None
 
 
 def _split_valid(data_dir: Path, tmp: Path) -> Path:
@@ -134,17 +186,26 @@ def finetune(model_src: str, data_dir: Path, out: Path, cfg: FinetuneConfig | No
     out = Path(out)
     refuse_existing(out, force)
     path = resolve(model_src)
+    check_model_files(path)  # what mlx-lm would read unchecked: config fields, weights headers, tokenizer files
     prov = read_provenance(path) or {"kind": "external", "source": model_src}  # read before hours of training
-    model, tokenizer, config = load(str(path), return_config=True)
+    with translated("mlx-lm's loader"):
+        model, tokenizer, config = load(str(path), return_config=True)
+    if fmt != "text" and not getattr(tokenizer, "chat_template", None):
+        raise CBDError(f"{fmt} data goes through the tokenizer's chat template, and {model_src} has none: give "
+                       "'text' records ({\"text\": ...}) or a model with a chat template")
     _check_sizes(cfg, config)
     standalone = cfg.fuse or cfg.mode == "full"
     with atomic_dir(out, force) as tmp:
         args = _tuner_args(cfg, path, _split_valid(data_dir, tmp), tmp, len(model.layers))
-        train_set, valid_set, val_loss = _datasets(args, model, tokenizer, cfg, data_dir)
-        before = val_loss()
-        points = _Points(model)
-        train_model(args, model, train_set, valid_set, training_callback=points)
-        after, best_iter = keep_best(model, points, val_loss, before, cfg.iters, log)
+        with translated("mlx-lm's tuner"):
+            train_set, valid_set, val_loss = _datasets(args, model, tokenizer, cfg, data_dir)
+            before = val_loss()
+            points = _Points(model)
+            train_model(args, model, train_set, valid_set, training_callback=points)
+            after, best_iter = keep_best(model, points, val_loss, before, cfg.iters, log)
+        if not (math.isfinite(before) and math.isfinite(after)):
+            raise CBDError(f"the validation loss is {before} before and {after} after the fine-tune (not a number): "
+                           f"{model_src} overflows on this data, or --lr is too high; nothing was written")
         record = {"kind": "finetune", "mode": cfg.mode, "format": fmt, "data": str(data_dir), "iters": cfg.iters,
                   "rank": cfg.rank if cfg.mode != "full" else None, "lr": cfg.lr, "valid_loss_before": before,
                   "valid_loss_after": after, "kept_iteration": best_iter, "fused": standalone}

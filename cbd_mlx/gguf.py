@@ -49,6 +49,9 @@ def _scalar(meta: dict, key: str, default=None):
 def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's Q/K permutation (its convert script's ``permute``)."""
     out_dim = w.shape[0]
+    if n_head <= 0 or out_dim % (2 * n_head):
+        raise CBDError(f"a GGUF Q/K tensor has {out_dim} rows, which {n_head} heads cannot split; the file's metadata "
+                       "does not match its tensors")
     half = out_dim // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -114,11 +117,11 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
     bases = sorted({k.rsplit(".", 1)[0] for k in raw})
     for base in bases:
         parts = base.split(".")
-        if parts[0] == "blk":
-            hf = f"model.layers.{parts[1]}.{NAME_MAP[parts[2]]}"
-        elif parts[0] in NAME_MAP:
-            hf = NAME_MAP[parts[0]]
-        else:
+        if base + ".weight" not in raw or any(k.startswith(base + ".") and k.rsplit(".", 1)[1] not in
+                                               ("weight", "scales", "biases") for k in raw):
+            raise CBDError(f"GGUF {path}: unexpected tensor '{base}'")
+        hf = _hf_name(parts, NAME_MAP, config["num_hidden_layers"])
+        if hf is None:
             raise CBDError(f"GGUF {path}: unexpected tensor '{base}'")
         w = np.array(_dequantize(raw, base))
         if hf.endswith("q_proj"):
@@ -127,6 +130,17 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
             w = unpermute_rope(w, n_kv)
         weights[hf + ".weight"] = w
     return config, weights, meta
+
+
+def _hf_name(parts: list[str], name_map: dict, layers: int) -> str | None:
+    """mlx-lm's name of a GGUF tensor ('blk.3.attn_q' -> 'model.layers.3.self_attn.q_proj'), None when
+    the name is not one of a model's (an unknown part, a layer index that is not a layer of this model)."""
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < layers \
+            and parts[2] in name_map:
+        return f"model.layers.{int(parts[1])}.{name_map[parts[2]]}"
+    if len(parts) == 1 and parts[0] in name_map:
+        return name_map[parts[0]]
+    return None
 
 
 def tokenizer_from_gguf(meta: dict, out_dir: Path) -> None:
@@ -207,12 +221,13 @@ def _field(reader, key: str, default=None):
 def gguf_config(arch: str, get, has_output: bool) -> dict:
     """config.json of a llama or gemma3 GGUF from its metadata (``get(key)``
     returns a value or None; ``has_output``: an untied output matrix)."""
-    def g(k, d=None):
+    def g(k, d=None, whole=True):
         v = get(f"{arch}.{k}")
         v = d if v is None else v
-        if v is None or isinstance(v, (str, bytes, list)) or not np.isfinite(float(v)) or float(v) <= 0:
-            raise CBDError(f"GGUF metadata {arch}.{k} is {v!r}, not a positive number; the file is damaged or "
-                           "not a model")
+        if (v is None or isinstance(v, (str, bytes, list, bool)) or not np.isfinite(float(v)) or float(v) <= 0
+                or (whole and float(v) != int(v))):
+            raise CBDError(f"GGUF metadata {arch}.{k} is {v!r}, not a positive {'whole ' if whole else ''}number; "
+                           "the file is damaged or not a model")
         return v
 
     if not get("tokenizer.ggml.tokens") or not get("tokenizer.ggml.model"):
@@ -222,7 +237,7 @@ def gguf_config(arch: str, get, has_output: bool) -> dict:
     config = {
         "hidden_size": hidden, "intermediate_size": int(g("feed_forward_length")),
         "num_attention_heads": n_head, "num_key_value_heads": int(g("attention.head_count_kv", n_head)),
-        "num_hidden_layers": int(g("block_count")), "rope_theta": float(g("rope.freq_base", 10000.0)),
+        "num_hidden_layers": int(g("block_count")), "rope_theta": float(g("rope.freq_base", 10000.0, whole=False)),
         "max_position_embeddings": int(g("context_length", 2048)),
         "vocab_size": int(g("vocab_size", len(get("tokenizer.ggml.tokens") or []))),
         "tie_word_embeddings": not has_output,
@@ -231,12 +246,14 @@ def gguf_config(arch: str, get, has_output: bool) -> dict:
     if arch == "gemma3":
         head_dim = int(g("attention.key_length", hidden // n_head))
         return config | {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "head_dim": head_dim,
-                         "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+                         "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6, whole=False)),
                          "sliding_window": int(g("attention.sliding_window", 512)), "sliding_window_pattern": 6,
                          "query_pre_attn_scalar": head_dim, "rope_local_base_freq": 10000.0}
-    return config | {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                     "head_dim": int(g("rope.dimension_count", hidden // n_head)),
-                     "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5))}
+    config |= {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+               "head_dim": int(g("rope.dimension_count", hidden // n_head)),
+               "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5, whole=False))}
+    shape_of(family_of(config), config)  # dimensions bounded and consistent, fields in range
+    return config
 
 
 def read_gguf_any(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
@@ -255,10 +272,11 @@ def read_gguf_any(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
     weights = {}
     for t in r.tensors:
         parts = t.name.removesuffix(".weight").split(".")
-        key = parts[2] if parts[0] == "blk" else parts[0]
-        if key not in name_map or not t.name.endswith(".weight"):
+        key = parts[-1]
+        hf = _hf_name(parts, name_map, config["num_hidden_layers"]) if t.name.endswith(".weight") else None
+        if hf is None:
             raise CBDError(f"GGUF {path}: unexpected tensor '{t.name}'")
-        hf = (f"model.layers.{parts[1]}." if parts[0] == "blk" else "") + name_map[key] + ".weight"
+        hf += ".weight"
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape([int(d) for d in reversed(t.shape.tolist())])  # GGUF lists dims fastest-first
         if arch == "gemma3" and key.endswith("norm"):

@@ -21,7 +21,8 @@ from .chain import DEFAULT_ONLINE, default_chain, find_chain, load_chain_anchor
 from .errors import CBDError
 from .save import refuse_existing
 from .families import layer_local_name
-from .loader import Anchor, Built, all_finite, anchor_sha256, load_anchor, model_from_weights, same_tokenizer
+from .loader import (Anchor, Built, all_finite, anchor_sha256, check_weights_finite, load_anchor, model_from_weights,
+                     same_tokenizer)
 from .operators import Selection, blend, blend_tensor, expand, iter_compensate, iter_expand, iter_subset
 from .prune import child_shape, prune_weights
 from .selection import (DEFAULT_CALIB, INIT_CALIB, align, calibration_from, collect_stats, importance, placement,
@@ -90,7 +91,7 @@ def lineage_of(small: Anchor, big: Anchor, batches: np.ndarray | None) -> tuple[
     lin = small.lineage
     if lin is not None:
         if has_lineage(small, big):
-            sel = Selection.from_json(lin)
+            sel = Selection.from_json(lin, big.shape, small.shape)
             ranks = lin.get("parent_ranking") or uniform_rankings(big.shape)
             return sel, ranks, "lineage"
         if batches is None:
@@ -395,6 +396,9 @@ def build_init(size: str | int, *, chain: str | None = None, anchors: tuple[str,
         calib = INIT_CALIB
         log(f"calibration text: the built-in {INIT_CALIB.name} (English of several kinds); pass --calib FILE "
             "for your domain")
+    if calib is not None and not check:  # calibration runs the anchors: NaN/Inf are refused before it
+        for a in (big, small):
+            check_weights_finite(a)
     res = interpolate(big, small, target, alpha, calibration_from(big.path, calib, calib_tokens), log=log,
                       stream=stream, compensate=compensate)
     log(f"shape: {target} -> {res.n_params:,} parameters ({format_size(res.n_params)}, "

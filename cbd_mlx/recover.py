@@ -8,10 +8,10 @@ import math
 from pathlib import Path
 
 from .chain import find_chain
-from .data import prepare
+from .data import tokenize_into
 from .distill import distill
 from .errors import CBDError
-from .save import refuse_existing
+from .save import cache_entry, refuse_existing
 from .loader import cache_dir, read_provenance, resolve, tokenizer_fingerprint
 from .train import TrainConfig
 
@@ -42,10 +42,12 @@ def data_cache(data: list[Path], model: str, log=print) -> Path:
         + [f"{Path(p).resolve()}:{Path(p).stat().st_size}:{Path(p).stat().st_mtime_ns}" for p in data]
     ).encode()).hexdigest()[:16]
     out = cache_dir() / "data" / key
-    if not (out / "meta.json").is_file():
+
+    def build(dest: Path) -> None:
         log(f"tokenizing {len(data)} input(s) into {out}")
-        prepare([Path(p) for p in data], model, out, heldout_fraction=0.1, force=True)
-    return out
+        tokenize_into(dest, [Path(p) for p in data], model, heldout_fraction=0.1)
+
+    return cache_entry(out, build)  # checked against its own digest; shared with a concurrent run
 
 
 def kd_teacher(model: str, kd_from: str | None) -> str | None:

@@ -12,6 +12,7 @@ import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -109,9 +110,11 @@ def remove_stale(out: Path) -> None:
     back when the kill came between the two renames (no ``out`` now), else
     removed. A kill at any point leaves the old output or the new one."""
     for d in [*out.parent.glob(f".{out.name}.tmp-*-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        tag = d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0] if ".tmp-" in d.name else d.name.rsplit(".old-", 1)[1]
+        if not (tag.isdigit() and 0 < int(tag) < 1 << 31):
+            continue  # not a name this writer gives: not ours to touch
         try:
-            pid = int(d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0] if ".tmp-" in d.name else d.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
+            os.kill(int(tag), 0)
         except ProcessLookupError:
             if ".old-" in d.name and not os.path.lexists(out):
                 try:
@@ -120,7 +123,7 @@ def remove_stale(out: Path) -> None:
                     continue
             else:
                 _remove(d)
-        except (ValueError, PermissionError, IndexError):
+        except PermissionError:  # alive, another user's
             continue
 
 
@@ -176,8 +179,19 @@ def _umask() -> int:
     return mask
 
 
+def check_out_path(out) -> Path:
+    """``out`` as a Path that names an entry of its own: not '', '.', '..' or
+    a path ending in them (replacing one would replace the folder it is in)."""
+    p = Path(out)
+    if str(out) == "" or p.name in ("", ".", ".."):
+        raise CBDError(f"--out {str(out)!r} does not name a new file or folder; give a path such as models/my-model")
+    return p
+
+
 def refuse_existing(out, force: bool) -> None:
     """Refuse an existing output before any work is done (unless ``force``)."""
+    if out is not None:
+        check_out_path(out)
     if out is not None and Path(out).exists() and not force:
         raise CBDError(f"{out} already exists; choose another --out or pass --force to replace it")
 
@@ -195,7 +209,7 @@ class atomic_dir:
     """
 
     def __init__(self, out: Path, force: bool = False, file: bool = False):
-        self.out = Path(out)
+        self.out = check_out_path(out)
         self.force = force
         self.file = file
 
@@ -261,6 +275,63 @@ class atomic_dir:
         return False
 
 
+ENTRY_DIGEST = "contents.sha256"  # a cache entry's digest of its own files
+
+
+def valid_entry(out: Path, check=None) -> bool:
+    """Whether a cache entry's files match the digest written with them (and
+    ``check(out)``, when given, holds)."""
+    try:
+        ok = (out / ENTRY_DIGEST).read_text().strip() == dir_digest(out, skip=(ENTRY_DIGEST,))
+        return ok and (check is None or bool(check(out)))
+    except (OSError, CBDError):
+        return False
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (a lock file) while the block runs."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cache_entry(out: Path, build, check=None) -> Path:
+    """A content-keyed entry of the user cache (a converted GGUF, a token
+    cache, a materialized anchor). ``build(dest)`` creates the folder
+    ``dest``. Built once, by whichever process comes first: the others wait
+    for it and reuse what it made. The entry carries a digest of its own files
+    and is built again when they no longer match (edited, truncated, files
+    added or removed), so an entry is used only as it was written."""
+    out = Path(out)
+    if valid_entry(out, check):
+        return out
+    try:
+        with _locked(out.with_name(f".{out.name}.lock")):
+            if valid_entry(out, check):  # finished by another process while this one waited
+                return out
+            try:
+                with atomic_dir(out, force=True) as tmp:  # under the lock: only an invalid entry is replaced
+                    staging = tmp / "entry"
+                    build(staging)
+                    for f in staging.iterdir():
+                        f.rename(tmp / f.name)
+                    staging.rmdir()
+                    (tmp / ENTRY_DIGEST).write_text(dir_digest(tmp) + "\n")
+            except CBDError:
+                if not valid_entry(out, check):  # else a writer that does not lock finished it first: use it
+                    raise
+    except OSError as e:
+        raise CBDError(f"cannot write the cache entry {out}: {e.strerror or e}") from None
+    return out
+
+
 SYNC_EVERY = 64 << 20  # bytes written between background fdatasync calls
 
 
@@ -315,6 +386,9 @@ def save_weights(path: Path, tensors, dtype: str = "float32", shapes: dict | Non
                 if tuple(arr.shape) != tuple(shapes[name]):
                     raise CBDError(f"internal error: {name} has shape {arr.shape}, expected {shapes[name]}")
                 data = _to_bf16_bits(arr) if dtype == "bfloat16" else np.ascontiguousarray(arr, dtype=np_dtype)
+                if dtype != "float32" and not _finite_as(data, dtype):
+                    raise CBDError(f"{name} holds values beyond what {dtype} can store (they would become Inf); "
+                                   "write float32 (--dtype float32) or check the model")
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(write, memoryview(data).cast("B"))
@@ -323,6 +397,13 @@ def save_weights(path: Path, tensors, dtype: str = "float32", shapes: dict | Non
         f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest()
+
+
+def _finite_as(data: np.ndarray, dtype: str) -> bool:
+    """Whether half-precision data (float16 values or bfloat16 bits) holds no NaN/Inf."""
+    if dtype == "bfloat16":
+        return not np.any((data & 0x7F80) == 0x7F80)  # exponent all ones: Inf or NaN
+    return bool(np.isfinite(data).all())
 
 
 def dump_json(obj) -> str:
@@ -419,12 +500,20 @@ def write_quantized(out: Path, model: nn.Module, config: dict, tokenizer_dir: Pa
     return out
 
 
+MAX_JSON = 256 << 20  # bytes of a JSON file we read (tokenizer.json of a big vocabulary: tens of MB)
+
+
 def read_json(path: Path, what: str) -> dict:
-    """A JSON object from a file the user gave us; one clear error otherwise."""
+    """A JSON object from a file the user gave us (a regular file of bounded
+    size: never a pipe or a device); one clear error otherwise."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CBDError(f"{path} is not a regular file (a pipe, a device or a folder?); restore the {what}")
     try:
+        if path.stat().st_size > MAX_JSON:
+            raise CBDError(f"{path} is {path.stat().st_size / 2**20:,.0f} MB, too big for a {what}; restore it")
         obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, numbers too long
         why = "nested too deeply" if isinstance(e, RecursionError) else e
         raise CBDError(f"{path} is not valid JSON ({why}); restore or re-download the {what}") from None
     except FileNotFoundError:

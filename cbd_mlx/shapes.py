@@ -130,7 +130,8 @@ FIELD_CHECKS = {
     "rotary_emb_base": (lambda v: _number(v) and v > 0, "a finite positive number"),
     "rotary_pct": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "partial_rotary_factor": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "rope_scaling": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "rope_scaling": (lambda v: v is None or (isinstance(v, dict) and (v.get("factor") is None or (
+        _number(v["factor"]) and v["factor"] > 0))), "an object (its factor a finite positive number) or null"),
     "max_position_embeddings": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24,
                                 "a positive whole number up to 16M"),
     "n_positions": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24,

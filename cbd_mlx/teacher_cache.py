@@ -41,6 +41,9 @@ class TeacherCache:
         meta_file = self.path / META
         if meta_file.is_file():
             try:
+                for f in (META, *FILES):
+                    if (self.path / f).exists() and not (self.path / f).is_file():
+                        raise ValueError(f"{f} is not a regular file")
                 self.meta = json.loads(meta_file.read_text())
                 arrays = [np.load(self.path / f, mmap_mode="r+") for f in FILES]
                 m = self.meta if isinstance(self.meta, dict) else {}
@@ -48,8 +51,9 @@ class TeacherCache:
                 if (not all(isinstance(v, int) for v in shape) or arrays[0].shape != shape
                         or arrays[1].shape != arrays[0].shape or arrays[2].shape != shape[:1]):
                     raise ValueError("its arrays do not have the shapes its record gives")
-            except (OSError, ValueError, KeyError) as e:
-                raise CBDError(f"teacher cache {self.path} is damaged ({e}); delete it to rebuild") from None
+            except (OSError, ValueError, KeyError, RecursionError) as e:
+                why = "nested too deeply" if isinstance(e, RecursionError) else e
+                raise CBDError(f"teacher cache {self.path} is damaged ({why}); delete it to rebuild") from None
             why = _fingerprint_mismatch(self.meta, want)
             if why:
                 raise CBDError(f"the teacher cache {self.path} was made for {why}; delete it or give another "
