@@ -18,7 +18,8 @@ from .errors import CBDError
 from .evaluate import perplexity, tokenize_file
 from .gguf import GGUF_ARCH, GGUF_TYPES, pre_tokenizer_type, write_gguf
 from .loader import load_anchor, load_tokenizer, model_from_weights, resolve
-from .quantize import (BITS, CALIB_SEQS, CALIB_SEQ_LEN, GROUP_SIZES, METHODS, auto_group_size, bits_per_weight,
+from .quantize import (BITS, CALIB_SEQS, CALIB_SEQ_LEN, GROUP_SIZES, METHODS, RECIPES, auto_group_size,
+                       bits_per_weight, default_precision,
                        is_quantized, quantize_anchor)
 from .save import append_history, atomic_dir, file_sha256, refuse_existing, write_quantized
 from .selection import DEFAULT_CALIB, calibration_from
@@ -56,7 +57,8 @@ def model_card(info: dict) -> str:
         "",
         f"- parameters: {info['params']:,}",
         f"- quantization: {q['bits']}-bit, group {q['group_size']}, method {q['method']}"
-        + (f", recipe {q['recipe']}" if q.get("recipe") else ""),
+        + (f", recipe {q['recipe']}" if q.get("recipe") else "")
+        + (f", {q['embed_bits']}-bit embeddings" if q.get("embed_bits") else ""),
         f"- bits per weight: {info['bits_per_weight']:.3f}",
         f"- size on disk: {info['size_bytes'] / 1e6:.1f} MB",
         f"- chain: {chain.get('name', 'n/a')}" + (f" (anchors {', '.join(chain['anchors'])})" if chain.get("anchors")
@@ -93,12 +95,17 @@ class ExportConfig:
     bits: int = 4
     group_size: int | None = None  # None: 64 when it divides every layer, else 32
     method: str = "rtn"  # rtn | awq | gptq
-    recipe: str | None = None  # mixed_2_6 | mixed_3_4 | mixed_3_6 | mixed_4_6 (rtn)
+    recipe: str | None = "auto"  # auto (quantize.default_precision) | uniform | mixed_2_6 .. mixed_4_6 (rtn)
     gguf: str | None = None  # also a llama.cpp GGUF of this type
     package: bool = False  # also OUT.tar.gz with a sha256 manifest and the model card
+    embed_bits: int | None = None  # the embeddings' bits [default: quantize.default_precision]
 
     def __post_init__(self):
-
+        if self.recipe not in (None, "auto", "uniform", *RECIPES):
+            raise CBDError(f"--recipe {self.recipe!r} is invalid: choose one of auto, uniform, {', '.join(RECIPES)}")
+        if self.embed_bits is not None and self.embed_bits not in BITS:
+            raise CBDError(f"--embed-bits {self.embed_bits!r} is invalid: choose one of "
+                           f"{', '.join(map(str, BITS))} or auto")
         if self.gguf is not None and self.gguf not in GGUF_TYPES:
             raise CBDError(f"--gguf {self.gguf!r} is invalid: choose one of {', '.join(GGUF_TYPES)}")
         if self.bits not in BITS:
@@ -132,7 +139,8 @@ def export(src: str, out: Path, cfg: ExportConfig | None = None, *, calib: Path 
     if cfg.method != "rtn":
         batches = calibration_from(path, calib or DEFAULT_CALIB, CALIB_SEQS * CALIB_SEQ_LEN, CALIB_SEQ_LEN)
     ev = np.array(tokenize_file(tok, eval_data, eval_tokens), dtype=np.int32) if eval_data else None
-    return _export(src, out, cfg.bits, cfg.group_size, cfg.method, cfg.recipe, batches, ev,
+    recipe, embed_bits = default_precision(cfg.bits, cfg.method, cfg.recipe, cfg.embed_bits)
+    return _export(src, out, cfg.bits, cfg.group_size, cfg.method, recipe, embed_bits, batches, ev,
                    str(eval_data) if eval_data else None, cfg.gguf, cfg.package, force, log)
 
 
@@ -160,7 +168,7 @@ def _linux_note(out: Path, bits: int, gguf_name: str | None) -> str:
 
 
 def _export(src: str, out: Path, bits: int, group_size: int | None, method: str, recipe: str | None,
-            calib: np.ndarray | None, eval_tokens: np.ndarray | None, eval_name: str | None,
+            embed_bits: int | None, calib: np.ndarray | None, eval_tokens: np.ndarray | None, eval_name: str | None,
             gguf_type: str | None, package: bool, force: bool, log) -> dict:
     path = resolve(src)
     q = is_quantized(path) if (path / "config.json").is_file() else None
@@ -176,15 +184,17 @@ def _export(src: str, out: Path, bits: int, group_size: int | None, method: str,
         pre_tokenizer_type(a.path)  # refuse a tokenizer llama.cpp would split differently, before any work
     ppl_fp = eval_ppl(model_from_weights(a.config, a.weights), eval_tokens) if eval_tokens is not None else None
     group_size = group_size or auto_group_size(a)
-    model, qconfig = quantize_anchor(a, bits, group_size, method, recipe, calib)
+    model, qconfig = quantize_anchor(a, bits, group_size, method, recipe, calib, fallback_bits=embed_bits)
     bpw = bits_per_weight(model)
     ppl_q = eval_ppl(model, eval_tokens)
-    log(f"quantized: {bits}-bit {method}{' ' + recipe if recipe else ''}, {bpw:.3f} bits/weight"
+    log(f"quantized: {bits}-bit {method}{' ' + recipe if recipe else ''}"
+        f"{f', {embed_bits}-bit embeddings' if embed_bits else ''}, {bpw:.3f} bits/weight"
         + (f"; held-out ppl {ppl_fp:.3f} -> {ppl_q:.3f} ({(ppl_q - ppl_fp) / ppl_fp:+.2%})" if ppl_q else ""))
     gguf_name = f"{out.name}-{gguf_type}.gguf" if gguf_type else None
     info = {
         "name": out.name, "origin": str(src), "params": a.n_params, "bits_per_weight": bpw,
-        "quantization": {"bits": bits, "group_size": group_size, "method": method, "recipe": recipe},
+        "quantization": {"bits": bits, "group_size": group_size, "method": method, "recipe": recipe,
+                         "embed_bits": embed_bits},
         "heldout_ppl": {"full precision (fp32)": ppl_fp, f"{bits}-bit {method}": ppl_q} if ppl_q else None,
         "eval_data": eval_name, "eval_tokens": int(eval_tokens.size) if eval_tokens is not None else None,
         "chain": a.provenance.get("chain"), "gguf": gguf_name,

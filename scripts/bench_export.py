@@ -25,7 +25,8 @@ import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
 VARIANTS = [  # (label, export args or None for the model as it is)
     ("fp32", None),
     ("8-bit rtn", ["--bits", "8"]),
-    ("4-bit rtn", ["--bits", "4"]),
+    ("4-bit rtn (default: mixed_4_6, 8-bit embeddings)", ["--bits", "4"]),
+    ("4-bit rtn uniform", ["--bits", "4", "--recipe", "uniform", "--embed-bits", "4"]),
 ]
 LEARNED = ("awq", "gptq")
 
@@ -68,7 +69,7 @@ def main() -> None:
             row = {"variant": label, "bits_per_weight": 32.0, "ppl": ppl, "export_s": 0.0,
                    "size_mb": sum(f.stat().st_size for f in d.glob("*.safetensors")) / 1e6}
         else:
-            d = args.out / label.replace(" ", "-")
+            d = args.out / label.split(" (")[0].replace(" ", "-")
             t0 = time.time()
             r = subprocess.run([sys.executable, "-m", "cbd_mlx.cli", "export", args.model, "--out", str(d),
                                 "--group-size", args.group_size, "--force", *extra], capture_output=True, text=True)
@@ -94,7 +95,8 @@ def main() -> None:
             raise SystemExit(r.stderr[-2000:])
         g = next(d.glob("*.gguf"))
         lc = llama_cpp_perplexity(g, ids, 512)
-        grows.append({"gguf": t, "size_mb": g.stat().st_size / 1e6, "llama_cpp_ppl": lc["ppl"],
+        grows.append({"gguf": t, "size_mb": g.stat().st_size / 1e6, "bits_per_weight": g.stat().st_size * 8 / src.n_params,
+                      "llama_cpp_ppl": lc["ppl"],
                       "llama_cpp_prompt_tok_s": lc["tokens_per_s"]})
         print(json.dumps(grows[-1]), flush=True)
     (args.out / "export.json").write_text(json.dumps({"mlx": rows, "gguf": grows}, indent=2))
@@ -105,10 +107,10 @@ def main() -> None:
         print(f"| {r['variant']} | {r['size_mb']:.1f} MB | {r['bits_per_weight']:.2f} | {r['ppl']:.2f} | "
               f"{(r['ppl'] - base) / base:+.1%} | {r['gen_tok_s']:.1f} | {r['export_s']:.1f} s |")
     if grows:
-        print("\n| GGUF | size | llama.cpp ppl | ours (fp32) | vs ours | llama.cpp prompt tok/s |")
-        print("|---|---|---|---|---|---|")
+        print("\n| GGUF | size | bits/weight | llama.cpp ppl | ours (fp32) | vs ours | llama.cpp prompt tok/s |")
+        print("|---|---|---|---|---|---|---|")
         for g in grows:
-            print(f"| {g['gguf']} | {g['size_mb']:.1f} MB | {g['llama_cpp_ppl']:.2f} | {base:.2f} | "
+            print(f"| {g['gguf']} | {g['size_mb']:.1f} MB | {g['bits_per_weight']:.2f} | {g['llama_cpp_ppl']:.2f} | {base:.2f} | "
                   f"{g['llama_cpp_ppl'] / base - 1:+.1%} | {g['llama_cpp_prompt_tok_s']:.0f} |")
 
 

@@ -74,9 +74,10 @@ def test_learned_quantization_beats_or_matches_rtn(tiny, tmp_path, capsys, metho
     """awq/gptq run on local calibration text and are no worse than rtn on the
     calibration objective they optimise (output error on calibration text)."""
     errs = {}
-    for m in ("rtn", method):
+    for m in ("rtn", method):  # against plain rtn: uniform 4-bit, embeddings included
         code, _, err = run(capsys, "export", tiny, "--out", tmp_path / m, "--bits", "4", "--group-size", "32",
-                           "--method", m, "--calib", CALIB)
+                           "--method", m, "--calib", CALIB,
+                           *(["--recipe", "uniform", "--embed-bits", "4"] if m == "rtn" else []))
         assert code == 0, err
         assert json.loads((tmp_path / m / "config.json").read_text())["quantization"]["bits"] == 4
         q = load_anchor(str(tmp_path / m))
@@ -84,6 +85,23 @@ def test_learned_quantization_beats_or_matches_rtn(tiny, tmp_path, capsys, metho
         ids = list(range(1, 200))
         errs[m] = float(np.mean((logits(q, ids) - logits(src, ids)) ** 2))
     assert errs[method] <= errs["rtn"] * 1.05, errs
+
+
+def test_default_4bit_is_mixed_with_8bit_embeddings(tiny, tmp_path, capsys):
+    """`export --bits 4` (rtn) defaults to mlx-lm's mixed_4_6 recipe with 8-bit
+    embeddings (chosen in scripts/quant_defaults.py); `--recipe uniform
+    --embed-bits 4` gives plain 4-bit, smaller."""
+    sizes = {}
+    for name, extra in (("auto", []), ("plain", ["--recipe", "uniform", "--embed-bits", "4"])):
+        code, _, err = run(capsys, "export", tiny, "--out", tmp_path / name, "--bits", "4", *extra)
+        assert code == 0, err
+        q = json.loads((tmp_path / name / "config.json").read_text())["quantization"]
+        embed = next(v for k, v in q.items() if k.endswith("embed_tokens"))
+        assert embed["bits"] == (8 if name == "auto" else 4)
+        record = json.loads((tmp_path / name / "cbd.json").read_text())["history"][-1]["quantization"]
+        assert (record["recipe"], record["embed_bits"]) == (("mixed_4_6", 8) if name == "auto" else (None, 4))
+        sizes[name] = (tmp_path / name / "model.safetensors").stat().st_size
+    assert sizes["plain"] < sizes["auto"]
 
 
 def test_export_bad_input(tiny, tokenizer_dir, tmp_path, capsys):
