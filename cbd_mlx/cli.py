@@ -255,7 +255,7 @@ def bridge_cmd(source, student, size, init, prompts, prompt_data, num_prompts, m
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model directory.")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="4", show_default=True)
 @click.option("--group-size", type=click.Choice(["auto", "32", "64", "128"]), default="auto", show_default=True,
-              help="auto: 64 when it divides every layer, else 32.")
+              help="auto: 32 at 2-4 bits (measured), else 64 when it divides every layer, else 32.")
 @click.option("--method", type=click.Choice(["rtn", "awq", "gptq"]), default="rtn", show_default=True,
               help="rtn: round to nearest; awq / gptq: learned from calibration text.")
 @click.option("--recipe", type=click.Choice(["auto", "uniform", *RECIPES]), default="auto", show_default=True,

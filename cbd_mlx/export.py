@@ -93,7 +93,7 @@ class ExportConfig:
     """How ``export`` quantizes and packages a model."""
 
     bits: int = 4
-    group_size: int | None = None  # None: 64 when it divides every layer, else 32
+    group_size: int | None = None  # None: quantize.auto_group_size (32 at 2-4 bits)
     method: str = "rtn"  # rtn | awq | gptq
     recipe: str | None = "auto"  # auto (quantize.default_precision) | uniform | mixed_2_6 .. mixed_4_6 (rtn)
     gguf: str | None = None  # also a llama.cpp GGUF of this type
@@ -183,7 +183,7 @@ def _export(src: str, out: Path, bits: int, group_size: int | None, method: str,
             raise CBDError(f"--gguf supports {', '.join(sorted(GGUF_ARCH))}, not '{a.config.get('model_type')}'")
         pre_tokenizer_type(a.path)  # refuse a tokenizer llama.cpp would split differently, before any work
     ppl_fp = eval_ppl(model_from_weights(a.config, a.weights), eval_tokens) if eval_tokens is not None else None
-    group_size = group_size or auto_group_size(a)
+    group_size = group_size or auto_group_size(a, bits)
     model, qconfig = quantize_anchor(a, bits, group_size, method, recipe, calib, fallback_bits=embed_bits)
     bpw = bits_per_weight(model)
     ppl_q = eval_ppl(model, eval_tokens)

@@ -40,6 +40,7 @@ VARIANTS = [
     ("rtn g32, embeddings 8-bit", "rtn", 32, None, 8),
     ("rtn mixed_4_6", "rtn", None, "mixed_4_6", None),
     ("rtn mixed_4_6, embeddings 8-bit", "rtn", None, "mixed_4_6", 8),
+    ("rtn g32 mixed_4_6, embeddings 8-bit", "rtn", 32, "mixed_4_6", 8),
     ("awq, embeddings 8-bit", "awq", None, None, 8),
     ("gptq, embeddings 6-bit (mlx-lm)", "gptq", None, None, None),
     ("gptq, embeddings 8-bit", "gptq", None, None, 8),
