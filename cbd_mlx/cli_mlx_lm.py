@@ -42,6 +42,10 @@ def _mlx_lm_passthrough(name: str):
         port = _option(args, "--port")
         if port is not None and not (port.isdigit() and int(port) <= 65535):
             raise CBDError(f"--port {port} is invalid: give a port number 0..65535")
+        for opt in ("--max-tokens", "-m") if name == "generate" else ():
+            n = _option(args, opt)
+            if n is not None and n.lstrip("-").isdigit() and int(n) < 1:  # mlx-lm runs forever on -1
+                raise CBDError(f"{opt} {n} is invalid: give a positive whole number")
         module = importlib.import_module(f"mlx_lm.{name}")
         sys.argv = [f"mlx_lm.{name}", *args]
         with mock.patch.object(argparse.ArgumentParser, "error", usage_error), translated(f"mlx_lm.{name}"):
@@ -101,7 +105,11 @@ def _generate_gguf(args: list[str]) -> None:
     generate (the ones that apply), run by llama.cpp."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="cbd-mlx generate", add_help=False)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, like every other error
+            raise CBDError(f"{message} (see `cbd-mlx generate --help`)")
+
+    ap = Parser(prog="cbd-mlx generate", add_help=False)
     ap.add_argument("--model", required=True)
     ap.add_argument("--prompt", "-p", default="hello")
     ap.add_argument("--max-tokens", "-m", type=int, default=100)

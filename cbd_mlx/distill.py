@@ -12,11 +12,13 @@ import numpy as np
 
 from .data import cache_id, check_ids, open_cache, run_splits
 from .errors import CBDError
-from .loader import Anchor, anchor_sha256, load_anchor, model_from_weights, same_tokenizer, tokenizer_fingerprint
+from .evaluate import MAX_NLL
+from .loader import (Anchor, anchor_sha256, check_checkpoint, load_anchor, model_from_weights, same_tokenizer,
+                     tokenizer_fingerprint)
 from .losses import LossFn, heldout_sum
 from .save import append_history, refuse_existing, write_model
 from .teacher_cache import TeacherCache
-from .train import TrainConfig, config_record, remove_work, train, write_training_outputs
+from .train import CHECKPOINT, TrainConfig, config_record, remove_work, train, write_training_outputs
 from mlx.utils import tree_flatten
 
 WORK_SUFFIX = ".partial"
@@ -44,16 +46,18 @@ def check_run_size(cfg: TrainConfig) -> None:
                        f"{cfg.grad_accum} is {per_step:,} tokens, more than --tokens {cfg.tokens:,}: lower --grad-accum")
 
 
-def check_finite_loss(model, src: str | None, heldout) -> None:
-    """A model whose loss is NaN/Inf before any training is named as the cause (its weights overflow), not
-    reported later as a diverging run that a lower --lr would fix."""
+def check_finite_loss(model, src: str | None, heldout, cfg: TrainConfig) -> None:
+    """A model whose held-out loss is NaN/Inf (or so big its perplexity is) before any training is named as the
+    cause (its weights overflow), not reported later as a diverging run that a lower --lr would fix, nor written
+    into a record as ppl inf. A few held-out windows (a batch's size at most: no memory check has run yet)."""
     if model is None:
         return
-    x = mx.array(heldout.batch(0, 1))
-    loss = heldout_sum(model, x[:, :-1], x[:, 1:])
-    if not math.isfinite(loss):
-        raise CBDError(f"{src} gives a loss of {loss} on the held-out text before any training: its weights "
-                       "overflow float32 arithmetic; check it with `cbd-mlx eval` or use another checkpoint")
+    x = mx.array(heldout.batch(0, min(cfg.batch_size, 4)))
+    loss = heldout_sum(model, x[:, :-1], x[:, 1:]) / x[:, 1:].size
+    if not (math.isfinite(loss) and loss <= MAX_NLL):
+        raise CBDError(f"{src} gives a loss of {loss} per token on the held-out text before any training (not a "
+                       "number, or a perplexity beyond what a float holds): its weights overflow; check it with "
+                       "`cbd-mlx eval` or use another checkpoint")
 
 
 def distill(teacher_src: str | None, student_src: str, cache: Path, out: Path, cfg: TrainConfig, force: bool = False,
@@ -82,9 +86,10 @@ def distill(teacher_src: str | None, student_src: str, cache: Path, out: Path, c
     check_run_size(cfg)
     model = model_from_weights(student.config, student.weights)
     t_model = model_from_weights(teacher.config, teacher.weights) if teacher else None
-    for m, src in ((model, student_src), (t_model, teacher_src)):
-        check_finite_loss(m, src, heldout)
+    check_finite_loss(model, student_src, heldout, cfg)
+    check_finite_loss(t_model, teacher_src, heldout, cfg)
     work = work_dir(out)
+    check_checkpoint(work / CHECKPOINT)
     t0 = time.time()
     tc = _open_teacher_cache(teacher_cache, teacher, t_model, cfg, cache_k, meta, log)
     res = train(model, train_data, heldout, cfg, work, t_model, log=log, stop_after=stop_after,

@@ -5,7 +5,12 @@ from contextlib import contextmanager
 
 
 class CBDError(Exception):
-    """A user-facing error: the message says what is wrong and what to do."""
+    """A user-facing error: the message says what is wrong and what to do,
+    on one line (line breaks of messages quoted from other libraries are
+    folded)."""
+
+    def __init__(self, message: object = "", *args):
+        super().__init__(" ".join(str(message).split()), *args)
 
 
 def check_count(name: str, value, low: int = 1, high: int | None = None) -> int:

@@ -19,6 +19,7 @@ from .losses import heldout_sum
 
 EVAL_SEQ_LEN = 512
 EVAL_BATCH = 4
+MAX_NLL = 700.0  # nats per token: above it exp() overflows (ppl beyond 1e304); a real model is far below 20
 
 
 BINARY_PROBE = 8192  # bytes checked for binary content
@@ -71,8 +72,11 @@ def tokenize_file(tokenizer, path: Path, max_tokens: int | None = None) -> list[
     is read and tokenized as those need (a prefix, grown until it has them)."""
     if not max_tokens:
         return encode_text(tokenizer, read_text(path))
+    size = check_text_file(path).stat().st_size
     chars = 8 * max_tokens + 1024
     while True:
+        if chars > size:  # a prefix as long as the file is the file (and no read asks for more than it holds)
+            return encode_text(tokenizer, read_text(path))[:max_tokens]
         text = read_text(path, chars)
         ids = encode_text(tokenizer, text)
         if len(text) < chars or len(ids) >= max_tokens + TOKENIZE_MARGIN:  # the whole file, or enough of it
@@ -115,9 +119,10 @@ def perplexity(
     bar.close()
     secs = time.time() - t0
     nll = total / count
-    if not math.isfinite(nll):
-        raise CBDError(f"the model's loss on this text is {nll} (not a number): its weights or its precision "
-                       "overflow on it; evaluate a float32 copy (`cbd-mlx convert MODEL --out DIR`) or check the model")
+    if not (math.isfinite(nll) and nll <= MAX_NLL):
+        raise CBDError(f"the model's loss on this text is {nll} (not a number, or a perplexity beyond what a float "
+                       "holds): its weights or its precision overflow on it; evaluate a float32 copy (`cbd-mlx "
+                       "convert MODEL --out DIR`) or check the model")
     return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "tokens_per_s": count / secs}
 
 

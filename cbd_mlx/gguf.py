@@ -42,7 +42,7 @@ TOKEN_TYPE_USER_DEFINED = 4
 def _scalar(meta: dict, key: str, default=None):
     v = meta.get(key, default)
     if isinstance(v, mx.array):
-        v = v.item()
+        v = v.item() if v.size == 1 else np.array(v).tolist()
     return v
 
 
@@ -156,7 +156,10 @@ def tokenizer_from_gguf(meta: dict, out_dir: Path) -> None:
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     types = np.array(meta.get("tokenizer.ggml.token_type", mx.ones(len(tokens)))).tolist()
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    try:  # merges of tokens the list lacks, and the like: the tokenizers library's own words, on one line
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+        raise CBDError(f"GGUF tokenizer metadata is damaged ({e}); fetch the file again") from None
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if meta.get("tokenizer.ggml.pre", "") in DIGIT_SPLIT_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -218,6 +221,30 @@ def _field(reader, key: str, default=None):
     return f.contents()
 
 
+def check_gguf_tokenizer(get) -> None:
+    """The tokenizer metadata a conversion reads (``get(key)``): tokens, merges of a BPE model, special token
+    ids that name tokens of the list."""
+    tokens, model = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.model")
+    if not tokens or not model:
+        raise CBDError("GGUF metadata lacks the tokenizer (tokenizer.ggml.model / tokens); convert the model "
+                       "with a tokenizer")
+    bad = None
+    if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+        bad = "tokenizer.ggml.tokens is not a list of strings"
+    elif model == "gpt2" and not (isinstance(get("tokenizer.ggml.merges"), list) and all(
+            isinstance(m, str) and len(m.split(" ")) == 2 for m in get("tokenizer.ggml.merges"))):
+        bad = "tokenizer.ggml.merges is missing or not a list of 'a b' pairs"
+    types = get("tokenizer.ggml.token_type")
+    if types is not None and (not isinstance(types, list) or len(types) != len(tokens)):
+        bad = bad or "tokenizer.ggml.token_type does not give one type per token"
+    for key in ("bos", "eos", "unknown", "padding"):
+        idx = get(f"tokenizer.ggml.{key}_token_id")
+        if idx is not None and not (isinstance(idx, int) and 0 <= idx < len(tokens)):
+            bad = bad or f"tokenizer.ggml.{key}_token_id {idx!r} is not one of its {len(tokens)} tokens"
+    if bad:
+        raise CBDError(f"GGUF tokenizer metadata is damaged: {bad}; fetch the file again")
+
+
 def gguf_config(arch: str, get, has_output: bool) -> dict:
     """config.json of a llama or gemma3 GGUF from its metadata (``get(key)``
     returns a value or None; ``has_output``: an untied output matrix)."""
@@ -243,6 +270,7 @@ def gguf_config(arch: str, get, has_output: bool) -> dict:
         "tie_word_embeddings": not has_output,
         "bos_token_id": get("tokenizer.ggml.bos_token_id"), "eos_token_id": get("tokenizer.ggml.eos_token_id"),
     }
+    check_gguf_tokenizer(get)
     if arch == "gemma3":
         head_dim = int(g("attention.key_length", hidden // n_head))
         return config | {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "head_dim": head_dim,

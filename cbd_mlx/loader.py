@@ -203,6 +203,26 @@ def check_model_files(path: Path) -> dict:
     return config
 
 
+def check_checkpoint(ck: Path) -> None:
+    """An interrupted run's checkpoint folder, before anything of it is read:
+    regular files only (never a pipe or a device), state.json a JSON object
+    with a list of metric records, every safetensors header, offset and size
+    valid (what MLX's loader would read unchecked)."""
+    if not os.path.lexists(ck / "state.json"):
+        return
+    try:
+        for f in ck.iterdir():
+            if not f.is_file():
+                raise CBDError(f"{f.name} is not a regular file")
+        state = read_json(ck / "state.json", "checkpoint's state.json")
+        if not (isinstance(state.get("metrics"), list) and all(isinstance(m, dict) for m in state["metrics"])):
+            raise CBDError("its metrics are not a list of records")
+        for f in ck.glob("*.safetensors"):
+            check_safetensors(f)
+    except CBDError as e:
+        raise CBDError(f"checkpoint {ck} is damaged ({e}); delete it to start over") from None
+
+
 def _fits(v, ann, default=None) -> bool:
     """Whether a config value has the type of an mlx-lm ModelArgs field
     (numbers finite, a flag true or false; None where the default is None)."""

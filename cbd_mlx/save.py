@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -113,6 +114,8 @@ def remove_stale(out: Path) -> None:
         tag = d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0] if ".tmp-" in d.name else d.name.rsplit(".old-", 1)[1]
         if not (tag.isdigit() and 0 < int(tag) < 1 << 31):
             continue  # not a name this writer gives: not ours to touch
+        if d.is_symlink():  # no writer sets a link aside: never followed, never restored
+            continue
         try:
             os.kill(int(tag), 0)
         except ProcessLookupError:
@@ -513,6 +516,7 @@ def read_json(path: Path, what: str) -> dict:
         if path.stat().st_size > MAX_JSON:
             raise CBDError(f"{path} is {path.stat().st_size / 2**20:,.0f} MB, too big for a {what}; restore it")
         obj = json.loads(path.read_text())
+        where = _nonfinite_at(obj)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, numbers too long
         why = "nested too deeply" if isinstance(e, RecursionError) else e
         raise CBDError(f"{path} is not valid JSON ({why}); restore or re-download the {what}") from None
@@ -522,7 +526,22 @@ def read_json(path: Path, what: str) -> dict:
         raise CBDError(f"cannot read {path}: {e.strerror}") from None
     if not isinstance(obj, dict):
         raise CBDError(f"{path} is not a JSON object; restore or re-download the {what}")
+    if where:
+        raise CBDError(f"{path}: {where} is NaN or Infinity, which JSON does not allow; restore or re-download the "
+                       f"{what}")
     return obj
+
+
+def _nonfinite_at(obj, at: str = "") -> str | None:
+    """The key path of the first NaN/Infinity in a parsed JSON value (Python's json reads them), else None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return at or "a value"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _nonfinite_at(v, f"{at}.{k}" if at else str(k))
+        if found:
+            return found
+    return None
 
 
 def append_history(prov: dict, record: dict) -> dict:

@@ -45,12 +45,14 @@ class TeacherCache:
                     if (self.path / f).exists() and not (self.path / f).is_file():
                         raise ValueError(f"{f} is not a regular file")
                 self.meta = json.loads(meta_file.read_text())
-                arrays = [np.load(self.path / f, mmap_mode="r+") for f in FILES]
+                # read-only first: mode r+ would silently extend a truncated file with zeros
+                arrays = [np.load(self.path / f, mmap_mode="r") for f in FILES]
                 m = self.meta if isinstance(self.meta, dict) else {}
                 shape = (m.get("batches"), m.get("batch_size"), m.get("seq_len"), m.get("k"))
                 if (not all(isinstance(v, int) for v in shape) or arrays[0].shape != shape
                         or arrays[1].shape != arrays[0].shape or arrays[2].shape != shape[:1]):
                     raise ValueError("its arrays do not have the shapes its record gives")
+                arrays = [np.load(self.path / f, mmap_mode="r+") for f in FILES]
             except (OSError, ValueError, KeyError, RecursionError) as e:
                 why = "nested too deeply" if isinstance(e, RecursionError) else e
                 raise CBDError(f"teacher cache {self.path} is damaged ({why}); delete it to rebuild") from None
