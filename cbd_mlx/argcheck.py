@@ -51,7 +51,8 @@ def _describe(ann) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
     if origin in (list, tuple) or ann in (list, tuple):
-        return f"a list of {_describe(args[0]).removeprefix('a ')}s" if args else "a list"
+        return {str: "a list of paths or names", Path: "a list of paths", int: "a list of whole numbers"}.get(
+            args[0] if args else None, "a list")
     return {type(None): "None", str: "text or a path", Path: "a path", int: "a whole number",
             float: "a finite number", bool: "True or False", dict: "a dict"}.get(
         ann, _a(getattr(ann, "__name__", str(ann)) if origin is None else getattr(origin, "__name__", str(origin))))

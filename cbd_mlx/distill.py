@@ -43,7 +43,8 @@ def check_run_size(cfg: TrainConfig) -> None:
     per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * mx.distributed.init().size()
     if cfg.grad_accum > 1 and per_step > cfg.tokens:
         raise CBDError(f"one step of --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} x --grad-accum "
-                       f"{cfg.grad_accum} is {per_step:,} tokens, more than --tokens {cfg.tokens:,}: lower --grad-accum")
+                       f"{cfg.grad_accum} is {per_step:,} tokens, more than --tokens {cfg.tokens:,}: lower "
+                       "--grad-accum")
 
 
 def check_finite_loss(model, src: str | None, heldout, cfg: TrainConfig) -> None:

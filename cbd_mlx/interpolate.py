@@ -317,6 +317,8 @@ def _parse_alpha(alpha) -> float | str | None:
     if alpha in (None, "auto"):
         return alpha
     try:
+        if isinstance(alpha, bool):
+            raise TypeError  # True is not a blend weight
         alpha = float(alpha)
     except (TypeError, ValueError):
         raise CBDError(f"--alpha must be a number in [0, 1], 'auto' or 'distance', not '{alpha}'") from None

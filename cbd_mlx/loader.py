@@ -381,11 +381,11 @@ def load_anchor(source: str, revision: str | None = None, check_finite: bool = T
     path = resolve(source, revision)
     config = check_model_files(path)
     family = family_of(config)
-    shape_of(family, config)
+    shape = shape_of(family, config)  # dimensions bounded before anything is built from them
     weights = None if "quantization" in config else _load_mlx_format(path)
     if weights is None:
         weights, config = _load_with_mlx_lm(path)
-    shape = shape_of(family, config)
+        shape = shape_of(family, config)
     _check_weights(path, family, shape, weights)
     prov = read_provenance(path)
     a = Anchor(source, path, config, weights, family, shape, prov)

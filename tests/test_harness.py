@@ -134,8 +134,10 @@ def _nonfinite(paths: list) -> list[str]:
                     json.loads(f.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
                 except ValueError as e:
                     bad.append(f"{f.name}: {e}"[:200])
-            elif f.suffix in (".md", ".txt") and f.stat().st_size < 1 << 20 and NAN_WORD.search(f.read_text("utf-8", "replace")):
-                bad.append(f"{f.name}: {NAN_WORD.search(f.read_text('utf-8', 'replace')).group(0)}")
+            elif f.suffix in (".md", ".txt") and f.stat().st_size < 1 << 20:
+                m = NAN_WORD.search(f.read_text("utf-8", "replace"))
+                if m:
+                    bad.append(f"{f.name}: {m.group(0)}")
             elif f.suffix == ".safetensors":
                 with open(f, "rb") as fh:
                     n = int.from_bytes(fh.read(8), "little")
@@ -365,58 +367,65 @@ def run_cases(cases: list[Case], work: Path) -> list[dict]:
     case_file.write_bytes(pickle.dumps(cases))
     result_file.write_text("")
     results: dict[int, dict] = {}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(TESTS)}
     start = 0
     while start < len(cases):
-        code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_harness as h; "
-                f"h._worker({str(case_file)!r}, {str(result_file)!r}, {start})")
-        log = open(work / f"worker-{start}.log", "w")
+        start = _run_worker(cases, start, work, results)
+    return [results.get(i, {"i": i, "status": "harness", "detail": "no result"}) for i in range(len(cases))]
+
+
+def _run_worker(cases: list[Case], start: int, work: Path, results: dict) -> int:
+    """One worker from case ``start`` on, its answers into ``results``; returns where the next worker starts."""
+    case_file, result_file = work / "cases.pkl", work / "results.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": f"{TESTS}{os.pathsep}{TESTS.parent}"}  # the package of this checkout, under test
+    cap = float(os.environ.get("HARNESS_TIMEOUT_CAP", "inf"))  # seconds a case may take at most (long hunts)
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_harness as h; "
+            f"h._worker({str(case_file)!r}, {str(result_file)!r}, {start})")
+    log_file = work / f"worker-{start}.log"
+    seen = len(_complete_lines(result_file))
+    current, since = None, time.time()
+    with open(log_file, "w") as log:
         p = subprocess.Popen([sys.executable, "-c", code], cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=log,
                              stderr=log, start_new_session=True)
-        current, since, seen = None, time.time(), 0
-        while True:
-            lines = result_file.read_text().splitlines()
-            for line in lines[seen:]:
-                r = json.loads(line)
-                if r.get("start"):
-                    current, since = r["i"], time.time()
-                else:
-                    results[r["i"]] = r
-                    current = None
-            seen = len(lines)
-            if len(results) == len(cases) and p.poll() is None:  # all answered: a lingering worker is not waited for
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            done = p.poll() is not None
-            if current is not None and time.time() - since > cases[current].timeout:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-                results[current] = {"i": current, "status": "hang", "detail": f"no answer in {cases[current].timeout}s"}
-                start = current + 1
-                break
-            if done:
-                lines = result_file.read_text().splitlines()
+        try:
+            while True:
+                exited = p.poll() is not None  # polled first: every line it wrote before exiting is read below
+                lines = _complete_lines(result_file)
                 for line in lines[seen:]:
                     r = json.loads(line)
-                    if not r.get("start"):
-                        results[r["i"]] = r
-                        current = None if r["i"] == current else current
+                    if r.get("start"):
+                        current, since = r["i"], time.time()
                     else:
-                        current = r["i"]
-                tail = (work / f"worker-{start}.log").read_text()[-1500:]
-                if current is not None and current not in results:
-                    results[current] = {"i": current, "status": "crash",
-                                        "detail": f"worker died with {p.returncode} ({_signame(p.returncode)}): {tail}"}
-                    start = current + 1
-                else:  # finished, or died between cases (a harness error): skip to the first case without a result
+                        results[r["i"]], current = r, None
+                seen = len(lines)
+                if exited:
+                    tail = log_file.read_text()[-1500:]
+                    if current is not None:
+                        results[current] = {"i": current, "status": "crash", "detail":
+                                            f"worker died with {p.returncode} ({_signame(p.returncode)}): {tail}"}
+                        return current + 1
                     nxt = next((i for i in range(start, len(cases)) if i not in results), None)
-                    if nxt is not None:
-                        results[nxt] = {"i": nxt, "status": "harness", "detail": f"worker exited: {tail}"}
-                    start = len(cases) if nxt is None else nxt + 1
-                break
-            time.sleep(0.05)
-        log.close()
-    return [results.get(i, {"i": i, "status": "harness", "detail": "no result"}) for i in range(len(cases))]
+                    if nxt is None:
+                        return len(cases)
+                    results[nxt] = {"i": nxt, "status": "harness", "detail": f"worker exited: {tail}"}
+                    return nxt + 1
+                if len(results) == len(cases):  # all answered: a worker that lingers is not waited for
+                    return len(cases)
+                limit = min(cases[current].timeout, cap) if current is not None else None
+                if current is not None and time.time() - since > limit:
+                    results[current] = {"i": current, "status": "hang", "detail": f"no answer in {limit:.0f}s"}
+                    return current + 1
+                time.sleep(0.05)
+        finally:  # whatever ends the wait (a hang, an error of the parent) ends the worker too
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _complete_lines(f: Path) -> list[str]:
+    """The lines of a file another process appends to, without a last one it has not finished writing."""
+    text = f.read_text()
+    return text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
 
 
 def _signame(code: int) -> str:
@@ -1207,7 +1216,8 @@ def _c3_weights(g: Gen) -> Case:
         "recover": ["recover", m, "--data", g.w["cache"], "--tokens", "128", *TRAIN, "--out", out],
     }.get(cmd) or model_cmds(g.w, m, d)[cmd]
     return g.case(d, f"weights {k} {how} | {cmd}", "cli", argv, outs=[str(out)],
-                  match=None if cmd != "recover" else r"(?i)nan|inf|not a number|overflow|damaged|finite|" + re.escape(str(m)))
+                  match=None if cmd != "recover" else r"(?i)nan|inf|not a number|overflow|damaged|finite|"
+                  + re.escape(str(m)))
 
 
 def _c3_checkpoint(g: Gen) -> Case:
@@ -1379,7 +1389,8 @@ def _writers(w: dict, out) -> dict:
                  "--out", out],
         "export": ["export", w["big"], "--bits", "8", "--group-size", "32", "--out", out],
         "export --package": ["export", w["big"], "--bits", "8", "--group-size", "32", "--package", "--out", out],
-        "data prepare": ["data", "prepare", HELDOUT, "--tokenizer", w["big"], "--out", out],
+        "data prepare": ["data", "prepare", HELDOUT, "--tokenizer", w["big"], "--heldout-fraction", "0", "--out",
+                         out],
         "distill": ["distill", "--teacher", w["big"], "--student", w["small"], "--data", w["cache"], "--tokens", "128",
                     *TRAIN, "--out", out],
         "prune": ["prune", "--from", w["big"], "--size", f"{w['n_small'] / 1e6}M", "--out", out],
@@ -1567,7 +1578,9 @@ def _invalid(param: str, v) -> bool:
         return not (v is None or isinstance(v, (str, os.PathLike))) or v == ""
     if param in ("calib", "eval_data", "teacher_cache"):  # paths read only when used (calib: not by rtn, a lineage)
         return not (v is None or isinstance(v, (str, os.PathLike))) or v == ""
-    if param in ("cfg", "anchors", "inputs", "shape", "sizes", "sources", "chain"):
+    if param == "shape":
+        return not (v is None or v == {})
+    if param in ("cfg", "anchors", "inputs", "sizes", "sources", "chain"):
         return True  # the pool never holds a valid one
     return False  # flags and callbacks: anything may pass, but only CBDError may come out
 
