@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--suite", type=Path, required=True, help="out-of-domain suite directory (`cbd-mlx data suite`)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "cbd-mlx" / "bench-dtype")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--eval-tokens", type=int, default=1024, help="tokens of each suite text scored (MLX's CPU "
+                    "half-precision matmuls are slow)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "export" / "dtype.json")
     args = ap.parse_args()
@@ -53,12 +55,12 @@ def main() -> None:
         d = dirs[dt] = args.work / f"init-{args.size}-{dt}"
         if not (d / "config.json").is_file():
             cbd_mlx.init(args.size, out=str(d), force=True, dtype=dt)
-    suite = read_suite(dirs["float32"], [args.suite])
+    suite = read_suite(dirs["float32"], [args.suite], args.eval_tokens)
     prompt = (ROOT / "tests" / "data" / "heldout.txt").read_text()[:600]
     rows = {}
     for dt, d in dirs.items():
         model, _ = mlx_lm.load(str(d))
-        ppl = {k: perplexity(model, t, progress=False)["ppl"] for k, t in suite.items()}
+        ppl = {k: perplexity(model, t, seq_len=256, progress=False)["ppl"] for k, t in suite.items()}
         size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
         rows[dt] = {"size_mb": size / 1e6, "ppl": ppl, "runs": []}
     for _ in range(args.reps):
