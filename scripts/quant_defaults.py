@@ -100,7 +100,7 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
     sizes = list(results)
-    print(f"\n| 4-bit recipe | bits/weight | " + " | ".join(f"{s}: suite ppl vs fp32" for s in sizes) + " |")
+    print("\n| 4-bit recipe | bits/weight | " + " | ".join(f"{s}: suite ppl vs fp32" for s in sizes) + " |")
     print("|---|---|" + "---|" * len(sizes))
     for label, *_ in VARIANTS:
         cells = [results[s].get(label) for s in sizes]
