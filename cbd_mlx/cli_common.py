@@ -71,7 +71,11 @@ def shape_options(f):
 
 
 def say(msg: str) -> None:
-    click.echo(msg, err=True)
+    """A line on stderr, never glued to a progress bar: open bars are cleared first and drawn again after."""
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        click.echo(msg, err=True)
 
 
 def check_out(out: Path, force: bool) -> None:

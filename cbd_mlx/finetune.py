@@ -168,8 +168,9 @@ class FinetuneConfig:
                                "whole number")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise CBDError(f"--lr {self.lr!r} is invalid: give a finite number > 0")
-        if self.num_layers != -1 and self.num_layers < 1:
-            raise CBDError(f"--num-layers {self.num_layers} is invalid: give a positive count, or -1 for all layers")
+        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or (
+                self.num_layers != -1 and self.num_layers < 1):
+            raise CBDError(f"--num-layers {self.num_layers!r} is invalid: give a positive count, or -1 for all layers")
 
 
 def finetune(model_src: str, data_dir: Path, out: Path, cfg: FinetuneConfig | None = None, force: bool = False,

@@ -234,6 +234,9 @@ def check_gguf_tokenizer(get) -> None:
     elif model == "gpt2" and not (isinstance(get("tokenizer.ggml.merges"), list) and all(
             isinstance(m, str) and len(m.split(" ")) == 2 for m in get("tokenizer.ggml.merges"))):
         bad = "tokenizer.ggml.merges is missing or not a list of 'a b' pairs"
+    elif model == "llama" and not (isinstance(get("tokenizer.ggml.scores"), list)
+                                   and len(get("tokenizer.ggml.scores")) == len(tokens)):
+        bad = "tokenizer.ggml.scores does not give one score per token (a SentencePiece tokenizer needs them)"
     types = get("tokenizer.ggml.token_type")
     if types is not None and (not isinstance(types, list) or len(types) != len(tokens)):
         bad = bad or "tokenizer.ggml.token_type does not give one type per token"

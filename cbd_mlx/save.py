@@ -184,10 +184,16 @@ def _umask() -> int:
 
 def check_out_path(out) -> Path:
     """``out`` as a Path that names an entry of its own: not '', '.', '..' or
-    a path ending in them (replacing one would replace the folder it is in)."""
+    a path ending in them, and not the folder this process works in, one
+    above it or the home folder (replacing one would delete where the user
+    works)."""
     p = Path(out)
     if str(out) == "" or p.name in ("", ".", ".."):
         raise CBDError(f"--out {str(out)!r} does not name a new file or folder; give a path such as models/my-model")
+    where = p.resolve()
+    if any(where == d or where in d.parents for d in (Path.cwd().resolve(), Path.home().resolve())):
+        raise CBDError(f"--out {out} is the current folder, the home folder or one above them; replacing it would "
+                       "delete where you work: give a new path")
     return p
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from .errors import CBDError
 from .families import Family, layer_local_name
 from .evaluate import tokenize_file
-from .loader import Anchor, load_tokenizer, model_from_weights
+from .loader import Anchor, all_finite, load_tokenizer, model_from_weights
 from .operators import Selection
 from .shapes import Shape
 
@@ -133,7 +133,12 @@ def collect_stats(anchor: Anchor, batches: np.ndarray, batch_size: int = 4, gram
     with _recording(model, anchor.family, grams) as rec:
         for i in range(0, len(batches), batch_size):
             mx.eval(model(mx.array(batches[i : i + batch_size])))
-    return rec["stats"]
+    st = rec["stats"]
+    parts = [*st.mean_abs.values(), *st.samples.values(), st.layer_influence, *(st.grams or {}).values()]
+    if not all(all_finite(np.asarray(p)) for p in parts):  # finite weights whose activations overflow
+        raise CBDError(f"{anchor.source}: its activations on the calibration text overflow to NaN or Inf, so its "
+                       "weights are damaged or out of range; check it with `cbd-mlx eval`")
+    return st
 
 
 def importance(family: Family, shape: Shape, stats: Stats) -> dict:
