@@ -61,7 +61,7 @@ TESTS = Path(__file__).resolve().parent
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 0) or 0)
 SEED = int(os.environ.get("FUZZ_SEED") or (random.SystemRandom().randrange(1 << 30) if EXAMPLES else 0))
 # cases per class in one run (FUZZ_EXAMPLES=N: N/15 times as many)
-PER_RUN = {1: 48, 2: 8, 3: 12, 4: 26, 5: 22, 6: 44, 7: 12, 8: 2}
+PER_RUN = {1: 48, 2: 8, 3: 12, 4: 26, 5: 22, 6: 44, 7: 12, 8: 2}  # class 1 includes 3 controls (undamaged inputs)
 CLASSES = {1: "contents", 2: "hashes", 3: "NaN results", 4: "bounds", 5: "paths", 6: "Python API", 7: "mlx-lm",
            8: "concurrent caches"}
 NAN_WORD = re.compile(r"(?i)(?<![A-Za-z0-9_.])[-+]?(nan|inf|infinity)(?![A-Za-z0-9_])")
@@ -466,9 +466,10 @@ def violations(case: Case, r: dict) -> list[str]:
         runs = [r]
     else:
         runs = r["procs"]
-        if case.expect == "ok" and any(p["code"] != 0 for p in runs):
-            v.append("a process failed: " + " | ".join(p["err"].strip().splitlines()[-1][:300]
-                                                       for p in runs if p["code"] and p["err"].strip()))
+    if case.expect == "ok" and any(p["code"] != 0 for p in runs):
+        why = r.get("msg") or " | ".join(p["err"].strip().splitlines()[-1][:300] for p in runs
+                                         if p["code"] and p["err"].strip())
+        v.append(f"refused what it must accept: {why[:400]}")
     for p in runs:
         code, err = p["code"], p["err"]
         if code not in (0, 1):
@@ -657,10 +658,28 @@ def gen_contents(g: Gen) -> list[Case]:
     makers = [(_c1_config_field, 5), (_c1_json_file, 2), (_c1_gguf, 3), (_c1_checkpoint, 2), (_c1_teacher_cache, 2),
               (_c1_jsonl, 2), (_c1_token_cache, 1), (_c1_manifest, 1), (_c1_lineage, 2), (_c1_provenance, 2)]
     bag = [m for m, k in makers for _ in range(k)]
-    cases = [m(g) for m in bag]  # every kind at least once
+    cases = _c1_controls(g) + [m(g) for m in bag]  # every kind at least once
     while len(cases) < n_cases(1):
         cases.append(g.pick(bag)(g))
     return cases[:max(n_cases(1), len(bag))]
+
+
+def _c1_controls(g: Gen) -> list[Case]:
+    """The same inputs undamaged: what the checks let through must still work (a check that refuses valid
+    files is a bug too)."""
+    out = []
+    d = g.folder()
+    shutil.copytree(g.w["ck"], d / "out.partial")
+    out.append(g.case(d, "control: an intact checkpoint resumes", "api", _train_api(g, d), expect="ok",
+                      outs=[str(d / "out")]))
+    d = g.folder()
+    shutil.copytree(g.w["tc"], d / "tc")
+    out.append(g.case(d, "control: an intact teacher cache is read", "api",
+                      _train_api(g, d, teacher_cache=str(d / "tc"), cache_k=4), expect="ok", outs=[str(d / "out")]))
+    d = g.folder()
+    out.append(g.case(d, "control: an intact GGUF converts", "cli", ["convert", g.w["gguf"], "--out", d / "out"],
+                      expect="ok", env={"CBD_MLX_CACHE": str(d / "cache")}, outs=[str(d / "out")]))
+    return out
 
 
 def _c1_config_field(g: Gen) -> Case:
