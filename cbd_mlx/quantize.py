@@ -21,6 +21,9 @@ GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "awq", "gptq")
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")  # mlx-lm's mixed-precision recipes (rtn)
 
+CALIB_SEQS = 32  # calibration sequences for awq / gptq
+CALIB_SEQ_LEN = 256
+
 
 def default_precision(bits: int, method: str, recipe: str | None = "auto",
                       embed_bits: int | None = None) -> tuple[str | None, int | None]:
@@ -37,8 +40,6 @@ def default_precision(bits: int, method: str, recipe: str | None = "auto",
     elif recipe == "uniform":
         recipe = None
     return recipe, embed_bits if embed_bits is not None else (8 if auto else None)
-CALIB_SEQS = 32  # calibration sequences for awq / gptq
-CALIB_SEQ_LEN = 256
 
 
 def is_quantized(path: Path) -> dict | None:
