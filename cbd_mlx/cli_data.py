@@ -39,7 +39,8 @@ def data_prepare(inputs, tokenizer, out, heldout_fraction, force):
 def data_fetch(out, sources, force):
     """Real English text offline from Debian packages: the Python and Linux
     docs, Jane Austen's novels, Bierce's Devil's Dictionary, the Jargon File,
-    the GNOME user help and Debian's history (licences in OUT/README.txt):
+    the GNOME user help, Debian's history, the World English Bible and five
+    State of the Union addresses (licences in OUT/README.txt):
     cleaned, one document per file, whole documents and whole novels
     (Persuasion) held out for evaluation."""
 

@@ -2,8 +2,10 @@
 (reST sources), the Linux 6.1 docs, Jane Austen's six novels (inside an R
 data file), and prose of other kinds and eras (``BROAD``): Ambrose Bierce's
 *Devil's Dictionary* (1911 satire), the Jargon File (hacker slang and lore),
-the GNOME user help (everyday how-to writing) and the Debian project's
-history, manifesto, social contract and constitution. Cleaned, one document
+the GNOME user help (everyday how-to writing), the Debian project's
+history, manifesto, social contract and constitution, the World English
+Bible (narrative, law, poetry and letters in modern English) and five State
+of the Union addresses (2010-2014 political speech). Cleaned, one document
 per file, whole documents held out.
 
 And an out-of-domain evaluation suite (``fetch_suite``): texts that share
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from .data import is_heldout
 from .errors import CBDError
 from .loader import cache_dir
-from .rdata import read_lazyload_db
+from .rdata import read_lazyload_db, unserialize
 from .save import atomic_dir
 
 PACKAGES = {
@@ -36,6 +38,8 @@ PACKAGES = {
     "jargon": "dict-jargon",
     "gnome": "gnome-user-docs",
     "history": "debian-history",
+    "bible": "sword-text-web",
+    "sotu": "r-cran-wordcloud",
 }
 LICENCES = {
     "python": "PSF License 2",
@@ -45,8 +49,10 @@ LICENCES = {
     "jargon": "public domain",
     "gnome": "CC-BY-SA-3.0",
     "history": "GPL-2+ (project history); the social contract and constitution are Debian's, freely redistributable",
+    "bible": "public domain (World English Bible; the SWORD packaging GPL-2+)",
+    "sotu": "public domain (US government works; the R package is LGPL-2.1)",
 }
-BROAD = ("devil", "jargon", "gnome", "history")  # the kinds of prose beyond docs and Austen
+BROAD = ("devil", "jargon", "gnome", "history", "bible", "sotu")  # the kinds of prose beyond docs and Austen
 DICT_DOC_CHARS = 6_000  # a dictionary is cut into documents of about this size, at entry boundaries
 HELDOUT_BOOKS = ("persuasion",)  # whole novels kept for evaluation (perplexity, cloze)
 HELDOUT_DOC_FRACTION = 0.05
@@ -200,8 +206,51 @@ def _history(root: Path):
                 yield f"{f.name.split('.')[0]}-{i:03d}", doc
 
 
+def clean_osis(xml: str) -> str:
+    """OSIS markup (a SWORD module's verses) -> plain text: notes dropped, a
+    paragraph break at each paragraph, chapter and title marker."""
+    import html
+
+    xml = re.sub(r"<note\b.*?</note>", " ", xml, flags=re.S)
+    xml = re.sub(r"<title\b.*?</title>", "\n\n", xml, flags=re.S)
+    xml = re.sub(r"<(div|chapter|lg)\b[^>]*/>", "\n\n", xml)
+    xml = re.sub(r"<(l|lb)\b[^>]*/>", " ", xml)
+    text = html.unescape(re.sub(r"<[^>]+>", "", xml))
+    paras = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)]
+    return "\n\n".join(p for p in paras if p) + "\n"
+
+
+def _bible(root: Path):
+    """The World English Bible (a SWORD zText module: zlib blocks indexed by
+    ``*.bzs``, 12 bytes each: offset, size, plain size), one document per book
+    cut into pieces of about ``DICT_DOC_CHARS``."""
+    import struct
+    import zlib
+
+    folder = next(root.rglob("modules/texts/ztext/*/"))
+    for testament in ("ot", "nt"):
+        index, blocks = (folder / f"{testament}.bzs").read_bytes(), (folder / f"{testament}.bzz").read_bytes()
+        xml = b"".join(zlib.decompress(blocks[off: off + size])
+                       for off, size, _ in struct.iter_unpack("<III", index)).decode(errors="replace")
+        for book in re.split(r'(?=<div [^>]*type="book")', xml):
+            name = re.search(r'osisID="([\w.]+)"', book)
+            for i, doc in enumerate(_chunks(clean_osis(book))):
+                yield f"{testament}-{name.group(1) if name else 'front'}-{i:03d}", doc
+
+
+def _sotu(root: Path):
+    """State of the Union addresses (2010-2014) from the R package wordcloud's
+    ``SOTU`` data set (an R corpus object in a gzip'd .RData file)."""
+    raw = gzip.decompress(next(root.rglob("wordcloud/data/SOTU.RData")).read_bytes())
+    docs = unserialize(raw[5:])["SOTU"]  # skip the "RDX2\n" magic of a saved workspace
+    for i, d in enumerate(docs["content"] if isinstance(docs, dict) else docs):
+        text = "\n".join(d["content"]).replace("\r\n", "\n")
+        for j, doc in enumerate(_chunks(re.sub(r"\n", "\n\n", text))):
+            yield f"sotu-{i:02d}-{j:02d}", doc
+
+
 READERS = {"python": _python_docs, "linux": _linux_docs, "austen": _austen, "devil": _devil,
-           "jargon": _jargon, "gnome": _gnome, "history": _history}
+           "jargon": _jargon, "gnome": _gnome, "history": _history, "bible": _bible, "sotu": _sotu}
 
 # the out-of-domain suite: name -> (Debian package, licence, what it is)
 SUITE = {

@@ -37,11 +37,14 @@ from cbd_mlx.train import TrainConfig  # noqa: E402
 
 
 def mixed_inputs(old: Path, broad: Path) -> list[Path]:
-    """The mix: the broad corpus whole, plus a balanced part of the old one."""
+    """The mix: the broad corpus (half of the Bible's documents, the rest
+    whole), plus a balanced part of the old one."""
     austen = sorted((old / "train" / "austen").glob("*.txt"))[:3]
     python = sorted((old / "train" / "python").glob("*.txt"))[::4]
     linux = sorted((old / "train" / "linux").glob("*.txt"))[::20]
-    return austen + python + linux + [broad / "train" / s for s in BROAD if (broad / "train" / s).is_dir()]
+    bible = sorted((broad / "train" / "bible").glob("*.txt"))[::2]  # ~600K tokens: a fifth of the mix
+    rest = [broad / "train" / s for s in BROAD if s != "bible" and (broad / "train" / s).is_dir()]
+    return austen + python + linux + bible + rest
 
 
 def plot_polish(out: Path) -> Path:

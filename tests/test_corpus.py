@@ -43,6 +43,19 @@ def test_fetch_austen_holds_out_a_whole_novel(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs a Debian-based system")
+def test_fetch_bible_and_speeches_are_clean_prose(tmp_path):
+    out = fetch(tmp_path / "corpus", ("bible", "sotu"))
+    bible = {p.stem: p.read_text() for p in (out / "train" / "bible").iterdir()}
+    assert len(bible) > 500 and sum(map(len, bible.values())) > 3_000_000
+    gen = bible["ot-Gen-000"]
+    assert gen.startswith("In the beginning, God created the heavens and the earth.")
+    assert not any("<" in t or "strong:" in t for t in bible.values())  # markup and notes gone
+    sotu = " ".join(p.read_text() for p in (out / "train" / "sotu").iterdir())
+    assert "Members of Congress" in sotu and len(sotu) > 50_000
+    assert list((out / "heldout").rglob("*.txt")), "whole documents are held out too"
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs a Debian-based system")
 def test_the_out_of_domain_suite_shares_nothing_with_the_corpus(tmp_path):
     from cbd_mlx.corpus import SUITE, SUITE_MIN_CHARS, fetch_suite
 
