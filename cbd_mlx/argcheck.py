@@ -24,7 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .arch.shapes import SHAPE_RULES
 from .errors import CBDError
+from .quantize import BITS, GROUP_SIZES, METHODS
+from .save import SAFETENSORS_DTYPES, check_out_path
 
 PATH_NAMES = {"calib", "out", "eval_data", "calib_text", "teacher_cache"}  # unannotated parameters that are paths
 OWN_CHECK = {"size", "alpha"}  # parameters the functions read leniently and check themselves (size_of, alpha)
@@ -32,9 +35,6 @@ OWN_CHECK = {"size", "alpha"}  # parameters the functions read leniently and che
 
 def _named() -> tuple[dict, dict]:
     """(ranges, choices) of parameters by name: the command line's options."""
-    from .quantize import BITS, GROUP_SIZES, METHODS
-    from .save import SAFETENSORS_DTYPES
-    from .shapes import SHAPE_RULES
 
     ranges = {"max_tokens": (1, None), "calib_tokens": (1, None), "eval_tokens": (1, None), "cache_k": (1, 1 << 16),
               "n_params": (1, None), "stop_after": (1, None), "polish_tokens": (0, None), "cloze": (0, None),
@@ -138,7 +138,6 @@ def check_args(fn, bound: inspect.BoundArguments, hints: dict) -> None:
         if v is None:
             continue
         if name == "out":
-            from .save import check_out_path
 
             check_out_path(v)
         if name in ranges and isinstance(v, numbers.Integral):

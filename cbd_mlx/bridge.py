@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .arch.anchor import build_model
+from .arch.shapes import config_for, format_size
+from .calibration import DEFAULT_CALIB, calibration_from
 from .data import iter_documents, open_cache, prepare, split_documents
 from .distill import distill
 from .errors import CBDError, check_count, check_fits
 from .evaluate import read_text
-from .loader import build_model, load_anchor, load_tokenizer, read_provenance, resolve
-from .prune import child_shape, prune_weights
+from .loader import load_anchor, load_tokenizer, read_provenance, resolve
+from .method.pruning import child_shape, prune_weights
 from .save import dump_json, read_json, refuse_existing, write_model
-from .selection import DEFAULT_CALIB, calibration_from
-from .shapes import config_for, format_size
 from .uld import XVocabTargets, build_targets
 
 PROMPT_WORDS = 24  # words per prompt drawn from text files

@@ -8,12 +8,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .arch.families import FAMILIES
+from .arch.shapes import Shape, check_shape, config_for, format_size
 from .delta_store import materialize
 from .errors import CBDError
-from .families import FAMILIES
 from .loader import anchor_sha256, is_delta_dir, is_hub_id, load_anchor
 from .resources import PACKAGED_MODELS, packaged_model
-from .shapes import Shape, check_shape, config_for, format_size
+
 
 def _chains_dir() -> Path:
     """Where the shipped chain manifests live: inside the installed package

@@ -15,19 +15,19 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import delta
-from .chain import (MANIFEST_NAME, SHARED_DIR, SHARED_FILE, Chain, ChainAnchor, dump_chain, load_chain_anchor,
-                    reference)
+from .arch.anchor import Anchor, model_from_weights
+from .calibration import calibration_from
+from .chain import MANIFEST_NAME, SHARED_DIR, SHARED_FILE, Chain, ChainAnchor, dump_chain, load_chain_anchor, reference
 from .delta_store import materialize, parent_subset, write_delta_dir
 from .errors import CBDError
 from .evaluate import perplexity
 from .export import eval_ppl
-from .interpolate import grow
-from .loader import Anchor, anchor_sha256, load_anchor, model_from_weights, read_provenance
-from .operators import Selection
+from .loader import anchor_sha256, load_anchor, read_provenance
+from .method import delta
+from .method.interpolation import grow
+from .method.operators import Selection
 from .quantize import CALIB_SEQ_LEN, CALIB_SEQS, bits_per_weight, quantize_anchor
 from .save import DELTA_FILE, atomic_dir, write_model, write_quantized
-from .selection import calibration_from
 
 
 def pad_widths(a: Anchor, multiple: int) -> tuple[Anchor, dict | None]:
@@ -57,7 +57,7 @@ def pad_widths(a: Anchor, multiple: int) -> tuple[Anchor, dict | None]:
             raise CBDError(f"cannot pad {a.source} to multiples of {multiple}: its parent is too narrow")
     padded = {"hidden": [s.hidden, t.hidden], "ffn": [s.ffn, t.ffn]}
     prov["padded"] = padded
-    return Anchor(a.source, a.path, cfg, weights, a.family, t, prov), padded
+    return Anchor(a.source, a.path, cfg, weights, a.family, t, prov, a.sha256), padded
 
 
 def _extend_parent_ranking(lin: dict, padded: dict) -> None:

@@ -13,62 +13,25 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .arch.anchor import Anchor, model_from_weights
+from .arch.shapes import Shape, config_for, format_size, solve_shape
 from .bridge import bridge as run_bridge
+from .calibration import cache_calibration
 from .chain import MANIFEST_NAME, SHARED_DIR, SHARED_FILE, Chain, ChainAnchor, dump_chain, load_chain, load_chain_anchor
-from .data import open_cache
 from .distill import distill
 from .errors import CBDError
-from .interpolate import lineage_of
 from .evaluate import perplexity
-from .loader import Anchor, anchor_sha256, load_anchor, model_from_weights, read_provenance
-from .operators import subset
-from .prune import child_shape, prune_weights
+from .loader import anchor_sha256, load_anchor, read_provenance
+from .method.lineage import MAX_STEP, check_steps, lineage_of, ranks_within
+from .method.operators import subset
+from .method.pruning import child_shape, prune_weights
+from .method.ranking import placement, select
 from .save import read_json, write_model
-from .selection import CALIB_SEQ_LEN, placement, select
-from .shapes import Shape, config_for, format_size, solve_shape
 from .train import TrainConfig
 
-
-MAX_STEP = 0.25  # the most of its parent's parameters one chain step may remove
-CHAIN_CALIB_TOKENS = 32768  # calibration tokens for each pruning, spread over the cache
 ANCHOR_MULTIPLE = 64  # anchor widths: multiples of 64 (mlx quantizes them in groups of 64)
 CACHE_K = 32  # top-k of each step's teacher cache
 STEP_METRICS = "metrics.chain.jsonl"  # a polished anchor's chain-step curve
-
-
-def cache_calibration(cache: Path, tokens: int = CHAIN_CALIB_TOKENS, seq_len: int = CALIB_SEQ_LEN) -> np.ndarray:
-    """Calibration windows spread evenly over a cache's training split (all
-    its sources and documents, not just the first)."""
-    _, splits = open_cache(cache)
-    train = splits["train"]
-    if len(train) < seq_len + 1:
-        raise CBDError("the token cache is too small for calibration")
-    n = max(1, min(tokens // seq_len, (len(train) - 1) // seq_len))
-    starts = np.linspace(0, len(train) - seq_len - 1, n).astype(np.int64)
-    return np.stack([np.asarray(train[s:s + seq_len], dtype=np.int32) for s in starts])
-
-
-def dense_sizes(top: int, bottom: int, max_step: float = MAX_STEP) -> list[int]:
-    """Evenly spaced (geometrically) sizes from below ``top`` down to
-    ``bottom``, no step removing more than ``max_step`` of its parent."""
-    k = max(1, int(np.ceil(np.log(bottom / top) / np.log(1 - max_step) - 1e-9)))
-    r = (bottom / top) ** (1 / k)
-    return [int(float(f"{top * r ** i:.3g}")) for i in range(1, k)] + [bottom]
-
-
-def check_steps(n_source: int, sizes: list[int], max_step: float = MAX_STEP) -> None:
-    """Refuse a chain whose steps remove more than ``max_step`` (each anchor is
-    distilled from the previous one only: big gaps make weak anchors)."""
-    if sorted(sizes, reverse=True) != sizes or sizes[0] >= n_source:
-        raise CBDError("--sizes must be decreasing and below the source's size")
-    for parent, child in zip([n_source] + sizes, sizes):
-        if child < parent * (1 - max_step) * (1 - 0.02):
-            hint = ",".join(format_size(n).replace(".0M", "M") for n in dense_sizes(n_source, sizes[-1], max_step))
-            raise CBDError(
-                f"the step {format_size(parent)} -> {format_size(child)} removes {1 - child / parent:.0%} of the "
-                f"parameters (at most {max_step:.0%} per step); use denser sizes, e.g. --sizes {hint}, "
-                "or raise --max-step"
-            )
 
 
 def _entry(name: str, a: Anchor, parent: str | None) -> ChainAnchor:
@@ -290,21 +253,6 @@ def unpack_chain(chain: Chain, out: Path, force: bool = False, log=print) -> Cha
     return load_chain(out / MANIFEST_NAME)
 
 
-def _ranks_within(ranks: dict, sel) -> dict:
-    """A parent's rankings restricted to the parts ``sel`` keeps, in ``sel``'s
-    own indices: the ranking a child of the selected model inherits."""
-    def within(order, kept):
-        pos = {int(v): i for i, v in enumerate(kept)}
-        return [pos[int(i)] for i in order if int(i) in pos]
-
-    return {
-        "layers": within(ranks["layers"], sel.layers),
-        "hidden": within(ranks["hidden"], sel.hidden),
-        "ffn": [within(ranks["ffn"][b], sel.ffn[j]) for j, b in enumerate(sel.layers)],
-        "kv_heads": [within(ranks["kv_heads"][b], sel.kv_heads[j]) for j, b in enumerate(sel.layers)],
-    }
-
-
 def insert_anchor(out: Path, big: str, small: str, size: int, name: str, log=print) -> Chain:
     """Densify a chain: a new anchor ``name`` of about ``size`` parameters
     between adjacent anchors ``big`` > ``small``, born as the Subset of ``big``
@@ -347,7 +295,7 @@ def insert_anchor(out: Path, big: str, small: str, size: int, name: str, log=pri
         p["lineage"] = {k: v for k, v in old.items() if k not in ("through",)} | \
             placement(sel_t, sel_s).to_json() | {"parent": mid.source, "parent_sha256": anchor_sha256(mid),
                                                  "parent_shape": target.as_dict(),
-                                                 "parent_ranking": _ranks_within(ranks, sel_t)}
+                                                 "parent_ranking": ranks_within(ranks, sel_t)}
         p["parent"] = name
 
     _rewrite_provenance(out / "anchors" / small, repoint)

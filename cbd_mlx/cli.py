@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from ._version import __version__
+from .arch.shapes import SHAPE_RULES, parse_size
 from .bridge import bridge, prompts_from
 from .cli_chain import chain_group, chains_cmd
 from .cli_common import (DTYPE_CHOICE, GENERATE, LR, NON_NEGATIVE, POSITIVE, SEQ_LEN, TEMPERATURE, WEIGHT, Alpha,
@@ -30,7 +31,6 @@ from .loader import load_anchor
 from .prune import build_prune
 from .quantize import BITS, RECIPES
 from .recover import recover, recover_lr
-from .shapes import SHAPE_RULES, parse_size
 from .train import TrainConfig
 
 

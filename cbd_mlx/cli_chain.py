@@ -7,17 +7,18 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .arch.anchor import param_template
+from .arch.families import FAMILIES
+from .arch.shapes import count_params, format_size, parse_size, solve_shape
 from .bridge import prompts_from
+from .calibration import DEFAULT_CALIB
 from .chain import find_chain, list_chains, manifest_config, round_sizes
 from .chain_pack import pack_chain, pack_deltas
 from .chainbuild import build_chain
 from .cli_common import LR, POSITIVE, SEQ_LEN, WEIGHT, Finite, say
 from .errors import CBDError
 from .evaluate import read_suite
-from .families import FAMILIES
-from .loader import param_template, resolve
-from .selection import DEFAULT_CALIB
-from .shapes import count_params, format_size, parse_size, solve_shape
+from .loader import resolve
 from .train import TrainConfig
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
+from .arch.shapes import MAX_DIMS
 from .save import refuse_existing
-from .shapes import MAX_DIMS
 
 # the generator to name in hints: mlx-lm's own on a Mac; elsewhere the same command started with
 # OpenBLAS loaded (mlx_lm.generate alone runs on the wheel's reference BLAS: 29 vs 478 prompt tokens/s)

@@ -20,7 +20,6 @@ import numpy as np
 
 from . import cpu_threads
 
-
 FLOOR = -60.0  # lowest log-probability kept; masked positions get e^-60 (~1e-26) instead of 0
 
 

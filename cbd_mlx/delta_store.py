@@ -19,10 +19,11 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from . import delta
+from .arch.anchor import Anchor
 from .errors import CBDError
-from .loader import Anchor, anchor_sha256, check_safetensors, read_provenance
-from .operators import Selection, subset
+from .loader import anchor_sha256, check_safetensors, read_provenance
+from .method import delta
+from .method.operators import Selection, subset
 from .save import DELTA_FILE, cache_dir, cache_entry, dump_json, read_json, weights_sha256, write_model
 
 META_KEY = "cbd_delta"

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
+from .arch.anchor import Anchor, model_from_weights
 from .data import cache_id, check_ids, open_cache, run_splits
 from .errors import CBDError
 from .evaluate import MAX_NLL
-from .loader import (Anchor, anchor_sha256, check_checkpoint, load_anchor, model_from_weights, same_tokenizer,
-                     tokenizer_fingerprint)
+from .loader import anchor_sha256, check_checkpoint, load_anchor, same_tokenizer, tokenizer_fingerprint
 from .losses import LossFn, heldout_sum
 from .save import append_history, refuse_existing, write_model
 from .teacher_cache import TeacherCache
 from .train import CHECKPOINT, TrainConfig, config_record, remove_work, train, write_training_outputs
-from mlx.utils import tree_flatten
 
 WORK_SUFFIX = ".partial"
 

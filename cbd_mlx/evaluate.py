@@ -6,16 +6,17 @@ import math
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from .choice import build_items as choice_items, choice_accuracy
+from .arch.anchor import model_from_weights
+from .choice import build_items as choice_items
+from .choice import choice_accuracy
 from .cloze import build_items, cloze_accuracy
 from .errors import CBDError, check_count
-from .loader import encode_text, load_anchor, load_tokenizer, model_from_weights
-from .losses import heldout_sum
+from .loader import encode_text, load_anchor, load_tokenizer
+from .losses import windows_nll
 
 EVAL_SEQ_LEN = 512
 EVAL_BATCH = 4
@@ -107,16 +108,9 @@ def perplexity(
     if n == 0:
         raise CBDError(f"need at least {seq_len} tokens of text to evaluate, got {len(tokens)}")
     data = np.array(tokens[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
-    total, count = 0.0, 0
     t0 = time.time()
-    bar = tqdm(total=n * (seq_len - 1), unit="tok", desc="eval", disable=not progress, leave=False)
-    for i in range(0, n, batch_size):
-        x = mx.array(data[i : i + batch_size])
-        total += heldout_sum(model, x[:, :-1], x[:, 1:])
-        k = x.shape[0] * (seq_len - 1)
-        count += k
-        bar.update(k)
-    bar.close()
+    with tqdm(total=n * (seq_len - 1), unit="tok", desc="eval", disable=not progress, leave=False) as bar:
+        total, count = windows_nll(model, (data[i: i + batch_size] for i in range(0, n, batch_size)), bar.update)
     secs = time.time() - t0
     nll = total / count
     if not (math.isfinite(nll) and nll <= MAX_NLL):

@@ -14,15 +14,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .arch.anchor import model_from_weights
+from .calibration import DEFAULT_CALIB, calibration_from
 from .errors import CBDError
 from .evaluate import perplexity, tokenize_file
 from .gguf import GGUF_ARCH, GGUF_TYPES, pre_tokenizer_type, write_gguf
-from .loader import load_anchor, load_tokenizer, model_from_weights, resolve
-from .quantize import (BITS, CALIB_SEQS, CALIB_SEQ_LEN, GROUP_SIZES, METHODS, RECIPES, auto_group_size,
-                       bits_per_weight, default_precision,
-                       is_quantized, quantize_anchor)
+from .loader import load_anchor, load_tokenizer, resolve
+from .quantize import (BITS, CALIB_SEQ_LEN, CALIB_SEQS, GROUP_SIZES, METHODS, RECIPES, auto_group_size,
+                       bits_per_weight, default_precision, is_quantized, quantize_anchor)
 from .save import append_history, atomic_dir, file_sha256, refuse_existing, write_quantized
-from .selection import DEFAULT_CALIB, calibration_from
 
 CARD_NAME = "README.md"
 MANIFEST_NAME = "MANIFEST.json"

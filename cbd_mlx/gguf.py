@@ -13,10 +13,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .arch.families import family_of
+from .arch.shapes import shape_of
 from .errors import CBDError
-from .families import family_of
 from .save import read_json, save_weights, weights_sha256
-from .shapes import shape_of
 
 GGUF_GROUP_SIZE = 32
 NAME_MAP = {

@@ -12,48 +12,23 @@ import os
 import tempfile
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .arch.anchor import Anchor, check_weights_finite, model_from_weights
+from .arch.families import Family, family_of
+from .arch.shapes import Shape, check_fields, param_shapes, shape_of
 from .errors import CBDError
-from .families import Family, family_of
 from .gguf import gguf_to_model_dir
 from .resources import PACKAGED_MODELS, PIP_NAMES, packaged_model
 from .save import (DELTA_FILE, TOKENIZER_FILES, cache_dir, cache_entry, file_sha256, read_json, weights_sha256,
                    write_model)
-from .shapes import Shape, check_fields, param_shapes, shape_of
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja"]
-
-
-@dataclass
-class Anchor:
-    """A loaded model: fp32 numpy weights in mlx-lm names, its config and files."""
-
-    source: str
-    path: Path  # the model directory (a converted cache for GGUF)
-    config: dict
-    weights: dict[str, np.ndarray]
-    family: Family
-    shape: Shape
-    provenance: dict = field(default_factory=dict)
-
-    @property
-    def n_params(self) -> int:
-        return int(sum(v.size for v in self.weights.values()))
-
-    @property
-    def template(self) -> dict[str, tuple]:
-        return {k: v.shape for k, v in self.weights.items()}
-
-    @property
-    def lineage(self) -> dict | None:
-        return self.provenance.get("lineage")
 
 
 def is_hub_id(source: str) -> bool:
@@ -115,34 +90,6 @@ def _from_hub(repo: str, revision: str | None) -> Path:
     except (HfHubHTTPError, OSError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CBDError(f"cannot fetch '{repo}' from the hub: {msg}") from None
-
-
-def build_model(config: dict) -> nn.Module:
-    """An mlx-lm model object for ``config`` (weights uninitialised/lazy)."""
-    from mlx_lm.utils import _get_classes
-
-    try:
-        model_class, args_class = _get_classes(config)
-        return model_class(args_class.from_dict(config))
-    except (ValueError, TypeError, KeyError) as e:
-        raise CBDError(f"cannot build a model from config.json: {e}") from None
-
-
-def param_template(config: dict) -> dict[str, tuple]:
-    """Parameter names and shapes of ``config``'s model (nothing is computed)."""
-    return {k: tuple(v.shape) for k, v in tree_flatten(build_model(config).parameters())}
-
-
-def model_from_weights(config: dict, weights: dict[str, np.ndarray], dtype=mx.float32) -> nn.Module:
-    """An mlx-lm model holding ``weights`` (numpy) in ``dtype``."""
-    model = build_model(config)
-    try:
-        model.load_weights([(k, mx.array(v, dtype=dtype)) for k, v in weights.items()], strict=True)
-    except ValueError as e:
-        raise CBDError(f"weights do not match config.json: {e}") from None
-    mx.eval(model.parameters())
-    model.eval()
-    return model
 
 
 # cbd.json fields that code reads, with their types (others are kept as they are)
@@ -388,22 +335,10 @@ def load_anchor(source: str, revision: str | None = None, check_finite: bool = T
         shape = shape_of(family, config)
     _check_weights(path, family, shape, weights)
     prov = read_provenance(path)
-    a = Anchor(source, path, config, weights, family, shape, prov)
+    a = Anchor(source, path, config, weights, family, shape, prov, weights_sha256(path))
     if check_finite:
         check_weights_finite(a)
     return a
-
-
-def check_weights_finite(a: Anchor) -> None:
-    """Refuse an anchor holding NaN or Inf (a damaged checkpoint)."""
-    for k, v in a.weights.items():
-        if not all_finite(v):
-            raise CBDError(f"{a.path}: parameter {k} holds NaN or Inf; the checkpoint is damaged")
-
-
-def all_finite(v: np.ndarray) -> bool:
-    """No NaN/Inf in ``v`` (a sum is finite iff every entry is, barring overflow)."""
-    return bool(np.isfinite(v.sum(dtype=np.float64)) or np.isfinite(v).all())
 
 
 def _load_with_mlx_lm(path: Path) -> tuple[dict[str, np.ndarray], dict]:

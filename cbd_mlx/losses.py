@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager, nullcontext
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,7 +22,6 @@ import numpy as np
 
 from . import cpu_block, cpu_head
 from .errors import CBDError
-from .uld import uld_loss
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "ce")
 
@@ -323,6 +322,33 @@ def heldout_sum(model: nn.Module, x: mx.array, y: mx.array) -> float:
                                               np.asarray(y).reshape(-1), cpu_head.Spec("ce"), grad=False)
         return total
     return float(nn.losses.cross_entropy(logits_of(out).astype(mx.float32), y, reduction="sum"))
+
+
+def uld_loss(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+    """ULD, the cross-tokenizer loss of bridge distillation: masked mean L1
+    distance between sorted top-k probability vectors (the source's, already
+    in ``targets``)."""
+    k = targets.shape[-1]
+    p = mx.softmax(logits.astype(mx.float32), axis=-1)
+    top = mx.sort(mx.topk(p, k, axis=-1), axis=-1)[..., ::-1]
+    d = mx.abs(top - targets).sum(-1)
+    return (d * mask).sum() / mx.maximum(mask.sum(), 1.0)
+
+
+def windows_nll(model: nn.Module, batches: Iterable[np.ndarray], on_batch: Callable[[int], None] | None = None
+                ) -> tuple[float, int]:
+    """(summed next-token CE, tokens scored) of ``model`` over batches of
+    token windows (int arrays [batch, seq_len]): the one held-out loss loop of
+    evaluation, training and init's alpha grid."""
+    total, count = 0.0, 0
+    for b in batches:
+        x = mx.array(b)
+        total += heldout_sum(model, x[:, :-1], x[:, 1:])
+        k = x.shape[0] * (x.shape[1] - 1)
+        count += k
+        if on_batch is not None:
+            on_batch(k)
+    return total, count
 
 
 # ---------------------------------------------------------------- loss functions

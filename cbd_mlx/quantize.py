@@ -12,8 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .arch.anchor import Anchor, model_from_weights
 from .errors import CBDError
-from .loader import Anchor, model_from_weights
 from .save import read_json
 
 BITS = (2, 3, 4, 5, 6, 8)

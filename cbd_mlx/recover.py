@@ -11,8 +11,8 @@ from .chain import find_chain
 from .data import tokenize_into
 from .distill import distill
 from .errors import CBDError
-from .save import cache_entry, refuse_existing
 from .loader import cache_dir, read_provenance, resolve, tokenizer_fingerprint
+from .save import cache_entry, refuse_existing
 from .train import TrainConfig
 
 # recover's learning rate by the model's size, chosen by measurement (scripts/recover_defaults.py, README

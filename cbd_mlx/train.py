@@ -30,9 +30,9 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from . import losses
+from .arch.anchor import build_model
 from .data import PackedSequences
 from .errors import CBDError, check_fits
-from .loader import build_model
 from .losses import LOSSES, Batch, LossFn
 from .save import atomic_dir
 
@@ -202,11 +202,8 @@ def heldout_loss(model: nn.Module, data: PackedSequences | None, cfg: TrainConfi
     """Mean next-token CE over the first ``cfg.eval_batches`` held-out batches."""
     if data is None:
         return None
-    total, n = 0.0, 0
-    for i in range(min(cfg.eval_batches, max(1, data.n // cfg.batch_size))):
-        b = mx.array(data.batch(i, cfg.batch_size))
-        total += losses.heldout_sum(model, b[:, :-1], b[:, 1:])
-        n += b[:, 1:].size
+    batches = (data.batch(i, cfg.batch_size) for i in range(min(cfg.eval_batches, max(1, data.n // cfg.batch_size))))
+    total, n = losses.windows_nll(model, batches)
     return total / n
 
 

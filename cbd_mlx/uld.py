@@ -91,10 +91,3 @@ class XVocabTargets:
         return mx.array(t), mx.array(m)
 
 
-def uld_loss(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
-    """Masked mean L1 distance between sorted top-k probability vectors."""
-    k = targets.shape[-1]
-    p = mx.softmax(logits.astype(mx.float32), axis=-1)
-    top = mx.sort(mx.topk(p, k, axis=-1), axis=-1)[..., ::-1]
-    d = mx.abs(top - targets).sum(-1)
-    return (d * mask).sum() / mx.maximum(mask.sum(), 1.0)

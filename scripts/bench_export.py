@@ -56,7 +56,8 @@ def main() -> None:
     variants = VARIANTS + [(f"4-bit {m}", ["--bits", "4", "--method", m]) for m in args.learned.split(",")
                            if m in LEARNED]
     from cbd_mlx.evaluate import perplexity, tokenize_file
-    from cbd_mlx.loader import load_anchor, load_tokenizer, model_from_weights, resolve
+    from cbd_mlx.arch.anchor import model_from_weights
+    from cbd_mlx.loader import load_anchor, load_tokenizer, resolve
 
     args.out.mkdir(parents=True, exist_ok=True)
     src = load_anchor(args.model)

@@ -41,7 +41,8 @@ def worker(args) -> dict:
     import numpy as np
 
     from cbd_mlx.data import PackedSequences
-    from cbd_mlx.loader import load_anchor, model_from_weights
+    from cbd_mlx.arch.anchor import model_from_weights
+    from cbd_mlx.loader import load_anchor
     from cbd_mlx.teacher_cache import TeacherCache
     from cbd_mlx.train import TrainConfig, train
 

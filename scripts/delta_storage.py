@@ -25,11 +25,12 @@ import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cbd_mlx import delta  # noqa: E402
+from cbd_mlx.method import delta  # noqa: E402
 from cbd_mlx.chain import find_chain, load_chain_anchor  # noqa: E402
 from cbd_mlx.delta_store import parent_subset  # noqa: E402
 from cbd_mlx.evaluate import perplexity, tokenize_file  # noqa: E402
-from cbd_mlx.loader import load_tokenizer, model_from_weights  # noqa: E402
+from cbd_mlx.arch.anchor import model_from_weights  # noqa: E402
+from cbd_mlx.loader import load_tokenizer  # noqa: E402
 
 
 def main() -> None:

@@ -27,12 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
 from cbd_mlx.chain import MANIFEST_NAME, find_chain, load_chain  # noqa: E402
-from cbd_mlx.chainbuild import (STEP_METRICS, curve_points, insert_anchor, polish_anchors,  # noqa: E402
-                                save_curves, unpack_chain)
+from cbd_mlx.chainbuild import STEP_METRICS, curve_points, insert_anchor, polish_anchors, save_curves, unpack_chain  # noqa: E402
 from cbd_mlx.corpus import BROAD, fetch  # noqa: E402
 from cbd_mlx.data import prepare  # noqa: E402
 from cbd_mlx.evaluate import read_suite  # noqa: E402
-from cbd_mlx.shapes import size_of  # noqa: E402
+from cbd_mlx.arch.shapes import size_of  # noqa: E402
 from cbd_mlx.train import TrainConfig  # noqa: E402
 
 

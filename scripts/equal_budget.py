@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 
 from cbd_mlx.data import PackedSequences, open_cache, run_splits  # noqa: E402
 from cbd_mlx.evaluate import perplexity, tokenize_file  # noqa: E402
-from cbd_mlx.loader import load_anchor, load_tokenizer, model_from_weights  # noqa: E402
+from cbd_mlx.arch.anchor import model_from_weights  # noqa: E402
+from cbd_mlx.loader import load_anchor, load_tokenizer  # noqa: E402
 from cbd_mlx.recover import recover, recover_lr  # noqa: E402
 from cbd_mlx.train import CHECKPOINT, TrainConfig, heldout_loss  # noqa: E402
 

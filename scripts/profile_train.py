@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 
 from cbd_mlx import cpu_block, losses  # noqa: E402
 from cbd_mlx.data import PackedSequences  # noqa: E402
-from cbd_mlx.loader import load_anchor, model_from_weights  # noqa: E402
+from cbd_mlx.arch.anchor import model_from_weights  # noqa: E402
+from cbd_mlx.loader import load_anchor  # noqa: E402
 from cbd_mlx.train import TrainConfig, _Updater  # noqa: E402
 
 

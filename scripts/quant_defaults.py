@@ -27,9 +27,10 @@ from mlx_lm.utils import dequantize_model  # noqa: E402
 
 from cbd_mlx.errors import CBDError  # noqa: E402
 from cbd_mlx.evaluate import perplexity, read_suite  # noqa: E402
-from cbd_mlx.loader import load_anchor, model_from_weights  # noqa: E402
+from cbd_mlx.arch.anchor import model_from_weights  # noqa: E402
+from cbd_mlx.loader import load_anchor  # noqa: E402
 from cbd_mlx.quantize import CALIB_SEQ_LEN, CALIB_SEQS, auto_group_size, bits_per_weight, quantize_anchor  # noqa: E402
-from cbd_mlx.selection import DEFAULT_CALIB, calibration_from  # noqa: E402
+from cbd_mlx.calibration import DEFAULT_CALIB, calibration_from  # noqa: E402
 
 # (label, method, group size (None: export's auto, 64 where it divides every width, else 32), recipe,
 #  embedding bits or None for the method's own default)

@@ -27,13 +27,14 @@ import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
 
 
 def main() -> None:
-    from cbd_mlx.chainbuild import cache_calibration
+    from cbd_mlx.calibration import cache_calibration
     from cbd_mlx.distill import distill
     from cbd_mlx.evaluate import perplexity, tokenize_file
-    from cbd_mlx.loader import load_anchor, load_tokenizer, model_from_weights
-    from cbd_mlx.prune import child_shape, prune_weights
+    from cbd_mlx.arch.anchor import model_from_weights
+    from cbd_mlx.loader import load_anchor, load_tokenizer
+    from cbd_mlx.method.pruning import child_shape, prune_weights
     from cbd_mlx.save import write_model
-    from cbd_mlx.shapes import config_for, parse_size
+    from cbd_mlx.arch.shapes import config_for, parse_size
     from cbd_mlx.train import TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

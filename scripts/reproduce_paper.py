@@ -36,8 +36,8 @@ MODES = ("cbd", "subset", "expand", "random", "auto")
 
 
 def build(big, small, size: int, mode: str, calib):
-    from cbd_mlx.interpolate import interpolate, target_config
-    from cbd_mlx.shapes import solve_shape
+    from cbd_mlx.method.interpolation import interpolate, target_config
+    from cbd_mlx.arch.shapes import solve_shape
 
     target = solve_shape(big.family, big.template, small.shape, big.shape, size)
     if mode == "random":  # a sane scratch init (GPT-2 style N(0, 0.02)), the one scratch training uses
@@ -56,7 +56,7 @@ def chain_pairs(args):
     sha256-checked) or the --big/--small pair."""
     from cbd_mlx.chain import find_chain, load_chain_anchor
     from cbd_mlx.loader import load_anchor
-    from cbd_mlx.shapes import parse_size
+    from cbd_mlx.arch.shapes import parse_size
 
     loaded = {}
     out = []
@@ -82,7 +82,7 @@ def sparse_pair(args):
     from dataclasses import replace
 
     from cbd_mlx.chain import find_chain, load_chain_anchor
-    from cbd_mlx.operators import Selection
+    from cbd_mlx.method.operators import Selection
 
     c = find_chain(args.chain)
     if len(c.anchors) < 3:
@@ -128,8 +128,9 @@ def main() -> None:
     from cbd_mlx.choice import choice_accuracy
     from cbd_mlx.cloze import build_items, cloze_accuracy
     from cbd_mlx.evaluate import perplexity, read_suite, read_text, tokenize_file
-    from cbd_mlx.selection import calibration_batches
-    from cbd_mlx.loader import load_tokenizer, model_from_weights
+    from cbd_mlx.calibration import calibration_batches
+    from cbd_mlx.arch.anchor import model_from_weights
+    from cbd_mlx.loader import load_tokenizer
 
     pairs = chain_pairs(args)
     tok = load_tokenizer(pairs[0][1].path)
@@ -184,7 +185,7 @@ def main() -> None:
 
 
 def parse_size_(text: str) -> int:
-    from cbd_mlx.shapes import parse_size
+    from cbd_mlx.arch.shapes import parse_size
 
     return parse_size(text)
 
@@ -234,7 +235,7 @@ def recover(model, args, tok, teacher=None) -> list[dict]:
     import tempfile
 
     from cbd_mlx.data import PackedSequences, open_cache
-    from cbd_mlx.loader import model_from_weights
+    from cbd_mlx.arch.anchor import model_from_weights
     from cbd_mlx.train import TrainConfig, heldout_loss, train
 
     if args.data is None:

@@ -142,7 +142,7 @@ def report(args, curve: list, cbd_loss: float, shape: dict, chain_toks) -> dict:
 def main() -> None:
     from cbd_mlx.data import open_cache, run_splits
     from cbd_mlx.losses import ce_loss
-    from cbd_mlx.loader import model_from_weights
+    from cbd_mlx.arch.anchor import model_from_weights
     from cbd_mlx.train import CHECKPOINT, TrainConfig, heldout_loss, random_model, train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 import cbd_mlx  # noqa: E402  (OpenBLAS before MLX)
 from cbd_mlx.evaluate import perplexity, tokenize_file  # noqa: E402
-from cbd_mlx.loader import load_anchor, load_tokenizer, model_from_weights  # noqa: E402
+from cbd_mlx.arch.anchor import model_from_weights  # noqa: E402
+from cbd_mlx.loader import load_anchor, load_tokenizer  # noqa: E402
 
 
 def main() -> None:
@@ -92,7 +93,7 @@ def plot(res: dict, compare: Path | None, out: Path, tag: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cbd_mlx.shapes import size_of
+    from cbd_mlx.arch.shapes import size_of
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     runs = [("this chain", res)] + ([("before", json.loads(compare.read_text()))] if compare else [])

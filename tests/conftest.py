@@ -7,15 +7,15 @@ import json
 import os
 from pathlib import Path
 
-import cbd_mlx  # noqa: F401  (loads OpenBLAS before MLX)
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from cbd_mlx.families import FAMILIES
-from cbd_mlx.loader import build_model
-from cbd_mlx.save import write_model
 from mlx.utils import tree_flatten
+
+import cbd_mlx  # noqa: F401  (loads OpenBLAS before MLX)
+from cbd_mlx.arch.anchor import build_model
+from cbd_mlx.arch.families import FAMILIES
+from cbd_mlx.save import write_model
 
 DATA = Path(__file__).parent / "data"
 HELDOUT = DATA / "heldout.txt"
@@ -106,9 +106,9 @@ def tiny_anchor_pair(d: Path, config: dict, tokenizer_dir: Path, seed: int = 3, 
     shape fields), with lineage: a chain's adjacent anchors in miniature."""
     from dataclasses import replace
 
+    from cbd_mlx.arch.shapes import config_for
     from cbd_mlx.loader import load_anchor
-    from cbd_mlx.prune import prune_weights
-    from cbd_mlx.shapes import config_for
+    from cbd_mlx.method.pruning import prune_weights
 
     big = save_tiny(d / "big", config, random_weights(config, seed), tokenizer_dir)
     b = load_anchor(str(big))

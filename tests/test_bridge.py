@@ -100,7 +100,8 @@ def test_uld_alignment_and_loss(tokenizer_dir, other_tokenizer):
     import numpy as np
 
     from cbd_mlx.loader import load_tokenizer
-    from cbd_mlx.uld import align, token_ends, uld_loss
+    from cbd_mlx.losses import uld_loss
+    from cbd_mlx.uld import align, token_ends
 
     a, b = load_tokenizer(tokenizer_dir), load_tokenizer(other_tokenizer)
     text = "Classes provide a means of bundling data and functionality together."

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import CALIB, HELDOUT, TINY_CONFIGS, make_tokenizer, random_weights, save_tiny
 
 from cbd_mlx.cli import main
-
-from conftest import CALIB, HELDOUT, TINY_CONFIGS, make_tokenizer, random_weights, save_tiny
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
@@ -187,7 +186,8 @@ def test_extrapolate_below_and_above(tiny_pair, capsys, tmp_path):
     import mlx.core as mx
     import numpy as np
 
-    from cbd_mlx.loader import load_anchor, model_from_weights
+    from cbd_mlx.arch.anchor import model_from_weights
+    from cbd_mlx.loader import load_anchor
 
     big, small = tiny_pair
     code, _, err = run(capsys, "init", "--size", "900K", "--anchors", big, small, "--out", tmp_path / "x")
@@ -208,9 +208,10 @@ def test_extrapolate_below_and_above(tiny_pair, capsys, tmp_path):
 def test_init_without_lineage_aligns_on_builtin_text(tokenizer_dir, tmp_path, capsys):
     """Two checkpoints with no lineage (as public ones): init aligns them by
     activation matching on the built-in calibration text, no flag needed."""
-    from cbd_mlx.shapes import config_for, shape_of
-    from cbd_mlx.families import family_of
     from dataclasses import replace
+
+    from cbd_mlx.arch.families import family_of
+    from cbd_mlx.arch.shapes import config_for, shape_of
 
     cfg = CLI_CONFIG
     fam = family_of(cfg)
@@ -255,7 +256,6 @@ def test_nan_weights_are_refused(tiny_pair, capsys, tmp_path):
     import numpy as np
 
     from cbd_mlx.loader import read_safetensors
-
     from cbd_mlx.save import save_weights
 
     big, small = tiny_pair

@@ -13,12 +13,12 @@ import time
 import urllib.request
 
 import pytest
+from conftest import HELDOUT, TINY_CONFIGS, random_weights, save_tiny
 
+from cbd_mlx.arch.anchor import model_from_weights
 from cbd_mlx.cli import main
 from cbd_mlx.evaluate import encode_text, perplexity
-from cbd_mlx.loader import load_anchor, load_tokenizer, model_from_weights
-
-from conftest import HELDOUT, TINY_CONFIGS, random_weights, save_tiny
+from cbd_mlx.loader import load_anchor, load_tokenizer
 
 # GGUF type -> how far llama.cpp's perplexity may be from ours (fp32): f16/q8_0 are
 # near-lossless, 4/5-bit blocks cost what such quantization costs on a tiny random model

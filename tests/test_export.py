@@ -11,8 +11,8 @@ import pytest
 from conftest import CALIB, HELDOUT, TINY_CONFIGS, random_weights, save_tiny
 from test_cli import assert_one_line_error, run
 
-from cbd_mlx.loader import load_anchor, model_from_weights
-
+from cbd_mlx.arch.anchor import model_from_weights
+from cbd_mlx.loader import load_anchor
 from cbd_mlx.save import file_sha256
 
 CFG = dict(TINY_CONFIGS["llama"], hidden_size=128, intermediate_size=256, num_attention_heads=8,

@@ -237,10 +237,11 @@ def test_a_gguf_conversion_finished_by_another_process_meanwhile_is_used(tokeniz
     the finished entry is used (was: "created by another writer")."""
     import shutil
 
+    from conftest import TINY_CONFIGS, tiny_anchor_pair
+
     import cbd_mlx.save as save
     from cbd_mlx.gguf import write_gguf
     from cbd_mlx.loader import load_anchor, resolve
-    from conftest import TINY_CONFIGS, tiny_anchor_pair
 
     big, _ = tiny_anchor_pair(tmp_path, TINY_CONFIGS["llama"], tokenizer_dir)
     a = load_anchor(str(big))

@@ -19,12 +19,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HELDOUT, TINY_CONFIGS, make_tiny_chain, tiny_anchor_pair, write_docs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cbd_mlx.cli import main
-
-from conftest import HELDOUT, TINY_CONFIGS, make_tiny_chain, tiny_anchor_pair, write_docs
 
 SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 15)), deadline=None,
                     derandomize=not os.environ.get("FUZZ_EXAMPLES"),

@@ -48,13 +48,11 @@ import subprocess
 import sys
 import time
 import typing
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import HELDOUT, TINY_CONFIGS, make_tiny_chain, random_weights, save_tiny, tiny_anchor_pair, write_docs
 
 TESTS = Path(__file__).resolve().parent
@@ -687,7 +685,7 @@ def _c1_config_field(g: Gen) -> Case:
     src = g.w["fams"][fam]
     cfg = json.loads((src / "config.json").read_text())
     ann = read_fields(cfg)
-    from cbd_mlx.shapes import FIELD_CHECKS
+    from cbd_mlx.arch.shapes import FIELD_CHECKS
 
     keys = sorted((set(ann) | set(FIELD_CHECKS) | {"rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"})
                   - {"model_type"})
@@ -1368,7 +1366,7 @@ def _special_pre(kind: str, target: Path) -> list:
 
 
 def _c4_manifest_shapes(g: Gen) -> Case:
-    from cbd_mlx.shapes import MAX_DIMS
+    from cbd_mlx.arch.shapes import MAX_DIMS
 
     d = g.folder()
     c = d / "chain"

@@ -7,18 +7,19 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import CALIB, HELDOUT, TINY_CONFIGS, random_weights, save_tiny
 
+from cbd_mlx.arch.anchor import model_from_weights
+from cbd_mlx.arch.families import family_of
+from cbd_mlx.arch.shapes import config_for, count_params, solve_shape
+from cbd_mlx.calibration import calibration_batches
 from cbd_mlx.errors import CBDError
 from cbd_mlx.evaluate import tokenize_file
-from cbd_mlx.families import family_of
-from cbd_mlx.selection import align, calibration_batches, placement
-from cbd_mlx.interpolate import default_alpha, interpolate
-from cbd_mlx.loader import load_anchor, load_tokenizer, model_from_weights
-from cbd_mlx.operators import Selection, expand, subset
-from cbd_mlx.prune import prune_weights
-from cbd_mlx.shapes import config_for, count_params, solve_shape
-
-from conftest import CALIB, HELDOUT, TINY_CONFIGS, random_weights, save_tiny
+from cbd_mlx.loader import load_anchor, load_tokenizer
+from cbd_mlx.method.interpolation import default_alpha, interpolate
+from cbd_mlx.method.operators import Selection, expand, subset
+from cbd_mlx.method.pruning import prune_weights
+from cbd_mlx.method.ranking import align, placement
 
 
 def calib(tokenizer_dir, n=1024):
@@ -163,9 +164,11 @@ def test_solver_hits_requested_size(pair):
 def test_choice_items_and_scoring(tokenizer_dir, tmp_path):
     """Choice items hold the true next sentence among 4 of similar length,
     are seeded, and batched scoring equals scoring each candidate alone."""
-    from cbd_mlx.choice import build_items, candidate_scores, choice_accuracy, full_sequence_scores, sentences
-    from cbd_mlx.loader import load_tokenizer, model_from_weights
     from conftest import CALIB, TINY_CONFIGS, random_weights
+
+    from cbd_mlx.arch.anchor import model_from_weights
+    from cbd_mlx.choice import build_items, candidate_scores, choice_accuracy, full_sequence_scores, sentences
+    from cbd_mlx.loader import load_tokenizer
 
     text = CALIB.read_text() + " " + HELDOUT.read_text()
     tok = load_tokenizer(tokenizer_dir)

@@ -9,17 +9,38 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "cbd_mlx"
 
 
+def module_name(p: Path) -> str:
+    """cbd_mlx/method/ranking.py -> "method.ranking" (a package: its folder's name)."""
+    parts = p.relative_to(PKG).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(p: Path) -> set[str]:
+    """The modules ``p`` imports (absolute names), in any scope."""
+    pkg = module_name(p).split(".")
+    if p.name != "__init__.py":
+        pkg = pkg[:-1]
+    out = set()
+    for n in ast.walk(ast.parse(p.read_text())):
+        if isinstance(n, ast.ImportFrom):
+            if n.level:
+                base = pkg[: len(pkg) - (n.level - 1)] if n.level > 1 else pkg
+                mod = ".".join(["cbd_mlx", *base, *([n.module] if n.module else [])])
+            else:
+                mod = n.module or ""
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in n.names}  # `from . import delta` imports a module
+        elif isinstance(n, ast.Import):
+            out |= {a.name for a in n.names}
+    return out
+
+
 def import_graph() -> dict[str, set[str]]:
-    mods = {p.stem for p in PKG.glob("*.py")}
+    files = {module_name(p): p for p in PKG.rglob("*.py") if module_name(p)}
     graph = {}
-    for p in PKG.glob("*.py"):
-        deps = set()
-        for n in ast.walk(ast.parse(p.read_text())):
-            if isinstance(n, ast.ImportFrom) and n.level == 1:
-                deps |= {n.module.split(".")[0]} if n.module else {a.name for a in n.names}
-            elif isinstance(n, ast.ImportFrom) and (n.module or "").startswith("cbd_mlx."):
-                deps.add(n.module.split(".")[1])
-        graph[p.stem] = {d for d in deps if d in mods and d != p.stem}
+    for name, p in files.items():
+        deps = {d.removeprefix("cbd_mlx.") for d in imports_of(p) if d.startswith("cbd_mlx.")}
+        graph[name] = {d for d in deps if d in files and d != name}
     return graph
 
 
@@ -60,3 +81,42 @@ def test_no_import_circle():
 
 def test_the_checker_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# what reads or writes files: the standard library's file modules and the package's disk side
+FILE_IO = {"os", "pathlib", "shutil", "tempfile", "json", "tomllib", "gzip", "safetensors", "huggingface_hub",
+           "subprocess", "glob", "io"}
+DISK_MODULES = {"loader", "save", "gguf", "chain", "chain_pack", "delta_store", "teacher_cache", "data", "corpus",
+                "resources", "calibration", "evaluate", "rdata", "export", "convert", "cli"}
+
+
+def test_the_method_does_no_file_io():
+    """method/ (and what it imports from the package) reads and writes no
+    files: arrays and anchors in, arrays out."""
+    graph = import_graph()
+    seen, todo = set(), [m for m in graph if m.startswith("method")]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += graph[m]
+    assert not seen & DISK_MODULES, f"method/ reaches disk modules: {sorted(seen & DISK_MODULES)}"
+    files = {module_name(p): p for p in PKG.rglob("*.py")}
+    for m in sorted(m for m in seen if m.startswith("method")):
+        stdlib = {d.split(".")[0] for d in imports_of(files[m]) if not d.startswith("cbd_mlx")}
+        assert not stdlib & FILE_IO, f"{m} imports {sorted(stdlib & FILE_IO)}"
+
+
+def test_the_method_package_holds_the_operators():
+    names = {module_name(p) for p in PKG.rglob("*.py")}
+    assert {"method.operators", "method.ranking", "method.pruning", "method.lineage", "method.interpolation",
+            "method.delta"} <= names
+
+
+def test_no_function_is_over_60_lines():
+    long = []
+    for p in PKG.rglob("*.py"):
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60:
+                long.append(f"{module_name(p)}.{n.name}: {n.end_lineno - n.lineno + 1} lines")
+    assert long == []

@@ -7,13 +7,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import TINY_CONFIGS, random_weights
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.activations import swiglu
 
 from cbd_mlx import cpu_block, cpu_kernels, cpu_threads, losses
-from cbd_mlx.loader import model_from_weights
+from cbd_mlx.arch.anchor import model_from_weights
 from cbd_mlx.train import TrainConfig, _Updater
-from conftest import TINY_CONFIGS, random_weights
 
 V, D, N = 300, 16, 24
 

@@ -7,15 +7,15 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from cbd_mlx.families import FAMILIES, family_of
-from cbd_mlx.selection import collect_stats, placement, select, uniform_rankings
-from cbd_mlx.interpolate import grow
-from cbd_mlx.loader import load_anchor, model_from_weights
-from cbd_mlx.operators import Selection, blend, expand, iter_compensate, iter_subset, subset
-from cbd_mlx.shapes import config_for, shape_of
-
 from conftest import HELDOUT, TINY_CONFIGS, random_weights, save_tiny
+
+from cbd_mlx.arch.anchor import model_from_weights
+from cbd_mlx.arch.families import FAMILIES, family_of
+from cbd_mlx.arch.shapes import config_for, shape_of
+from cbd_mlx.loader import load_anchor
+from cbd_mlx.method.interpolation import grow
+from cbd_mlx.method.operators import Selection, blend, expand, iter_compensate, iter_subset, subset
+from cbd_mlx.method.ranking import collect_stats, placement, select, uniform_rankings
 
 
 def logits(config, weights, tokens):
@@ -161,12 +161,12 @@ def test_lineage_composes_across_two_prunes(tokenizer_dir, tmp_path):
     """Subset(Subset(B -> A1) -> A2) == Subset(B -> A2) with the composed lineage."""
     from dataclasses import replace
 
-    from cbd_mlx.loader import load_anchor
-    from cbd_mlx.operators import Selection
-    from cbd_mlx.prune import prune_weights
-    from cbd_mlx.shapes import config_for
-
     from conftest import TINY_CONFIGS, random_weights, save_tiny
+
+    from cbd_mlx.arch.shapes import config_for
+    from cbd_mlx.loader import load_anchor
+    from cbd_mlx.method.operators import Selection
+    from cbd_mlx.method.pruning import prune_weights
 
     cfg = TINY_CONFIGS["llama"]
     b = load_anchor(str(save_tiny(tmp_path / "b", cfg, random_weights(cfg, 2), tokenizer_dir)))
@@ -176,7 +176,7 @@ def test_lineage_composes_across_two_prunes(tokenizer_dir, tmp_path):
     s2 = replace(s1, layers=2, hidden=32, ffn=64, heads=2, kv_heads=1)
     w2, lin2 = prune_weights(a1, s2, None)
     composed = Selection.from_json(lin1).then(Selection.from_json(lin2))
-    from cbd_mlx.operators import subset
+    from cbd_mlx.method.operators import subset
 
     direct = subset(b.family, b.weights, b.shape, composed)
     for k, v in w2.items():

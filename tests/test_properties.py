@@ -8,16 +8,15 @@ from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
+from conftest import TINY_CONFIGS, random_weights
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cbd_mlx.families import FAMILIES
-from cbd_mlx.selection import placement, select, uniform_rankings
-from cbd_mlx.loader import model_from_weights, param_template
-from cbd_mlx.operators import Selection, blend, expand, subset
-from cbd_mlx.shapes import Shape, config_for, count_params
-
-from conftest import TINY_CONFIGS, random_weights
+from cbd_mlx.arch.anchor import model_from_weights, param_template
+from cbd_mlx.arch.families import FAMILIES
+from cbd_mlx.arch.shapes import Shape, config_for, count_params
+from cbd_mlx.method.operators import Selection, blend, expand, subset
+from cbd_mlx.method.ranking import placement, select, uniform_rankings
 
 HEAD_DIM = 8
 
@@ -88,6 +87,7 @@ def _tree_hash(path):
 
 def test_prune_and_init_are_byte_identical_across_runs(tokenizer_dir, tmp_path):
     from conftest import CALIB, save_tiny
+
     from cbd_mlx.cli import main
 
     cfg = dict(TINY_CONFIGS["llama"], hidden_size=128, intermediate_size=256, num_attention_heads=8,

@@ -12,12 +12,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from cbd_mlx.evaluate import perplexity, tokenize_file
-from cbd_mlx.interpolate import grow
-from cbd_mlx.loader import load_anchor, load_tokenizer, model_from_weights
-
 from conftest import CALIB, HELDOUT
+
+from cbd_mlx.arch.anchor import model_from_weights
+from cbd_mlx.evaluate import perplexity, tokenize_file
+from cbd_mlx.loader import load_anchor, load_tokenizer
+from cbd_mlx.method.interpolation import grow
 
 pytestmark = pytest.mark.slow
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 from conftest import CALIB, TINY_CONFIGS, random_weights, save_tiny, tiny_anchor_pair, write_docs

@@ -6,14 +6,14 @@ import math
 from dataclasses import replace
 
 import pytest
+from conftest import TINY_CONFIGS
 
+from cbd_mlx.arch.anchor import param_template
+from cbd_mlx.arch.families import FAMILIES, family_of
+from cbd_mlx.arch.shapes import config_for, count_params, parse_size, shape_of, solve_shape
 from cbd_mlx.chain import find_chain, list_chains, manifest_config
 from cbd_mlx.errors import CBDError
-from cbd_mlx.families import FAMILIES, family_of
-from cbd_mlx.loader import param_template
-from cbd_mlx.shapes import config_for, count_params, parse_size, shape_of, solve_shape
 
-from conftest import TINY_CONFIGS
 
 @pytest.mark.parametrize("text,value", [("138M", 138_000_000), ("1.2B", 1_200_000_000), ("600k", 600_000), (" 60 M ", 60_000_000)])
 def test_parse_size(text, value):
@@ -121,10 +121,10 @@ def test_every_init_shape_of_the_shipped_chains_is_exportable():
     """Across the range of every shipped chain, the solver's shapes keep
     hidden % heads == 0 (mlx-lm/transformers load them) and widths that a
     quantization group of 32 divides (export with default options)."""
+    from cbd_mlx.arch.anchor import param_template
+    from cbd_mlx.arch.families import FAMILIES
     from cbd_mlx.chain import list_chains, manifest_config
     from cbd_mlx.errors import CBDError
-    from cbd_mlx.families import FAMILIES
-    from cbd_mlx.loader import param_template
 
     checked = 0
     for c in list_chains():

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA, HELDOUT, TINY_CONFIGS, make_tokenizer, random_weights, save_tiny, write_docs
 
+from cbd_mlx.arch.shapes import config_for
 from cbd_mlx.data import PackedSequences, open_cache, prepare
 from cbd_mlx.distill import distill, work_dir
 from cbd_mlx.errors import CBDError
 from cbd_mlx.loader import anchor_sha256, load_anchor
-from cbd_mlx.prune import prune_weights
-from cbd_mlx.shapes import config_for
+from cbd_mlx.method.pruning import prune_weights
 from cbd_mlx.train import TrainConfig
-
-from conftest import DATA, HELDOUT, TINY_CONFIGS, make_tokenizer, random_weights, save_tiny, write_docs
 
 
 @pytest.fixture
@@ -48,10 +47,10 @@ def trained_teacher(setup, tmp_path):
 def reachable_size(big, small) -> int:
     """A size between two chain anchors that the shape solver reaches (tiny
     models have few shapes between their anchors)."""
-    from cbd_mlx.families import FAMILIES
+    from cbd_mlx.arch.anchor import param_template
+    from cbd_mlx.arch.families import FAMILIES
+    from cbd_mlx.arch.shapes import solve_shape
     from cbd_mlx.chain import manifest_config
-    from cbd_mlx.loader import param_template
-    from cbd_mlx.shapes import solve_shape
 
     template = param_template(manifest_config("llama", big.shape))
     for f in (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8, 0.1, 0.9):
@@ -341,7 +340,7 @@ def test_chain_pack_quantizes_and_keeps_lineage(setup, tmp_path):
     from cbd_mlx.chain import find_chain, load_chain_anchor
     from cbd_mlx.chainbuild import build_chain
     from cbd_mlx.cli import main
-    from cbd_mlx.interpolate import has_lineage
+    from cbd_mlx.method.lineage import has_lineage
 
     teacher, _, cache = setup
     big = load_anchor(str(teacher))
@@ -389,16 +388,14 @@ def test_chain_reference_for_named_sources():
 def test_chain_pack_pads_widths_for_quantization_groups(setup, tmp_path):
     """Widths that are not multiples of the group size are padded by exact
     growth (zero channels, rescaled norms): same function, valid lineage."""
-    import mlx.core as mx
-
-    from cbd_mlx.chain import find_chain, load_chain_anchor
-    from cbd_mlx.chain_pack import pack_chain
-    from cbd_mlx.interpolate import has_lineage
-    from cbd_mlx.loader import model_from_weights
-
     import shutil
 
-    from cbd_mlx.chain import Chain, ChainAnchor, dump_chain
+    import mlx.core as mx
+
+    from cbd_mlx.arch.anchor import model_from_weights
+    from cbd_mlx.chain import Chain, ChainAnchor, dump_chain, find_chain, load_chain_anchor
+    from cbd_mlx.chain_pack import pack_chain
+    from cbd_mlx.method.lineage import has_lineage
 
     teacher, student, _ = setup
     root = tmp_path / "chain"
@@ -428,8 +425,7 @@ def test_topk_forward_kl_matches_dense_teacher(ce_weight):
     import mlx.core as mx
     import mlx.nn as nn
 
-    from cbd_mlx.losses import dense_logprobs
-    from cbd_mlx.losses import distill_loss
+    from cbd_mlx.losses import dense_logprobs, distill_loss
 
     mx.random.seed(1)
     V, k = 41, 6
@@ -545,7 +541,7 @@ def test_teacher_cache_fills_lazily_and_survives_a_resume(setup, trained_teacher
 
 
 def test_chain_steps_are_dense():
-    from cbd_mlx.chainbuild import check_steps, dense_sizes
+    from cbd_mlx.method.lineage import check_steps, dense_sizes
 
     sizes = dense_sizes(134_500_000, 43_000_000)
     assert sizes[-1] == 43_000_000 and len(sizes) == 4
@@ -562,11 +558,10 @@ def test_chain_pack_ships_a_subset_and_shares_frozen_embeddings(setup, tmp_path)
     a left-out middle anchor's child keeps a lineage composed through it."""
     from mlx_lm import load as mlx_load
 
-    from cbd_mlx.chain import find_chain, load_chain_anchor
-    from cbd_mlx.chain import SHARED_DIR
+    from cbd_mlx.chain import SHARED_DIR, find_chain, load_chain_anchor
     from cbd_mlx.chain_pack import pack_chain
     from cbd_mlx.chainbuild import build_chain
-    from cbd_mlx.interpolate import has_lineage
+    from cbd_mlx.method.lineage import has_lineage
 
     teacher, _, cache = setup
     big = load_anchor(str(teacher))
@@ -598,7 +593,7 @@ def test_chain_polish_from_a0_keeps_lineage_and_resumes(setup, tmp_path):
     from cbd_mlx.chain import find_chain, load_chain_anchor
     from cbd_mlx.chain_pack import pack_chain
     from cbd_mlx.chainbuild import STEP_METRICS, build_chain, polish_anchors
-    from cbd_mlx.interpolate import has_lineage
+    from cbd_mlx.method.lineage import has_lineage
 
     teacher, _, cache = setup
     big = load_anchor(str(teacher))
@@ -676,14 +671,15 @@ def test_densify_and_delta_pack_round_trip(setup, tmp_path, monkeypatch):
     delta file is refused with one clear error."""
     from mlx_lm import load as mlx_load
 
-    from cbd_mlx import delta
     from cbd_mlx.chain import find_chain, load_chain_anchor
     from cbd_mlx.chain_pack import pack_deltas
     from cbd_mlx.chainbuild import build_chain, insert_anchor, polish_anchors
     from cbd_mlx.convert import convert
     from cbd_mlx.delta_store import read_delta, write_delta_dir
+    from cbd_mlx.interpolate import build_init
     from cbd_mlx.loader import resolve
-    from cbd_mlx.interpolate import build_init, has_lineage
+    from cbd_mlx.method import delta
+    from cbd_mlx.method.lineage import has_lineage
 
     monkeypatch.setenv("CBD_MLX_CACHE", str(tmp_path / "cache"))
     teacher, _, cache = setup
@@ -743,7 +739,7 @@ def test_densify_and_delta_pack_round_trip(setup, tmp_path, monkeypatch):
 
 
 def test_delta_codes_round_trip():
-    from cbd_mlx import delta
+    from cbd_mlx.method import delta
 
     rng = np.random.default_rng(0)
     w = rng.normal(size=(8, 128)).astype(np.float32)
@@ -790,9 +786,10 @@ def test_chain_build_and_polish_score_every_anchor_on_a_suite(setup, tmp_path):
     """With held-out texts of other domains, each anchor's cbd.json records
     its perplexity on them beside A0's after its step and after its polish,
     and the log says it."""
+    from conftest import HELDOUT
+
     from cbd_mlx.chainbuild import build_chain
     from cbd_mlx.evaluate import read_suite
-    from conftest import HELDOUT
 
     teacher, _, cache = setup
     big = load_anchor(str(teacher))

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_CONFIGS, make_tiny_chain, tiny_anchor_pair
 
 from cbd_mlx.chain import CHAINS_DIR, find_chain, load_chain, load_chain_anchor
 from cbd_mlx.errors import CBDError
 from cbd_mlx.loader import load_anchor, resolve
-from conftest import TINY_CONFIGS, make_tiny_chain, tiny_anchor_pair
 
 EVIL_NAMES = ["../../x", "/etc/passwd", "..", "a/b", "a\\b", "", ".hidden", "x" * 200, 7, ["a"]]
 
@@ -79,10 +79,11 @@ def test_a_poisoned_gguf_cache_entry_is_converted_again(tmp_path, tokenizer_dir)
 
 
 def test_symlinked_outputs_and_checkpoints_are_refused(tmp_path, tokenizer_dir):
-    from cbd_mlx.distill import distill, work_dir
-    from cbd_mlx.data import prepare
-    from cbd_mlx.train import TrainConfig
     from conftest import write_docs
+
+    from cbd_mlx.data import prepare
+    from cbd_mlx.distill import distill, work_dir
+    from cbd_mlx.train import TrainConfig
 
     big, small = tiny_anchor_pair(tmp_path, TINY_CONFIGS["llama"], tokenizer_dir, layers=3, ffn=96)
     cache = tmp_path / "cache"
@@ -134,10 +135,10 @@ def test_a_damaged_teacher_cache_is_refused_not_trained_on(tmp_path, damage):
 
 def test_eval_of_a_nan_model_is_an_error_not_ppl_nan(tmp_path, tokenizer_dir):
     import mlx.core as mx
-
-    from cbd_mlx.evaluate import perplexity
-    from cbd_mlx.loader import model_from_weights
     from conftest import random_weights
+
+    from cbd_mlx.arch.anchor import model_from_weights
+    from cbd_mlx.evaluate import perplexity
 
     cfg = TINY_CONFIGS["llama"]
     w = random_weights(cfg, 0)
@@ -208,10 +209,11 @@ def test_json_and_toml_that_cannot_be_read_are_one_clear_error(tmp_path, body):
 
 
 def test_a_batch_beyond_memory_is_refused_before_it_crashes(tmp_path, tokenizer_dir):
-    from cbd_mlx.data import PackedSequences
-    from cbd_mlx.loader import model_from_weights
-    from cbd_mlx.train import TrainConfig, train
     from conftest import random_weights
+
+    from cbd_mlx.arch.anchor import model_from_weights
+    from cbd_mlx.data import PackedSequences
+    from cbd_mlx.train import TrainConfig, train
 
     cfg = TINY_CONFIGS["llama"]
     model = model_from_weights(cfg, random_weights(cfg, 0))
@@ -270,10 +272,10 @@ def test_gguf_contents_are_checked_not_only_its_container(tmp_path, kw, want):
 
 
 def test_anchors_too_far_apart_to_search_are_refused_not_spun_on():
-    from cbd_mlx.families import FAMILIES
-    from cbd_mlx.loader import param_template
+    from cbd_mlx.arch.anchor import param_template
+    from cbd_mlx.arch.families import FAMILIES
+    from cbd_mlx.arch.shapes import Shape, solve_shape
     from cbd_mlx.chain import manifest_config
-    from cbd_mlx.shapes import Shape, solve_shape
 
     small = Shape(1, 64, 64, 1, 1, 64, 1000)
     big = Shape(1024, 65536, 65536, 1024, 1024, 64, 1000)

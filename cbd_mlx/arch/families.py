@@ -2,7 +2,7 @@
 
 A family is described once, here, by data: the Subset/Expand engine in
 ``operators.py``, the parameter counter and the shape solver in ``shapes.py``
-and the importance statistics in ``importance.py`` are generic over it.
+and the importance statistics in ``method.ranking`` are generic over it.
 Adding a family is adding an entry to ``FAMILIES``.
 
 Axis labels:
@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import CBDError
+from ..errors import CBDError
 
 _AXES_CACHE: dict[tuple[str, str], tuple] = {}
 

@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, replace
 
-from .errors import CBDError
+from ..errors import CBDError
 from .families import Family, layer_local_name
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBgG])\s*$")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import CBDError
+from ..errors import CBDError
 
 DELTA_BITS = (2, 3, 4, 8)
 CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # range shrinks tried per group at 2-4 bits

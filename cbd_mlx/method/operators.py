@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CBDError
-from .families import Family, layer_local_name
-from .shapes import Shape, param_shapes
+from ..arch.families import Family, layer_local_name
+from ..arch.shapes import Shape, param_shapes
+from ..errors import CBDError
 
 # ridge of Subset's FFN compensation, relative to the mean activation energy: 0.01 over-fits init's ~2K calibration
 # tokens (115M: 2.51x the source on the suite, against 1.94x uncompensated); 0.3 and 1.0 tie (1.88 / 1.87)

@@ -13,26 +13,16 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from pathlib import Path
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import CBDError
-from .families import Family, layer_local_name
-from .evaluate import tokenize_file
-from .loader import Anchor, all_finite, load_tokenizer, model_from_weights
+from ..arch.anchor import Anchor, all_finite, model_from_weights
+from ..arch.families import Family, layer_local_name
+from ..arch.shapes import Shape
+from ..errors import CBDError
 from .operators import Selection
-from .shapes import Shape
 
-CALIB_TOKENS = 4096
-DEFAULT_CALIB = Path(__file__).parent / "assets" / "calib.txt"  # built-in English calibration text (Python tutorial)
-# init's alpha grid and alignment: English of several kinds (Bierce, GNOME help, the Python tutorial, the Jargon
-# File; held-out documents of `data fetch`'s corpus, none in the out-of-domain suite). Chosen on that suite: at
-# 90M and 115M it picked blends 2-4% closer to the source than the Python excerpt did, ties elsewhere.
-INIT_CALIB = Path(__file__).parent / "assets" / "calib-init.txt"
-CALIB_SEQ_LEN = 256
 SAMPLE_ROWS = 512  # token rows kept per linear input for activation matching
 
 
@@ -102,28 +92,6 @@ def _recording(model: nn.Module, family: Family, grams: bool = False):
         np.array([np.mean(influence.get(i, [0.0])) for i in range(len(blocks))]),
         gram if grams else None,
     )
-
-
-def calibration_batches(tokens: list[int], seq_len: int = CALIB_SEQ_LEN, max_tokens: int = CALIB_TOKENS):
-    tokens = tokens[:max_tokens]
-    n = len(tokens) // seq_len
-    if n == 0:
-        raise CBDError(
-            f"calibration text is too short: {len(tokens)} tokens, need at least {seq_len}; give a longer --calib file"
-        )
-    return np.array(tokens[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
-
-
-def calibration_from(model_dir, calib, max_tokens: int = CALIB_TOKENS,
-                     seq_len: int = CALIB_SEQ_LEN) -> np.ndarray | None:
-    """Calibration batches (windows of ``seq_len``, ``max_tokens`` in all) of
-    the text file ``calib`` in ``model_dir``'s tokenizer; None without one.
-    The one way calibration text becomes batches: init, prune, pack, export
-    and bridge all come here."""
-    if calib is None:
-        return None
-    ids = tokenize_file(load_tokenizer(model_dir), calib, max_tokens)
-    return calibration_batches(ids, seq_len=seq_len, max_tokens=max_tokens)
 
 
 def collect_stats(anchor: Anchor, batches: np.ndarray, batch_size: int = 4, grams: bool = False) -> Stats:
