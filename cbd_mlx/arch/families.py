@@ -1,7 +1,7 @@
 """Axis maps: for every parameter of a family, which tensor axis is which width.
 
 A family is described once, here, by data: the Subset/Expand engine in
-``operators.py``, the parameter counter and the shape solver in ``shapes.py``
+``method.operators``, the parameter counter and the shape solver in ``shapes``
 and the importance statistics in ``method.ranking`` are generic over it.
 Adding a family is adding an entry to ``FAMILIES``.
 
@@ -18,7 +18,7 @@ Axis labels:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import CBDError
 
@@ -96,85 +96,60 @@ _LLAMA_KEYS = {
 }
 _LLAMA_NORMS = r"model\.norm\.weight|(input|post_attention)_layernorm\.weight"
 
+def _linear(prefix: str, out: str, inp: str) -> tuple:
+    """The axis-map rows of a biased linear layer: weight (out, in), bias (out,)."""
+    return ((prefix + r"\.weight", (out, inp)), (prefix + r"\.bias", (out,)))
+
+
+# GPT-2 and GPT-NeoX: LayerNorm, one fused q/k/v projection (attention width tied to hidden), 4x FFN
+_LAYER_NORM_FUSED_QKV = {"norm_kind": "layer", "tied_attention_width": True, "ffn_multiple": 4}
+
+
+_LLAMA = Family(name="llama", model_types=("llama", "mistral", "qwen2"), layers_prefix="model.layers",
+                config_keys=_LLAMA_KEYS, axes=_LLAMA_AXES, norms=_LLAMA_NORMS)
+
 FAMILIES: dict[str, Family] = {
-    "llama": Family(
-        name="llama",
-        model_types=("llama", "mistral", "qwen2"),
-        layers_prefix="model.layers",
-        config_keys=_LLAMA_KEYS,
-        axes=_LLAMA_AXES,
-        norms=_LLAMA_NORMS,
-    ),
-    "qwen3": Family(
-        name="qwen3",
-        model_types=("qwen3",),
-        layers_prefix="model.layers",
-        config_keys=_LLAMA_KEYS,
-        axes=_LLAMA_AXES,
-        norms=_LLAMA_NORMS,
-    ),
+    "llama": _LLAMA,
+    "qwen3": replace(_LLAMA, name="qwen3", model_types=("qwen3",)),  # the same axis map as llama
     "gpt2": Family(
         name="gpt2",
         model_types=("gpt2",),
         layers_prefix="model.h",
-        config_keys={
-            "layers": "n_layer",
-            "hidden": "n_embd",
-            "heads": "n_head",
-            "vocab": "vocab_size",
-        },
+        config_keys={"layers": "n_layer", "hidden": "n_embd", "heads": "n_head", "vocab": "vocab_size"},
         axes=(
             (r"model\.wte\.weight", ("vocab", "hidden")),
             (r"model\.wpe\.weight", (None, "hidden")),
             (r"model\.ln_f\.(weight|bias)", ("hidden",)),
             (r"ln_[12]\.(weight|bias)", ("hidden",)),
-            (r"attn\.c_attn\.weight", ("qkv", "hidden")),
-            (r"attn\.c_attn\.bias", ("qkv",)),
-            (r"attn\.c_proj\.weight", ("hidden", "q")),
-            (r"attn\.c_proj\.bias", ("hidden",)),
-            (r"mlp\.c_fc\.weight", ("ffn", "hidden")),
-            (r"mlp\.c_fc\.bias", ("ffn",)),
-            (r"mlp\.c_proj\.weight", ("hidden", "ffn")),
-            (r"mlp\.c_proj\.bias", ("hidden",)),
+            *_linear(r"attn\.c_attn", "qkv", "hidden"),
+            *_linear(r"attn\.c_proj", "hidden", "q"),
+            *_linear(r"mlp\.c_fc", "ffn", "hidden"),
+            *_linear(r"mlp\.c_proj", "hidden", "ffn"),
         ),
         norms=r"model\.ln_f\.weight|ln_[12]\.weight",
-        norm_kind="layer",
-        tied_attention_width=True,
-        ffn_multiple=4,
         eps_key="layer_norm_epsilon",
         residual_writers=r"model\.wte\.weight|model\.wpe\.weight|(attn|mlp)\.c_proj\.(weight|bias)",
+        **_LAYER_NORM_FUSED_QKV,
     ),
     "gpt_neox": Family(
         name="gpt_neox",
         model_types=("gpt_neox",),
         layers_prefix="model.h",
-        config_keys={
-            "layers": "num_hidden_layers",
-            "hidden": "hidden_size",
-            "ffn": "intermediate_size",
-            "heads": "num_attention_heads",
-            "vocab": "vocab_size",
-        },
+        config_keys={"layers": "num_hidden_layers", "hidden": "hidden_size", "ffn": "intermediate_size",
+                     "heads": "num_attention_heads", "vocab": "vocab_size"},
         axes=(
-            (r"model\.embed_in\.weight", ("vocab", "hidden")),
-            (r"model\.embed_out\.weight", ("vocab", "hidden")),
+            (r"model\.embed_(in|out)\.weight", ("vocab", "hidden")),
             (r"model\.final_layer_norm\.(weight|bias)", ("hidden",)),
             (r"(input|post_attention)_layernorm\.(weight|bias)", ("hidden",)),
-            (r"attention\.query_key_value\.weight", ("hqkv", "hidden")),
-            (r"attention\.query_key_value\.bias", ("hqkv",)),
-            (r"attention\.dense\.weight", ("hidden", "q")),
-            (r"attention\.dense\.bias", ("hidden",)),
-            (r"mlp\.dense_h_to_4h\.weight", ("ffn", "hidden")),
-            (r"mlp\.dense_h_to_4h\.bias", ("ffn",)),
-            (r"mlp\.dense_4h_to_h\.weight", ("hidden", "ffn")),
-            (r"mlp\.dense_4h_to_h\.bias", ("hidden",)),
+            *_linear(r"attention\.query_key_value", "hqkv", "hidden"),
+            *_linear(r"attention\.dense", "hidden", "q"),
+            *_linear(r"mlp\.dense_h_to_4h", "ffn", "hidden"),
+            *_linear(r"mlp\.dense_4h_to_h", "hidden", "ffn"),
         ),
         norms=r"model\.final_layer_norm\.weight|(input|post_attention)_layernorm\.weight",
-        norm_kind="layer",
-        tied_attention_width=True,
-        ffn_multiple=4,
         eps_key="layer_norm_eps",
         residual_writers=r"model\.embed_in\.weight|attention\.dense\.(weight|bias)|mlp\.dense_4h_to_h\.(weight|bias)",
+        **_LAYER_NORM_FUSED_QKV,
     ),
 }
 
