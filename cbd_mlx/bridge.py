@@ -139,9 +139,6 @@ def student_init(student: str, size: int | None, init: str, out: Path, seed: int
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-
-
-
     a = load_anchor(student)
     if size and size > a.n_params * 1.01:
         raise CBDError(f"--size {format_size(size)} is above --student's {format_size(a.n_params)}: the bridge anchor "
@@ -177,7 +174,6 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
     Work (generated text, token cache, init) lives in OUT.bridge and resumes."""
     import gc
     import shutil
-
 
     out = Path(out)
     refuse_existing(out, force)

@@ -1,4 +1,5 @@
-"""Calibration text: the one way a text file or a token cache becomes calibration batches (init, prune, pack, export, bridge, chain build)."""
+"""Calibration text: the one way a text file or a token cache becomes
+calibration batches (init, prune, pack, export, bridge, chain build)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,12 @@ from .loader import load_tokenizer
 
 CALIB_TOKENS = 4096
 
-
 DEFAULT_CALIB = Path(__file__).parent / "assets" / "calib.txt"  # built-in English calibration text (Python tutorial)
-
 
 # init's alpha grid and alignment: English of several kinds (Bierce, GNOME help, the Python tutorial, the Jargon
 # File; held-out documents of `data fetch`'s corpus, none in the out-of-domain suite). Chosen on that suite: at
 # 90M and 115M it picked blends 2-4% closer to the source than the Python excerpt did, ties elsewhere.
 INIT_CALIB = Path(__file__).parent / "assets" / "calib-init.txt"
-
 
 CALIB_SEQ_LEN = 256
 
@@ -34,7 +32,6 @@ def calibration_batches(tokens: list[int], seq_len: int = CALIB_SEQ_LEN, max_tok
             f"calibration text is too short: {len(tokens)} tokens, need at least {seq_len}; give a longer --calib file"
         )
     return np.array(tokens[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
-
 
 
 def calibration_from(model_dir, calib, max_tokens: int = CALIB_TOKENS,

@@ -82,8 +82,6 @@ def _compose_lineage(parent_lin: dict, lin: dict, through: str) -> dict:
     return out
 
 
-
-
 def _shared_tensors(models: list) -> set[str]:
     """Names of the tensors that are byte-identical in every one of ``models``
     (the frozen token embedding of a chain that kept its hidden width)."""

@@ -39,7 +39,6 @@ def check_fits(what: str, need_bytes: float, fix: str) -> None:
                        f"{total / 2**30:.0f} GiB; {fix}")
 
 
-
 @contextmanager
 def translated(what: str):
     """Errors of another library's code (mlx-lm's tuner, generate, server) as

@@ -35,7 +35,6 @@ def eval_ppl(model, tokens: np.ndarray | None) -> float | None:
 
     from mlx_lm.utils import dequantize_model
 
-
     if tokens is None:
         return None
     if any(hasattr(m, "bits") for _, m in model.named_modules()):

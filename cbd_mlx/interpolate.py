@@ -50,7 +50,6 @@ def _edge_init(source: str, n: int, calib, calib_tokens: int, fixed: dict, chain
     (function-preserving growth) of the largest one above it; no blend."""
     from dataclasses import replace
 
-
     a = load_anchor(source)
     if n < a.n_params:
         shape = child_shape(a, n, fixed)

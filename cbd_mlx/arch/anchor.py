@@ -1,4 +1,5 @@
-"""The in-memory anchor: fp32 numpy weights in mlx-lm names, its config, family and shape; and the mlx-lm model object built from them."""
+"""The in-memory anchor: fp32 numpy weights in mlx-lm names, its config, family
+and shape; and the mlx-lm model object built from them."""
 
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ class Anchor:
         return self.provenance.get("lineage")
 
 
-
 def build_model(config: dict) -> nn.Module:
     """An mlx-lm model object for ``config`` (weights uninitialised/lazy)."""
     from mlx_lm.utils import _get_classes
@@ -54,11 +54,9 @@ def build_model(config: dict) -> nn.Module:
         raise CBDError(f"cannot build a model from config.json: {e}") from None
 
 
-
 def param_template(config: dict) -> dict[str, tuple]:
     """Parameter names and shapes of ``config``'s model (nothing is computed)."""
     return {k: tuple(v.shape) for k, v in tree_flatten(build_model(config).parameters())}
-
 
 
 def model_from_weights(config: dict, weights: dict[str, np.ndarray], dtype=mx.float32) -> nn.Module:
@@ -73,13 +71,11 @@ def model_from_weights(config: dict, weights: dict[str, np.ndarray], dtype=mx.fl
     return model
 
 
-
 def check_weights_finite(a: Anchor) -> None:
     """Refuse an anchor holding NaN or Inf (a damaged checkpoint)."""
     for k, v in a.weights.items():
         if not all_finite(v):
             raise CBDError(f"{a.path}: parameter {k} holds NaN or Inf; the checkpoint is damaged")
-
 
 
 def all_finite(v: np.ndarray) -> bool:

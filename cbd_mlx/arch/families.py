@@ -96,6 +96,7 @@ _LLAMA_KEYS = {
 }
 _LLAMA_NORMS = r"model\.norm\.weight|(input|post_attention)_layernorm\.weight"
 
+
 def _linear(prefix: str, out: str, inp: str) -> tuple:
     """The axis-map rows of a biased linear layer: weight (out, in), bias (out,)."""
     return ((prefix + r"\.weight", (out, inp)), (prefix + r"\.bias", (out,)))

@@ -1,4 +1,6 @@
-"""Interpolation: theta_T = alpha * Expand(theta_S) + (1 - alpha) * Subset(theta_B), with the channels of S and of Subset(B) aligned by S's lineage (or by activation matching when S has none)."""
+"""Interpolation: theta_T = alpha * Expand(theta_S) + (1 - alpha) *
+Subset(theta_B), with the channels of S and of Subset(B) aligned by S's
+lineage (or by activation matching when S has none)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from .operators import Selection, blend, blend_tensor, expand, iter_compensate, 
 from .ranking import collect_stats, placement, select
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
-
 
 SCORE_BATCHES = 2  # calibration windows the alpha grid is scored on
 

@@ -1,4 +1,5 @@
-"""The chain's structure: how far one step may go, and what a child anchor inherits from its parent (lineage, rankings)."""
+"""The chain's structure: how far one step may go, and what a child anchor
+inherits from its parent (lineage, rankings)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ def has_lineage(small: Anchor, big: Anchor) -> bool:
     """Whether ``small`` was pruned from exactly ``big`` (by weights sha256)."""
     lin = small.lineage
     return bool(lin and lin.get("parent_sha256") and lin["parent_sha256"] == big.sha256)
-
 
 
 def lineage_of(small: Anchor, big: Anchor, batches: np.ndarray | None) -> tuple[Selection, dict, str]:
@@ -52,7 +52,6 @@ def dense_sizes(top: int, bottom: int, max_step: float = MAX_STEP) -> list[int]:
     return [int(float(f"{top * r ** i:.3g}")) for i in range(1, k)] + [bottom]
 
 
-
 def check_steps(n_source: int, sizes: list[int], max_step: float = MAX_STEP) -> None:
     """Refuse a chain whose steps remove more than ``max_step`` (each anchor is
     distilled from the previous one only: big gaps make weak anchors)."""
@@ -66,7 +65,6 @@ def check_steps(n_source: int, sizes: list[int], max_step: float = MAX_STEP) -> 
                 f"parameters (at most {max_step:.0%} per step); use denser sizes, e.g. --sizes {hint}, "
                 "or raise --max-step"
             )
-
 
 
 def ranks_within(ranks: dict, sel) -> dict:

@@ -1,4 +1,5 @@
-"""The birth of a child anchor: an importance-ranked Subset of its parent, with the lineage (index maps per axis and per layer) recorded."""
+"""The birth of a child anchor: an importance-ranked Subset of its parent, with
+the lineage (index maps per axis and per layer) recorded."""
 
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ def floor_shape(parent: Shape, tied_width: bool) -> Shape:
     )
 
 
-
 def child_shape(parent: Anchor, n_target: int, fixed: dict | None = None, multiple: int = WIDTH_MULTIPLE) -> Shape:
     """A child shape of ``n_target`` parameters (within 1%) below the parent."""
     if n_target >= parent.n_params:
@@ -42,7 +42,6 @@ def child_shape(parent: Anchor, n_target: int, fixed: dict | None = None, multip
             f"({n_floor / 1e6:.1f}M, a quarter of every axis)"
         )
     return solve_shape(parent.family, parent.template, floor, parent.shape, n_target, fixed, multiple=multiple)
-
 
 
 def prune_weights(parent: Anchor, target: Shape, batches: np.ndarray | None) -> tuple[dict, dict]:
