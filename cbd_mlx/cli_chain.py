@@ -156,7 +156,7 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep
 @click.option("--eval-tokens", type=POSITIVE, default=4096, show_default=True, help="Tokens of each text.")
 @click.option("--delta-bits", type=click.Choice(["2", "3", "4", "8", "auto"]), default=None,
               help="Store each distilled anchor as a delta against the Subset of its parent, in this many bits "
-                   "('auto': the fewest within 3%% of fp32 on --eval-data); --bits and the rest are then unused.")
+                   "('auto': the fewest within 3% of fp32 on --eval-data); --bits and the rest are then unused.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, recipe, method, ship, eval_data,
                eval_tokens, delta_bits, force):
