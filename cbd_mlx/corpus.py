@@ -16,10 +16,13 @@ fortune-file quotations."""
 from __future__ import annotations
 
 import gzip
+import html
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -176,16 +179,20 @@ def _jargon(root: Path):
     yield from _dictd(root, "jargon")
 
 
-def clean_mallard(xml: str) -> str:
-    """A Mallard help page -> plain text: its <info> block dropped, one
-    paragraph per block element, inline markup unwrapped."""
-    import html
-
-    xml = re.sub(r"<info>.*?</info>|<!--.*?-->", "", xml, flags=re.S)
-    xml = re.sub(r"</?(p|title|item|section|note|list|steps|terms|tr|td|code|screen)\b[^>]*>", "\n\n", xml)
+def _paragraphs(xml: str) -> str:
+    """Markup with blank lines at its block boundaries -> plain text: tags
+    dropped, entities decoded, one paragraph per block, whitespace folded."""
     text = html.unescape(re.sub(r"<[^>]+>", "", xml))
     paras = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)]
     return "\n\n".join(p for p in paras if p) + "\n"
+
+
+def clean_mallard(xml: str) -> str:
+    """A Mallard help page -> plain text: its <info> block dropped, one
+    paragraph per block element, inline markup unwrapped."""
+    xml = re.sub(r"<info>.*?</info>|<!--.*?-->", "", xml, flags=re.S)
+    xml = re.sub(r"</?(p|title|item|section|note|list|steps|terms|tr|td|code|screen)\b[^>]*>", "\n\n", xml)
+    return _paragraphs(xml)
 
 
 def _gnome(root: Path):
@@ -209,24 +216,17 @@ def _history(root: Path):
 def clean_osis(xml: str) -> str:
     """OSIS markup (a SWORD module's verses) -> plain text: notes dropped, a
     paragraph break at each paragraph, chapter and title marker."""
-    import html
-
     xml = re.sub(r"<note\b.*?</note>", " ", xml, flags=re.S)
     xml = re.sub(r"<title\b.*?</title>", "\n\n", xml, flags=re.S)
     xml = re.sub(r"<(div|chapter|lg)\b[^>]*/>", "\n\n", xml)
     xml = re.sub(r"<(l|lb)\b[^>]*/>", " ", xml)
-    text = html.unescape(re.sub(r"<[^>]+>", "", xml))
-    paras = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)]
-    return "\n\n".join(p for p in paras if p) + "\n"
+    return _paragraphs(xml)
 
 
 def _bible(root: Path):
     """The World English Bible (a SWORD zText module: zlib blocks indexed by
     ``*.bzs``, 12 bytes each: offset, size, plain size), one document per book
     cut into pieces of about ``DICT_DOC_CHARS``."""
-    import struct
-    import zlib
-
     folder = next(root.rglob("modules/texts/ztext/*/"))
     for testament in ("ot", "nt"):
         index, blocks = (folder / f"{testament}.bzs").read_bytes(), (folder / f"{testament}.bzz").read_bytes()
@@ -277,8 +277,6 @@ def _melville(root: Path) -> str:
 
 
 def _news(root: Path) -> str:
-    import html
-
     texts = root.rglob("tm/texts/**/*.xml")
     stories = []
     for f in sorted(texts):
