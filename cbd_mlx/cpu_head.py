@@ -66,6 +66,14 @@ def _softmax(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     return m + np.log(s)
 
 
+def _add_dw(dw: np.ndarray, g: np.ndarray, h: np.ndarray, first: bool) -> None:
+    """dw (+)= g.T @ h: the first chunk writes ``dw`` (no zero fill, no temporary)."""
+    if first:
+        np.matmul(g.T, h, out=dw)
+    else:
+        dw += g.T @ h
+
+
 def _chunk_rows(vocab: int, n: int, elems: int = CHUNK_ELEMS) -> int:
     return max(1, min(n, elems // max(vocab, 1)))
 
@@ -103,7 +111,7 @@ def _sparse_loss_and_grads(h, w, y, spec: Spec, teacher, *, grad: bool, need_dw:
     cw = float(spec.ce_weight) if topk else 1.0  # the CE term's weight (plain CE: 1, its only term)
     total = 0.0
     dh = np.empty_like(h) if grad else None
-    dw = np.zeros_like(w) if need_dw else None
+    dw = np.empty_like(w) if need_dw else None
     w_sum = w.sum(axis=0) if topk else None  # a row's sum of logits is h @ w_sum
     buf = np.empty((r, vocab), np.float32)
     for a0 in range(0, n, r):
@@ -137,7 +145,7 @@ def _sparse_loss_and_grads(h, w, y, spec: Spec, teacher, *, grad: bool, need_dw:
         np.matmul(e, w, out=dh[a0:b0])
         dh[a0:b0] *= scale[:, None]
         if need_dw:
-            dw += e.T @ (hc * scale[:, None])
+            _add_dw(dw, e, hc * scale[:, None], first=a0 == 0)
     return total, dh, dw
 
 
@@ -149,7 +157,7 @@ def _dense_loss_and_grads(h, w, y, spec: Spec, teacher, *, grad: bool, need_dw: 
     r = _chunk_rows(vocab, n, CHUNK_ELEMS_DW if need_dw else CHUNK_ELEMS)
     total = 0.0
     dh = np.empty_like(h) if grad else None
-    dw = np.zeros_like(w) if need_dw else None
+    dw = np.empty_like(w) if need_dw else None
     t = float(spec.temperature)
     c = float(spec.ce_weight)
     for a in range(0, n, r):
@@ -178,7 +186,7 @@ def _dense_loss_and_grads(h, w, y, spec: Spec, teacher, *, grad: bool, need_dw: 
         if grad:
             np.matmul(g, w, out=dh[a:b])
         if need_dw:
-            dw += g.T @ h[a:b]
+            _add_dw(dw, g, h[a:b], first=a == 0)
     return total, dh, dw
 
 

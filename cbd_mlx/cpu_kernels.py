@@ -36,16 +36,15 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float):
     b, h, t, d = q.shape
     kv = k.shape[1]
     rep = h // kv
-    qs = q.reshape(b, kv, rep * t, d)
+    qs = (q * np.float32(scale)).reshape(b, kv, rep * t, d)  # the scale on q, not on the (t x t) scores
     s = qs @ k.transpose(0, 1, 3, 2)
-    cpu_threads.rows(partial(_softmax_causal, scale=scale, t=t), s.reshape(b * kv, rep, t, t))
+    cpu_threads.rows(partial(_softmax_causal, t=t), s.reshape(b * kv, rep, t, t))
     return (s @ v).reshape(b, h, t, d), s
 
 
 @np.errstate(all="ignore")
-def _softmax_causal(s: np.ndarray, scale: float, t: int) -> None:
-    """In place: the causal softmax of scores ``s`` (..., t, t) times ``scale``."""
-    s *= scale
+def _softmax_causal(s: np.ndarray, t: int) -> None:
+    """In place: the causal softmax of scores ``s`` (..., t, t)."""
     s += _causal(t)
     s -= s.max(axis=-1, keepdims=True)
     np.maximum(s, FLOOR, out=s)  # probabilities below e^-60 stay normal floats: denormals are ~100x slower
@@ -54,11 +53,10 @@ def _softmax_causal(s: np.ndarray, scale: float, t: int) -> None:
 
 
 @np.errstate(all="ignore")
-def _softmax_vjp(ds: np.ndarray, rowdot: np.ndarray, p: np.ndarray, scale: float) -> None:
-    """In place: the scores' cotangent from the probabilities' (``ds``)."""
+def _softmax_vjp(ds: np.ndarray, rowdot: np.ndarray, p: np.ndarray) -> None:
+    """In place: the (scaled) scores' cotangent from the probabilities' (``ds``)."""
     ds -= rowdot[..., None]
     ds *= p
-    ds *= scale
 
 
 @np.errstate(all="ignore")
@@ -69,14 +67,16 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, p: np.ndarray, out: np
     b, h, t, d = q.shape
     kv = k.shape[1]
     rep = h // kv
-    qs = q.reshape(b, kv, rep * t, d)
+    qs = (q * np.float32(scale)).reshape(b, kv, rep * t, d)
     do = dout.reshape(b, kv, rep * t, d)
     dv = p.transpose(0, 1, 3, 2) @ do
     ds = do @ v.transpose(0, 1, 3, 2)
     rowdot = np.einsum("bkid,bkid->bki", do, out.reshape(b, kv, rep * t, d))
-    cpu_threads.rows(partial(_softmax_vjp, scale=scale), ds.reshape(b * kv, rep * t, t),
-                     rowdot.reshape(b * kv, rep * t), p.reshape(b * kv, rep * t, t))
-    dq = (ds @ k).reshape(b, h, t, d)
+    cpu_threads.rows(_softmax_vjp, ds.reshape(b * kv, rep * t, t), rowdot.reshape(b * kv, rep * t),
+                     p.reshape(b * kv, rep * t, t))
+    dq = ds @ k
+    dq *= np.float32(scale)
+    dq = dq.reshape(b, h, t, d)
     dk = ds.transpose(0, 1, 3, 2) @ qs
     return dq, dk, dv
 

@@ -29,7 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
-from . import losses
+from . import cpu_memory, losses
 from .arch.anchor import build_model
 from .data import PackedSequences
 from .errors import CBDError, check_fits
@@ -279,6 +279,27 @@ def _flat_np(a: mx.array) -> np.ndarray:
     return np.asarray(a).reshape(-1)
 
 
+class _ScaledAdamW(optim.AdamW):
+    """mlx's AdamW, with the gradients' scale (micro-batch mean, clipping)
+    folded into its moment updates: ``grad_scale`` set (an array), the
+    update is AdamW's on ``grad_scale * gradient`` without a pass that forms
+    that product (a compiled step materializes it, as both moments read it:
+    measured 0.45 -> 0.35 s per step on 60M parameters). The state is
+    AdamW's own, so checkpoints are unchanged."""
+
+    grad_scale: mx.array | None = None
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        if self.grad_scale is None or self.bias_correction:
+            return super().apply_single(gradient, parameter, state)
+        lr = self.learning_rate.astype(gradient.dtype)
+        f = self.grad_scale.astype(gradient.dtype)
+        b1, b2 = self.betas
+        state["m"] = m = b1 * state["m"] + ((1 - b1) * f) * gradient
+        state["v"] = v = b2 * state["v"] + ((1 - b2) * f * f) * mx.square(gradient)
+        return parameter * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + self.eps)
+
+
 class _Updater:
     """AdamW with the run's schedule, its step compiled (mean over
     micro-batches, global-norm clipping, the update) with the model's and
@@ -293,7 +314,7 @@ class _Updater:
         base_lr = schedule(cfg, steps)
         self.model, self.max_norm = model, cfg.max_grad_norm
         self.held = {"lr_scale": mx.array(1.0), "model": model.state, "opt": None}
-        self.opt = optim.AdamW(learning_rate=lambda s: self.held["lr_scale"] * base_lr(s),
+        self.opt = _ScaledAdamW(learning_rate=lambda s: self.held["lr_scale"] * base_lr(s),
                                weight_decay=cfg.weight_decay)
         self.opt.init(model.trainable_parameters())
         self.held["opt"] = self.opt.state
@@ -307,9 +328,11 @@ class _Updater:
         return self._apply_factor(grads, None)
 
     def _apply_factor(self, grads: dict, factor: mx.array | None) -> mx.array:
-        if factor is not None:
-            grads = tree_map(lambda g: g * factor, grads)
-        self.opt.update(self.model, grads)
+        self.opt.grad_scale = factor
+        try:
+            self.opt.update(self.model, grads)
+        finally:
+            self.opt.grad_scale = None
         return self.opt.learning_rate
 
     def apply(self, grads: dict, scale: float) -> None:
@@ -525,6 +548,8 @@ def train(model: nn.Module, train_data: PackedSequences, heldout: PackedSequence
     ``teacher_cache`` (a TeacherCache, computed once per batch), and the
     window of ``xvocab`` (uld.XVocabTargets) when given."""
     _check_batch_memory(model, cfg)
+    if losses.fast_cpu():
+        cpu_memory.keep_large_blocks()
     loss_fn = loss_fn or losses.from_config(cfg)
     needs_teacher = losses.reads_teacher(loss_fn)  # else the teacher's forward would be paid for nothing
     if cfg.freeze_embeddings:

@@ -3,6 +3,8 @@ MLX reference, values and gradients, on every family's output head."""
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -11,7 +13,7 @@ from conftest import TINY_CONFIGS, random_weights
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.activations import swiglu
 
-from cbd_mlx import cpu_block, cpu_kernels, cpu_threads, losses
+from cbd_mlx import cpu_block, cpu_kernels, cpu_memory, cpu_threads, losses
 from cbd_mlx.arch.anchor import model_from_weights
 from cbd_mlx.train import TrainConfig, _Updater
 
@@ -252,3 +254,25 @@ def test_numpy_norm_update_matches_clip_grad_norm(monkeypatch, max_norm):
 
     fast, plain = _both(monkeypatch, run)
     assert max(float(mx.abs(fast[k] - plain[k]).max()) for k in plain) <= 1e-6
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_training_keeps_large_blocks_in_the_heap():
+    """On Linux (glibc) the CPU trainer raises the mmap threshold: a 64 MB
+    array then comes from the heap (reused from step to step), not from a
+    fresh mapping (glibc's mallinfo2: bytes in mmapped blocks)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = MallInfo2
+    n = 16 << 20  # 64 MB of fp32, above glibc's largest dynamic threshold (32 MB)
+    assert cpu_memory.keep_large_blocks()
+    before = mallinfo2()
+    a = np.ones(n, np.float32)
+    after = mallinfo2()
+    assert after.hblkhd - before.hblkhd < a.nbytes  # not mapped
+    assert after.arena - before.arena >= a.nbytes or after.uordblks - before.uordblks >= a.nbytes  # in the heap
