@@ -361,9 +361,11 @@ def _load_with_mlx_lm(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def anchor_sha256(anchor: Anchor) -> str:
-    """The anchor's weights hash, computed from its safetensors files (never
-    read from its own cbd.json, which a tampered copy would carry unchanged)."""
-    return weights_sha256(anchor.path)
+    """The anchor's weights hash: the one ``load_anchor`` took of its
+    safetensors files (never read from its own cbd.json, which a tampered
+    copy would carry unchanged), or taken now for an anchor built in memory
+    around a directory."""
+    return anchor.sha256 or weights_sha256(anchor.path)
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

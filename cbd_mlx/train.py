@@ -290,8 +290,10 @@ class _ScaledAdamW(optim.AdamW):
     grad_scale: mx.array | None = None
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
-        if self.grad_scale is None or self.bias_correction:
+        if self.grad_scale is None:
             return super().apply_single(gradient, parameter, state)
+        if self.bias_correction:
+            return super().apply_single(gradient * self.grad_scale.astype(gradient.dtype), parameter, state)
         lr = self.learning_rate.astype(gradient.dtype)
         f = self.grad_scale.astype(gradient.dtype)
         b1, b2 = self.betas

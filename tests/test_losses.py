@@ -7,6 +7,7 @@ import sys
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from conftest import TINY_CONFIGS, random_weights
@@ -15,7 +16,7 @@ from mlx_lm.models.activations import swiglu
 
 from cbd_mlx import cpu_block, cpu_kernels, cpu_memory, cpu_threads, losses
 from cbd_mlx.arch.anchor import model_from_weights
-from cbd_mlx.train import TrainConfig, _Updater
+from cbd_mlx.train import TrainConfig, _ScaledAdamW, _Updater
 
 V, D, N = 300, 16, 24
 
@@ -234,6 +235,23 @@ def test_numpy_block_leaves_other_calls_to_mlx_lm():
             assert _rel(model(x, cache=make_prompt_cache(model)), ref) < 1e-6
             raise RuntimeError
     assert all(type(m) is llama.TransformerBlock for m in model.model.layers)
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_scaled_adamw_is_adamw_on_scaled_gradients(bias_correction):
+    """The trainer's AdamW with the gradients' scale folded into its moments
+    gives mlx's AdamW on the scaled gradients, step after step."""
+    mx.random.seed(0)
+    p, g = mx.random.normal((8, 16)), mx.random.normal((8, 16))
+    kw = dict(learning_rate=1e-2, weight_decay=0.1, bias_correction=bias_correction)
+    plain, folded = optim.AdamW(**kw), _ScaledAdamW(**kw)
+    pa, pb = {"w": p}, {"w": p}
+    for scale in (0.3, 2.0, 0.7):
+        pa = plain.apply_gradients({"w": g * scale}, pa)
+        folded.grad_scale = mx.array(scale)
+        pb = folded.apply_gradients({"w": g}, pb)
+    assert float(mx.abs(pa["w"] - pb["w"]).max()) <= 1e-6 * float(mx.abs(pa["w"]).max())
+    assert float(mx.abs(pa["w"] - p).max()) > 1e-3  # it moved
 
 
 @pytest.mark.parametrize("max_norm", [0.0, 1e-3, 10.0])
