@@ -293,4 +293,4 @@ def test_training_keeps_large_blocks_in_the_heap():
     a = np.ones(n, np.float32)
     after = mallinfo2()
     assert after.hblkhd - before.hblkhd < a.nbytes  # not mapped
-    assert after.arena - before.arena >= a.nbytes or after.uordblks - before.uordblks >= a.nbytes  # in the heap
+    assert after.uordblks - before.uordblks > a.nbytes // 2  # in the heap's blocks in use
