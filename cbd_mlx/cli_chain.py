@@ -13,7 +13,7 @@ from .arch.shapes import count_params, format_size, parse_size, solve_shape
 from .bridge import prompts_from
 from .calibration import DEFAULT_CALIB
 from .chain import find_chain, list_chains, manifest_config, round_sizes
-from .chain_pack import pack_chain, pack_deltas
+from .chain_pack import DELTA_TOLERANCE, pack_chain, pack_deltas
 from .chainbuild import build_chain
 from .cli_common import LR, POSITIVE, SEQ_LEN, WEIGHT, Finite, say
 from .errors import CBDError
@@ -156,10 +156,13 @@ def chain_build(source, sizes, cache, tokens_per_step, out, name, max_step, keep
 @click.option("--eval-tokens", type=POSITIVE, default=4096, show_default=True, help="Tokens of each text.")
 @click.option("--delta-bits", type=click.Choice(["2", "3", "4", "8", "auto"]), default=None,
               help="Store each distilled anchor as a delta against the Subset of its parent, in this many bits "
-                   "('auto': the fewest within 3% of fp32 on --eval-data); --bits and the rest are then unused.")
+                   "('auto': the fewest within --delta-tolerance of fp32 on --eval-data); --bits and the rest are "
+                   "then unused.")
+@click.option("--delta-tolerance", type=click.FloatRange(0.0, 1.0), default=DELTA_TOLERANCE, show_default=True,
+              help="With --delta-bits auto: how far above its fp32 perplexity a packed anchor may score (0.03: 3%).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, recipe, method, ship, eval_data,
-               eval_tokens, delta_bits, force):
+               eval_tokens, delta_bits, delta_tolerance, force):
     """Make a built chain small enough to ship: the source anchor is referenced
     by name (a packaged model or hub id, checked by sha256), the distilled
     anchors are quantized, tensors every anchor shares (frozen embeddings) are
@@ -172,7 +175,7 @@ def chain_pack(chain_path, out, bits, group_size, embed_bits, embed_group_size, 
         if eval_data else []
     if delta_bits:
         packed = pack_deltas(chain, out, delta_bits if delta_bits == "auto" else int(delta_bits), int(group_size),
-                             force, texts or None, log=say)
+                             force, texts or None, tolerance=delta_tolerance, log=say)
     else:
         packed = pack_chain(chain, out, int(bits), int(group_size), recipe, force, method,
                             DEFAULT_CALIB, log=say, ship=ship.split(",") if ship else None,
