@@ -65,11 +65,13 @@ python scripts/mix_chain.py --polished "$WORK/densify3/chain" --before "$WORK/de
 $CBD chain pack "$WORK/mixed" --out "$OUT" --delta-bits auto --eval-data "$WORK/suite" --force
 cp "$WORK/densify/chain/curves.png" "$OUT/curves.png"
 # 4. a fourth polish of a3 from the chain just packed (seed 2: other windows of the same mix; a3 3.94x -> 3.73x),
-#    then packed again (a4's round was stopped for time; add a4-43.0M to --order for it)
+#    then packed again with auto's bound at 1% (a4, re-coded on the new a3, costs +1.8% at 2 bits and ships at 3)
+#    (a4's round was stopped for time; add a4-43.0M to --order for it)
 python scripts/densify_chain.py --work "$WORK/densify4" --chain "$OUT" --insert none --tokens 262144 --seed 2 \
   --order a3-58M --suite "$WORK/suite"
 python scripts/mix_chain.py --polished "$WORK/densify4/chain" --before "$WORK/densify4/orig" --chain "$OUT" \
   --out "$WORK/mixed4"
-$CBD chain pack "$WORK/mixed4" --out "$OUT" --delta-bits auto --eval-data "$WORK/suite" --force
+$CBD chain pack "$WORK/mixed4" --out "$OUT" --delta-bits auto --delta-tolerance 0.01 --eval-data "$WORK/suite" \
+  --force
 cp "$WORK/densify/chain/curves.png" "$OUT/curves.png"
 du -sh "$OUT"
