@@ -310,6 +310,32 @@ def insert_anchor(out: Path, big: str, small: str, size: int, name: str, log=pri
     return load_chain(out / MANIFEST_NAME)
 
 
+def take_back_anchors(polished: Path, before: Path, keep: list[str], out: Path, log=print) -> Chain:
+    """OUT: the working chain ``polished`` with the anchors named in ``keep``
+    taken back from ``before`` (the same chain before a polish round, unpacked),
+    for anchors whose polish did worse on the out-of-domain suite. Every
+    child's lineage is re-pointed at its parent's weights as they are in OUT,
+    and the manifest is rewritten; ``chain pack OUT`` ships it."""
+    polished, before, out = Path(polished), Path(before), Path(out)
+    names = [e.name for e in load_chain(polished / MANIFEST_NAME).anchors]
+    missing = [n for n in keep if n not in names or not (before / "anchors" / n).is_dir()]
+    if missing:
+        raise CBDError(f"cannot take back {', '.join(missing)}: not an anchor of both {polished} and {before}")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(polished, out, ignore=shutil.ignore_patterns(".work", "*.new", "*.partial"))
+    for name in keep:
+        shutil.rmtree(out / "anchors" / name)
+        shutil.copytree(before / "anchors" / name, out / "anchors" / name)
+    for e in load_chain(out / MANIFEST_NAME).anchors[1:]:
+        sha = anchor_sha256(load_anchor(str(out / "anchors" / e.parent)))
+        if (read_provenance(out / "anchors" / e.name).get("lineage") or {}).get("parent_sha256") != sha:
+            log(f"{e.name}: lineage re-pointed at {e.parent} {sha[:12]}")
+            _rewrite_provenance(out / "anchors" / e.name, lambda p, sha=sha: p["lineage"].update(parent_sha256=sha))
+    _refresh_manifest(out)
+    return load_chain(out / MANIFEST_NAME)
+
+
 def _finish_swap(anchors_dir: Path, name: str) -> tuple[Path, Path, Path]:
     """(anchor dir, its polish dir, its old dir), after finishing a polish swap
     that was interrupted between its two renames (or putting the old anchor

@@ -2,9 +2,8 @@
 """A chain made of two working copies of one chain: the polished one
 (`densify_chain.py`'s WORK/chain), with the anchors named by --keep taken
 back from the other (the chain before that round, unpacked to fp32), for
-anchors whose polish did worse on the out-of-domain suite. Every child's
-lineage is re-pointed at its parent's weights as they are in the result,
-and the manifest is rewritten; then `chain pack OUT` ships it.
+anchors whose polish did worse on the out-of-domain suite
+(`chainbuild.take_back_anchors`); then `chain pack OUT` ships it.
 
     python scripts/mix_chain.py --polished WORK/chain --before WORK/orig --keep a1-101M --out WORK/mixed
 """
@@ -12,7 +11,6 @@ and the manifest is rewritten; then `chain pack OUT` ships it.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,9 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cbd_mlx  # noqa: E402,F401  (OpenBLAS before MLX)
-from cbd_mlx.chain import MANIFEST_NAME, find_chain, load_chain  # noqa: E402
-from cbd_mlx.chainbuild import _refresh_manifest, _rewrite_provenance, unpack_chain  # noqa: E402
-from cbd_mlx.loader import anchor_sha256, load_anchor, read_provenance  # noqa: E402
+from cbd_mlx.chain import MANIFEST_NAME, find_chain  # noqa: E402
+from cbd_mlx.chainbuild import take_back_anchors, unpack_chain  # noqa: E402
 
 
 def main() -> None:
@@ -36,19 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.before / MANIFEST_NAME).exists():
         unpack_chain(find_chain(args.chain), args.before, force=True)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    shutil.copytree(args.polished, args.out, ignore=shutil.ignore_patterns(".work", "*.new", "*.partial"))
-    for name in args.keep:
-        shutil.rmtree(args.out / "anchors" / name)
-        shutil.copytree(args.before / "anchors" / name, args.out / "anchors" / name)
-    for e in load_chain(args.out / MANIFEST_NAME).anchors[1:]:
-        sha = anchor_sha256(load_anchor(str(args.out / "anchors" / e.parent)))
-        if (read_provenance(args.out / "anchors" / e.name).get("lineage") or {}).get("parent_sha256") != sha:
-            print(f"{e.name}: lineage re-pointed at {e.parent} {sha[:12]}")
-            _rewrite_provenance(args.out / "anchors" / e.name,
-                                lambda p, sha=sha: p["lineage"].update(parent_sha256=sha))
-    _refresh_manifest(args.out)
+    take_back_anchors(args.polished, args.before, args.keep, args.out)
     print(f"wrote {args.out}  (next: cbd-mlx chain pack {args.out} --out DIR --delta-bits auto --eval-data SUITE)")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def test_too_small_cache_is_refused(setup, tmp_path):
 
 def test_two_processes_equal_one_with_double_accumulation(setup, tmp_path):
     """mlx.launch -n 2 --backend ring == one process with grad_accum 2."""
-    import shutil
+
     import subprocess
     import sys
 
@@ -301,8 +302,6 @@ def test_chain_anchor_with_wrong_sha256_is_refused(setup, tmp_path, capsys):
 
 
 def test_default_chain_resolution(setup, tmp_path, monkeypatch, tokenizer_dir):
-    import shutil as sh
-
     import huggingface_hub.constants as hc
 
     import cbd_mlx.chain as chain_mod
@@ -311,7 +310,7 @@ def test_default_chain_resolution(setup, tmp_path, monkeypatch, tokenizer_dir):
     teacher, _, cache = setup
     chains = tmp_path / "chains"
     chains.mkdir()
-    sh.copy(chain_mod.CHAINS_DIR / "smollm2.toml", chains / "smollm2.toml")
+    shutil.copy(chain_mod.CHAINS_DIR / "smollm2.toml", chains / "smollm2.toml")
     monkeypatch.setattr(chain_mod, "CHAINS_DIR", chains)
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     hub = tmp_path / "hub"
@@ -388,7 +387,7 @@ def test_chain_reference_for_named_sources():
 def test_chain_pack_pads_widths_for_quantization_groups(setup, tmp_path):
     """Widths that are not multiples of the group size are padded by exact
     growth (zero channels, rescaled norms): same function, valid lineage."""
-    import shutil
+
 
     import mlx.core as mx
 
@@ -588,8 +587,6 @@ def test_chain_pack_ships_a_subset_and_shares_frozen_embeddings(setup, tmp_path)
 
 
 def test_chain_polish_from_a0_keeps_lineage_and_resumes(setup, tmp_path):
-    import shutil
-
     from cbd_mlx.chain import find_chain, load_chain_anchor
     from cbd_mlx.chain_pack import pack_chain
     from cbd_mlx.chainbuild import STEP_METRICS, build_chain, polish_anchors
@@ -673,7 +670,7 @@ def test_densify_and_delta_pack_round_trip(setup, tmp_path, monkeypatch):
 
     from cbd_mlx.chain import find_chain, load_chain_anchor
     from cbd_mlx.chain_pack import pack_deltas
-    from cbd_mlx.chainbuild import build_chain, insert_anchor, polish_anchors
+    from cbd_mlx.chainbuild import build_chain, insert_anchor, polish_anchors, take_back_anchors
     from cbd_mlx.convert import convert
     from cbd_mlx.delta_store import read_delta, write_delta_dir
     from cbd_mlx.interpolate import build_init
@@ -692,11 +689,20 @@ def test_densify_and_delta_pack_round_trip(setup, tmp_path, monkeypatch):
     assert [e.name for e in chain.anchors] == [a0, "a1-mid", a2]
     anchors = [load_chain_anchor(chain, e) for e in chain.anchors]
     assert has_lineage(anchors[1], anchors[0]) and has_lineage(anchors[2], anchors[1])
+    shutil.copytree(tmp_path / "chain", tmp_path / "before")
     polish_anchors(tmp_path / "chain", cache, cfg(tokens=4 * 4 * 64, freeze_embeddings=True), ["a1-mid"],
                    log=lambda *_: None)
     chain = find_chain(str(tmp_path / "chain"))
     mid, small = (load_chain_anchor(chain, e) for e in chain.anchors[1:])
     assert has_lineage(small, mid)  # re-pointed at the polished weights
+    # a polish that did worse is taken back: the child's lineage follows its parent back
+    mixed = take_back_anchors(tmp_path / "chain", tmp_path / "before", ["a1-mid"], tmp_path / "mixed",
+                              log=lambda *_: None)
+    old_mid, old_small = (load_chain_anchor(mixed, e) for e in mixed.anchors[1:])
+    assert anchor_sha256(old_mid) == anchor_sha256(load_anchor(str(tmp_path / "before" / "anchors" / "a1-mid")))
+    assert has_lineage(old_small, old_mid) and anchor_sha256(old_mid) != anchor_sha256(mid)
+    with pytest.raises(CBDError, match="cannot take back nope"):
+        take_back_anchors(tmp_path / "chain", tmp_path / "before", ["nope"], tmp_path / "mixed2")
 
     packed = pack_deltas(chain, tmp_path / "packed", bits=8, log=lambda *_: None)
     assert all((tmp_path / "packed" / e.source / "delta.safetensors").is_file() for e in packed.anchors[1:])
@@ -726,7 +732,7 @@ def test_densify_and_delta_pack_round_trip(setup, tmp_path, monkeypatch):
     assert load_chain_anchor(packed, packed.anchors[2]).n_params == small.n_params  # sha256 checked again
 
     # damaged: another delta file under the same name
-    import shutil
+
 
     shutil.rmtree(tmp_path / "cache" / "anchors")
     f = tmp_path / "packed" / packed.anchors[2].source / "delta.safetensors"
