@@ -7,12 +7,12 @@ import json
 import os
 from pathlib import Path
 
+import cbd_mlx  # noqa: F401, I001  (first: loads OpenBLAS before MLX binds its reference BLAS)
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import cbd_mlx  # noqa: F401  (loads OpenBLAS before MLX)
 from cbd_mlx.arch.anchor import build_model
 from cbd_mlx.arch.families import FAMILIES
 from cbd_mlx.save import write_model

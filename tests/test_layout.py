@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PKG = Path(__file__).resolve().parent.parent / "cbd_mlx"
 
 
@@ -120,3 +122,18 @@ def test_no_function_is_over_60_lines():
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60:
                 long.append(f"{module_name(p)}.{n.name}: {n.end_lineno - n.lineno + 1} lines")
     assert long == []
+
+
+def test_the_tests_run_mlx_on_openblas():
+    """conftest imports cbd_mlx before MLX, so the test process binds MLX's
+    matmuls to OpenBLAS (a reordered import once left the whole suite on the
+    wheel's reference BLAS, ~25x slower matmuls)."""
+    import os
+    import sys
+
+    from cbd_mlx import _blas
+
+    if sys.platform != "linux" or os.environ.get("CBD_NO_OPENBLAS") or \
+            not any(os.path.exists(p) for p in _blas.OPENBLAS_CANDIDATES):
+        pytest.skip("no OpenBLAS on this machine")
+    assert _blas.BLAS is not None
