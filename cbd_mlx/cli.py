@@ -92,7 +92,7 @@ def prune_cmd(parent, size, calib, calib_tokens, out, force, dtype, **fixed):
 @click.option("--size", required=True, help="Target size, e.g. 138M.")
 @click.option("--chain", "chain_name", help="Chain name or path (see `cbd-mlx chains`).")
 @click.option("--anchors", nargs=2, help="BIG SMALL: two anchors (dirs, .gguf files or hub ids) instead of a chain.")
-@click.option("--alpha", type=Alpha(), default=None, help="Blend weight of the smaller anchor: a number in [0,1], 'auto' (best of a grid on calibration text; the default) or 'distance' (relative distance in parameters; fast, no calibration).")
+@click.option("--alpha", type=Alpha(), default=None, help="Blend weight of the smaller anchor: a number in [0,1], 'auto' (best of a grid on calibration text, the bigger anchor's Subset kept unless a blend beats it by 0.1 nats; the default) or 'distance' (relative distance in parameters; fast, no calibration).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for --alpha auto and for aligning anchors without lineage [default: a built-in English excerpt].")
 @click.option("--calib-tokens", type=POSITIVE, default=2048, show_default=True)
 @shape_options

@@ -74,4 +74,14 @@ python scripts/mix_chain.py --polished "$WORK/densify4/chain" --before "$WORK/de
 $CBD chain pack "$WORK/mixed4" --out "$OUT" --delta-bits auto --delta-tolerance 0.01 --eval-data "$WORK/suite" \
   --force
 cp "$WORK/densify/chain/curves.png" "$OUT/curves.png"
+# 5. a denser chain: a1b-88M inserted between a1 and a2 (the Subset of a1 holding a2), polished from the source,
+#    then a4 and a3 polished once more (seed 3: other windows); each polish kept only if the suite improves
+#    (the mix's --keep), packed with auto's bound at 1%
+python scripts/densify_chain.py --work "$WORK/densify5" --chain "$OUT" --insert a1b-88M:88M:a1-101M:a2-76.0M \
+  --tokens 262144 --seed 3 --order a1b-88M,a4-43.0M,a3-58M --suite "$WORK/suite"
+python scripts/mix_chain.py --polished "$WORK/densify5/chain" --before "$WORK/densify5/orig" --chain "$OUT" \
+  --out "$WORK/mixed5"
+$CBD chain pack "$WORK/mixed5" --out "$OUT" --delta-bits auto --delta-tolerance 0.01 --eval-data "$WORK/suite" \
+  --force
+cp "$WORK/densify/chain/curves.png" "$OUT/curves.png"
 du -sh "$OUT"

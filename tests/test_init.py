@@ -16,7 +16,7 @@ from cbd_mlx.calibration import calibration_batches
 from cbd_mlx.errors import CBDError
 from cbd_mlx.evaluate import tokenize_file
 from cbd_mlx.loader import load_anchor, load_tokenizer
-from cbd_mlx.method.interpolation import default_alpha, interpolate
+from cbd_mlx.method.interpolation import SUBSET_MARGIN, default_alpha, interpolate, pick_alpha
 from cbd_mlx.method.operators import Selection, expand, subset
 from cbd_mlx.method.pruning import prune_weights
 from cbd_mlx.method.ranking import align, placement
@@ -106,7 +106,18 @@ def test_alpha_auto_never_worse_than_endpoints(pair, tokenizer_dir):
     res = interpolate(big, small, mid, "auto", batches, log=lambda *_: None)
     scores = {float(k): v for k, v in res.info["alpha_scores"].items()}
     assert 0.0 in scores and 1.0 in scores
-    assert scores[res.alpha] <= min(scores[0.0], scores[1.0])
+    assert scores[res.alpha] <= min(scores[0.0], scores[1.0]) or scores[0.0] - min(scores.values()) <= SUBSET_MARGIN
+    assert res.alpha == pick_alpha(scores)
+
+
+def test_alpha_auto_keeps_the_bigger_anchors_subset_within_the_margin():
+    """A blend must beat Subset(B) (alpha 0) by more than SUBSET_MARGIN nats
+    of calibration loss to be picked."""
+    assert pick_alpha({0.0: 4.94, 0.5: 5.10, 1.0: 4.92}) == 0.0
+    assert pick_alpha({0.0: 5.13, 0.5: 5.10, 1.0: 4.92}) == 1.0
+    assert pick_alpha({0.0: 4.90, 0.9: 4.75, 1.0: 4.76}) == 0.9
+    assert pick_alpha({0.0: 4.90, 0.9: 4.75}, margin=0.2) == 0.0
+    assert pick_alpha({0.5: 4.0, 1.0: 4.1}) == 0.5  # no alpha 0 in the grid: the best
 
 
 def test_align_recovers_permuted_channels(family_name, tokenizer_dir, tmp_path):
