@@ -4,9 +4,13 @@ function bodies count: they hide the graph, they do not break it)."""
 from __future__ import annotations
 
 import ast
+import os
+import sys
 from pathlib import Path
 
 import pytest
+
+from cbd_mlx import _blas
 
 PKG = Path(__file__).resolve().parent.parent / "cbd_mlx"
 
@@ -128,11 +132,6 @@ def test_the_tests_run_mlx_on_openblas():
     """conftest imports cbd_mlx before MLX, so the test process binds MLX's
     matmuls to OpenBLAS (a reordered import once left the whole suite on the
     wheel's reference BLAS, ~25x slower matmuls)."""
-    import os
-    import sys
-
-    from cbd_mlx import _blas
-
     if sys.platform != "linux" or os.environ.get("CBD_NO_OPENBLAS") or \
             not any(os.path.exists(p) for p in _blas.OPENBLAS_CANDIDATES):
         pytest.skip("no OpenBLAS on this machine")
