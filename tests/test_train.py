@@ -131,7 +131,6 @@ def test_too_small_cache_is_refused(setup, tmp_path):
 
 def test_two_processes_equal_one_with_double_accumulation(setup, tmp_path):
     """mlx.launch -n 2 --backend ring == one process with grad_accum 2."""
-
     import subprocess
     import sys
 
@@ -387,8 +386,6 @@ def test_chain_reference_for_named_sources():
 def test_chain_pack_pads_widths_for_quantization_groups(setup, tmp_path):
     """Widths that are not multiples of the group size are padded by exact
     growth (zero channels, rescaled norms): same function, valid lineage."""
-
-
     import mlx.core as mx
 
     from cbd_mlx.arch.anchor import model_from_weights
@@ -732,8 +729,6 @@ def test_densify_and_delta_pack_round_trip(setup, tmp_path, monkeypatch):
     assert load_chain_anchor(packed, packed.anchors[2]).n_params == small.n_params  # sha256 checked again
 
     # damaged: another delta file under the same name
-
-
     shutil.rmtree(tmp_path / "cache" / "anchors")
     f = tmp_path / "packed" / packed.anchors[2].source / "delta.safetensors"
     arrays, meta = delta.encode({k: v * 1.5 for k, v in small.weights.items()}, small.weights, 8, 32)
