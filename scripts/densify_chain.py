@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--order", default=None, help="polish order, comma-separated [default: smallest first]")
     ap.add_argument("--tokens", type=int, default=262144)
     ap.add_argument("--lr", type=float, default=2.5e-4)
+    ap.add_argument("--ce-weight", type=float, default=0.5,
+                    help="weight of the cross-entropy on the text beside the KL to the source (0: pure distillation)")
     ap.add_argument("--seed", type=int, default=0, help="another seed: a further polish round on other windows")
     ap.add_argument("--suite", type=Path, action="append", default=[],
                     help="out-of-domain texts (a `data suite` folder) to score each polished anchor on, beside A0")
@@ -106,7 +108,7 @@ def main() -> None:
             insert_anchor(out, big, small, size_of(size), name)
     chain = load_chain(out / MANIFEST_NAME)
     order = args.order.split(",") if args.order else [e.name for e in chain.anchors[1:]][::-1]
-    cfg = TrainConfig(tokens=args.tokens, lr=args.lr, ce_weight=0.5, freeze_embeddings=True,
+    cfg = TrainConfig(tokens=args.tokens, lr=args.lr, ce_weight=args.ce_weight, freeze_embeddings=True,
                       eval_every=32, save_every=16, seed=args.seed)
     suite = read_suite(out / "anchors" / chain.anchors[0].name, args.suite) if args.suite else None
     polish_anchors(out, cache, cfg, order, suite=suite)
