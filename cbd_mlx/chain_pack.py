@@ -27,7 +27,7 @@ from .method import delta
 from .method.interpolation import grow
 from .method.operators import Selection
 from .quantize import CALIB_SEQ_LEN, CALIB_SEQS, bits_per_weight, quantize_anchor
-from .save import DELTA_FILE, atomic_dir, write_model, write_quantized
+from .save import DELTA_FILE, atomic_dir, compact_records, write_model, write_quantized
 
 
 def pad_widths(a: Anchor, multiple: int) -> tuple[Anchor, dict | None]:
@@ -126,7 +126,7 @@ def pack_chain(chain: Chain, out: Path, bits: int, group_size: int, recipe: str 
             log(f"[pack] {e.name}: referenced as {ref}")
             entries.append(replace(e, source=ref, local=False, sha256=old_sha))
             continue
-        prov = copy.deepcopy(a.provenance)
+        prov = compact_records(copy.deepcopy(a.provenance))
         lin = prov.get("lineage")
         parent = e.parent
         if lin and e.parent in dropped:

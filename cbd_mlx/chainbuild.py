@@ -26,7 +26,7 @@ from .method.lineage import MAX_STEP, check_steps, lineage_of, ranks_within
 from .method.operators import subset
 from .method.pruning import child_shape, prune_weights
 from .method.ranking import placement, select
-from .save import read_json, write_model
+from .save import compact_records, read_json, write_model
 from .train import TrainConfig
 
 ANCHOR_MULTIPLE = 64  # anchor widths: multiples of 64 (mlx quantizes them in groups of 64)
@@ -366,7 +366,7 @@ def _finished_polish(new: Path, teacher: Path, student: Path, cfg: TrainConfig) 
     """Whether ``new`` holds a finished polish of ``student`` from ``teacher``."""
     try:
         history = read_provenance(new)["history"]
-        base = read_provenance(student).get("history", [])
+        base = compact_records(read_provenance(student))["history"]
         rec = history[-1]
     except (OSError, ValueError, KeyError, IndexError):
         return False

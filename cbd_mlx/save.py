@@ -550,6 +550,36 @@ def _nonfinite_at(obj, at: str = "") -> str | None:
     return None
 
 
+def summarize_inputs(inputs):
+    """A token cache's input paths as {folder: files}: a file (a name with a
+    suffix) counts toward its folder, a folder given whole is its own entry.
+    The cache's meta.json keeps the full list; its content id names it."""
+    if not isinstance(inputs, list):
+        return inputs
+    out: dict[str, int] = {}
+    for p in map(Path, map(str, inputs)):
+        key = str(p.parent if p.suffix else p)
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def compact_records(prov: dict) -> dict:
+    """A copy of ``prov`` whose training records (its history and the histories
+    of the anchors it went through) name their inputs by folder, so a record
+    stays small however often an anchor is polished."""
+    def compact(history):
+        if not isinstance(history, list):
+            return history
+        return [{**h, "data": {**h["data"], "inputs": summarize_inputs(h["data"].get("inputs"))}}
+                if isinstance(h, dict) and isinstance(h.get("data"), dict) else h for h in history]
+
+    out = {**prov, "history": compact(prov["history"])} if "history" in prov else dict(prov)
+    if isinstance(prov.get("left_out"), list):
+        out["left_out"] = [{**a, "history": compact(a.get("history"))} if isinstance(a, dict) else a
+                           for a in prov["left_out"]]
+    return out
+
+
 def append_history(prov: dict, record: dict) -> dict:
     """``prov`` (a cbd.json record) with ``record`` appended to its history."""
-    return {**prov, "history": list(prov.get("history") or []) + [record]}
+    return compact_records({**prov, "history": list(prov.get("history") or []) + [record]})

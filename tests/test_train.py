@@ -803,3 +803,30 @@ def test_chain_build_and_polish_score_every_anchor_on_a_suite(setup, tmp_path):
     assert set(rec["ppl"]) == set(suite) == {"heldout", "calib"} and rec["source"] == chain.anchors[0].name
     assert rec["mean_ratio"] == pytest.approx(np.mean([rec["ppl"][k] / rec["source_ppl"][k] for k in suite]))
     assert sum("suite ppl" in line for line in logs) == 2  # after the step and after the polish
+
+
+def test_training_records_name_inputs_by_folder(setup, tmp_path):
+    """Each history record names its token cache by content id and its inputs
+    as {folder: files}, and an older record's full list is compacted the same
+    way when the next record is appended (records stay small however often an
+    anchor is polished)."""
+    from cbd_mlx.data import cache_id
+    from cbd_mlx.save import compact_records
+
+    teacher, student, _ = setup
+    docs, more = write_docs(tmp_path / "docs2", n=8), write_docs(tmp_path / "more", n=3)
+    files = sorted(more.glob("*.txt"))
+    cache = tmp_path / "cache2"
+    meta = prepare([docs, *files], str(teacher), cache, heldout_fraction=0.25)
+    want = {str(docs): 1, str(more): 3}
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    distill(str(teacher), str(student), cache, once, cfg(tokens=2 * 4 * 64), log=lambda *_: None)
+    old = json.loads((once / "cbd.json").read_text())
+    old["history"][-1]["data"]["inputs"] = meta["inputs"]  # a record written before this change
+    (once / "cbd.json").write_text(json.dumps(old))
+    distill(str(teacher), str(once), cache, twice, cfg(tokens=2 * 4 * 64), log=lambda *_: None)
+    hist = json.loads((twice / "cbd.json").read_text())["history"]
+    assert [h["data"]["inputs"] for h in hist] == [want, want]
+    assert hist[-1]["data"]["id"] == cache_id(meta)
+    assert compact_records(old)["history"][-1]["data"]["inputs"] == want
+    assert compact_records({"kind": "source"}) == {"kind": "source"}
