@@ -1,4 +1,4 @@
-"""``cbd-mlx data prepare|fetch|suite|sample``."""
+"""``cbd-mlx data prepare|mix|fetch|suite|sample``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import click
 
 from .cli_common import FRACTION, say
 from .corpus import PACKAGES, fetch, fetch_suite
-from .data import prepare
+from .data import mix_caches, prepare
 from .sample import sample_text
 
 
@@ -30,6 +30,21 @@ def data_prepare(inputs, tokenizer, out, heldout_fraction, force):
     meta = prepare(list(inputs), tokenizer, out, heldout_fraction, force)
     say(f"wrote {out}: {meta['tokens']['train']:,} train tokens ({meta['documents']['train']} docs), "
         f"{meta['tokens']['heldout']:,} held-out tokens ({meta['documents']['heldout']} docs)")
+
+
+@data_group.command("mix")
+@click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Cache directory to write.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def data_mix(caches, out, seed, force):
+    """A token cache of equal shares of CACHES (e.g. a corpus and text
+    sampled from the source): 4,096-token pieces of each, as many as the
+    smallest holds, shuffled together; held-out splits the same way."""
+
+    meta = mix_caches(list(caches), out, seed, force=force)
+    say(f"wrote {out}: {meta['tokens']['train']:,} train tokens, {meta['tokens']['heldout']:,} held-out tokens, "
+        f"{len(caches)} equal shares")
 
 
 @data_group.command("fetch")

@@ -140,6 +140,50 @@ def tokenize_into(dest: Path, inputs: list[Path], tokenizer_src: str, heldout_fr
     return meta
 
 
+MIX_CHUNK = 4096
+
+
+def mix_chunks(parts: list[np.ndarray], n_chunks: int, chunk: int, rng: np.random.Generator) -> np.ndarray:
+    """``n_chunks`` chunks of ``chunk`` tokens from each of ``parts`` (at
+    random aligned offsets, none twice), shuffled together."""
+    picks = []
+    for a in parts:
+        starts = rng.choice(len(a) // chunk, size=n_chunks, replace=False) * chunk
+        picks += [a[i:i + chunk] for i in np.sort(starts)]
+    return np.concatenate([picks[i] for i in rng.permutation(len(picks))]) if picks else np.zeros(0, np.uint32)
+
+
+def mix_caches(caches: list[Path], out: Path, seed: int = 0, chunk: int = MIX_CHUNK, force: bool = False) -> dict:
+    """A token cache of equal shares of ``caches`` (one tokenizer): each split
+    takes as many ``chunk``-token pieces from every cache as the smallest one
+    holds, shuffled together, so a run on it sees each source equally."""
+    if len(caches) < 2:
+        raise CBDError("give two or more token caches to mix")
+    opened = [open_cache(c) for c in caches]
+    if len({m["tokenizer_sha256"] for m, _ in opened}) != 1:
+        raise CBDError("these token caches were made with different tokenizers; prepare them with one")
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for s in SPLITS:
+        n = min(len(a[s]) for _, a in opened) // chunk
+        splits[s] = mix_chunks([a[s] for _, a in opened], n, chunk, rng)
+    if len(splits["train"]) == 0:
+        raise CBDError(f"the smallest cache holds fewer than {chunk} training tokens; nothing to mix")
+    first = opened[0][0]
+    meta = {"tokenizer": first.get("tokenizer"), "tokenizer_sha256": first["tokenizer_sha256"],
+            "vocab_size": first.get("vocab_size"),
+            "max_token_id": max(int(a.max()) for a in splits.values() if len(a)),
+            "tokens": {s: int(len(a)) for s, a in splits.items()},
+            "documents": {s: int(len(a)) // chunk for s, a in splits.items()},
+            "inputs": [str(c) for c in caches],
+            "mix": {"caches": [cache_id(m) for m, _ in opened], "chunk": chunk, "seed": seed}}
+    with atomic_dir(out, force) as tmp:
+        for s, a in splits.items():
+            a.astype(np.uint32).tofile(tmp / f"{s}.bin")
+        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
 def open_cache(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(meta, {split: memory-mapped uint32 tokens})."""
     path = Path(path)

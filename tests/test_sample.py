@@ -79,6 +79,9 @@ def test_an_interrupted_sample_resumes_to_the_same_text(tiny, tmp_path, monkeypa
         whole["documents"]
     with pytest.raises(CBDError, match="already exists"):
         sample.sample_text(str(src), tmp_path / "whole", 10, **kw)
+    with pytest.raises(CBDError, match="lower --batch-size"):
+        sample.sample_text(str(src), tmp_path / "huge", 10, **{**kw, "batch_size": 10 ** 9})
+    assert not (tmp_path / "huge").exists()
 
 
 def test_cli_samples_and_refuses_bad_input_in_one_line(tiny, tmp_path):

@@ -830,3 +830,30 @@ def test_training_records_name_inputs_by_folder(setup, tmp_path):
     assert hist[-1]["data"]["id"] == cache_id(meta)
     assert compact_records(old)["history"][-1]["data"]["inputs"] == want
     assert compact_records({"kind": "source"}) == {"kind": "source"}
+
+
+def test_mixed_cache_takes_equal_shares_of_each(setup, tmp_path, tokenizer_dir):
+    from cbd_mlx.data import mix_caches
+
+    teacher, _, cache = setup
+    other = tmp_path / "other"
+    prepare([write_docs(tmp_path / "few", n=4)], str(teacher), other, heldout_fraction=0.0)
+    meta = mix_caches([cache, other], tmp_path / "mixed", seed=1, chunk=64)
+    _, mixed = open_cache(tmp_path / "mixed")
+    _, a = open_cache(cache)
+    _, b = open_cache(other)
+    n = min(len(a["train"]), len(b["train"])) // 64
+    assert meta["tokens"]["train"] == len(mixed["train"]) == 2 * n * 64 and meta["tokens"]["heldout"] == 0
+    whole = {s: bytes(x["train"][: len(x["train"]) // 64 * 64]) for s, x in (("a", a), ("b", b))}
+    pieces = [bytes(mixed["train"][i:i + 64]) for i in range(0, len(mixed["train"]), 64)]
+    owner = [[s for s, w in whole.items() if any(w[j:j + 256] == p for j in range(0, len(w), 256))] for p in pieces]
+    assert all(len(o) == 1 for o in owner) and sum(o == ["a"] for o in owner) == n  # aligned pieces, n from each
+    assert len(set(pieces)) == len(pieces)  # no piece twice
+    other_tok = tmp_path / "tok2"
+    other_tok.mkdir()
+    make_tokenizer(other_tok, text=HELDOUT)  # trained on other text: other merges
+    save_tiny(tmp_path / "m2", TINY_CONFIGS["llama"], random_weights(TINY_CONFIGS["llama"], 1), other_tok)
+    prepare([tmp_path / "few"], str(tmp_path / "m2"), tmp_path / "c2", heldout_fraction=0.0)
+    with pytest.raises(CBDError, match="different tokenizers"):
+        mix_caches([cache, tmp_path / "c2"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
