@@ -7,8 +7,9 @@
 2. a full-precision working copy of the shipped chain (`unpack_chain`);
 3. new anchors between adjacent ones (`insert_anchor`: the Subset of the
    bigger that holds the smaller);
-4. every anchor polished from the source A0 on the mixed cache
-   (`polish_anchors`, one teacher cache for all), smallest first.
+4. every anchor polished from the source A0 on the mixed cache, or on
+   `--cache` (e.g. `data mix` of it and text sampled from the source),
+   with one teacher cache for all (`polish_anchors`), smallest first.
 
 Rerun the same command after an interruption: every stage resumes. Then
 `cbd-mlx chain pack WORK/chain ...` makes it shippable.
@@ -68,7 +69,7 @@ def plot_polish(out: Path) -> Path:
             ax.plot([first[-1][0] + t for t, _ in second], [h for _, h in second], "o--", ms=3,
                     color=line.get_color(), label=f"{e.name}: round 2")
     return save_curves(fig, ax, out / "curves.png", "tokens distilled from the source (this rebuild)",
-                       f"chain {chain.name}: anchors polished from {chain.anchors[0].name} on the broader mix")
+                       f"chain {chain.name}: anchors polished from {chain.anchors[0].name}")
 
 
 def main() -> None:
