@@ -210,7 +210,7 @@ def pack_deltas(chain: Chain, out: Path, bits: int | str = "auto", group_size: i
                                "`chain build` (or densified) can be delta-stored")
             arrays, meta, rec = code_anchor(a, parent_subset(parent, a.lineage), tries, group_size, eval_texts,
                                             tolerance, log)
-            prov = copy.deepcopy(a.provenance)
+            prov = compact_records(copy.deepcopy(a.provenance))
             prov["lineage"]["parent_sha256"] = anchor_sha256(parent)
             prov["packed"] = rec | {"from_sha256": sha_of[e.name]}
             dest = tmp / "anchors" / e.name

@@ -701,8 +701,14 @@ def test_densify_and_delta_pack_round_trip(setup, tmp_path, monkeypatch):
     with pytest.raises(CBDError, match="cannot take back nope"):
         take_back_anchors(tmp_path / "chain", tmp_path / "before", ["nope"], tmp_path / "mixed2")
 
+    rec_file = tmp_path / "chain" / "anchors" / "a1-mid" / "cbd.json"
+    rec = json.loads(rec_file.read_text())
+    rec["history"][-1]["data"]["inputs"] = ["/c/train/a.txt", "/c/train/b.txt", "/c/more"]  # a record of before
+    rec_file.write_text(json.dumps(rec))
     packed = pack_deltas(chain, tmp_path / "packed", bits=8, log=lambda *_: None)
     assert all((tmp_path / "packed" / e.source / "delta.safetensors").is_file() for e in packed.anchors[1:])
+    shipped = json.loads((tmp_path / "packed" / packed.anchors[1].source / "cbd.json").read_text())
+    assert shipped["history"][-1]["data"]["inputs"] == {"/c/train": 2, "/c/more": 1}  # compacted when packed
     kinds = read_delta(tmp_path / "packed" / packed.anchors[1].source)[3]["kinds"]
     assert kinds["model.embed_tokens.weight"] == "same" and "delta" in kinds.values()
     for e, full in zip(packed.anchors[1:], (mid, small)):
