@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -131,8 +133,6 @@ def test_too_small_cache_is_refused(setup, tmp_path):
 
 def test_two_processes_equal_one_with_double_accumulation(setup, tmp_path):
     """mlx.launch -n 2 --backend ring == one process with grad_accum 2."""
-    import subprocess
-    import sys
 
     launch = shutil.which("mlx.launch")
     if launch is None:
@@ -159,8 +159,6 @@ def test_two_processes_equal_one_with_double_accumulation(setup, tmp_path):
 def test_sigkill_then_same_command_resumes_exactly(setup, tmp_path):
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
     teacher, student, cache = setup
@@ -863,3 +861,6 @@ def test_mixed_cache_takes_equal_shares_of_each(setup, tmp_path, tokenizer_dir):
     with pytest.raises(CBDError, match="different tokenizers"):
         mix_caches([cache, tmp_path / "c2"], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+    r = subprocess.run([sys.executable, "-m", "cbd_mlx", "data", "mix", str(cache), "--out", str(tmp_path / "one")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == ["error: give two or more token caches to mix"]
