@@ -366,7 +366,7 @@ def _finished_polish(new: Path, teacher: Path, student: Path, cfg: TrainConfig) 
     """Whether ``new`` holds a finished polish of ``student`` from ``teacher``."""
     try:
         history = read_provenance(new)["history"]
-        base = compact_records(read_provenance(student))["history"]
+        base = compact_records(read_provenance(student)).get("history", [])
         rec = history[-1]
     except (OSError, ValueError, KeyError, IndexError):
         return False

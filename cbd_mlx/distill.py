@@ -17,7 +17,7 @@ from .errors import CBDError
 from .evaluate import MAX_NLL
 from .loader import anchor_sha256, check_checkpoint, load_anchor, same_tokenizer, tokenizer_fingerprint
 from .losses import LossFn, heldout_sum
-from .save import append_history, refuse_existing, summarize_inputs, write_model
+from .save import append_history, refuse_existing, write_model
 from .teacher_cache import TeacherCache
 from .train import CHECKPOINT, TrainConfig, config_record, remove_work, train, write_training_outputs
 
@@ -104,7 +104,7 @@ def distill(teacher_src: str | None, student_src: str, cache: Path, out: Path, c
         "kind": "distill" if teacher else "train", "teacher": teacher_src,
         "teacher_cache": {"path": str(teacher_cache), "k": cache_k} if teacher_cache else None,
         "student": student_src, "data": {"cache": str(cache), "id": cache_id(meta), "tokens": meta["tokens"],
-                                        "inputs": summarize_inputs(meta.get("inputs"))},
+                                        "inputs": meta.get("inputs")},  # by folder: append_history compacts
         **_run_record(res, cfg, carved), "seconds": round(time.time() - t0, 1),
     }
     prov = dict(student.provenance)

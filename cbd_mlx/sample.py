@@ -17,6 +17,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from tqdm import tqdm
 
 from .arch.anchor import model_from_weights
+from .arch.shapes import Shape
 from .errors import CBDError
 from .loader import load_anchor, load_tokenizer
 from .save import atomic_dir, check_out_path, dump_json, refuse_existing
@@ -53,13 +54,10 @@ def cut_documents(ids: np.ndarray, stop: set[int], min_tokens: int = MIN_DOC_TOK
     return docs
 
 
-def check_batch_memory(config: dict, batch_size: int, seq_len: int, limit: int = MAX_BATCH_BYTES) -> None:
+def check_batch_memory(shape: Shape, batch_size: int, seq_len: int, limit: int = MAX_BATCH_BYTES) -> None:
     """Refuse a batch whose logits and KV cache (fp32) would not fit in ``limit`` bytes."""
-    h = config.get("hidden_size") or config.get("n_embd") or 0
-    heads = config.get("num_attention_heads") or config.get("n_head") or 1
-    kv = (config.get("num_key_value_heads") or heads) * (config.get("head_dim") or h // heads)
-    layers = config.get("num_hidden_layers") or config.get("n_layer") or 0
-    need = 4 * batch_size * (3 * config.get("vocab_size", 0) + 2 * layers * kv * seq_len)
+    kv = shape.kv_heads * shape.head_dim
+    need = 4 * batch_size * (3 * shape.vocab + 2 * shape.layers * kv * seq_len)
     if need > limit:
         raise CBDError(f"--batch-size {batch_size} x --seq-len {seq_len} needs ~{need / 2**30:.0f} GiB for the "
                        f"logits and KV cache (at most {limit / 2**30:.0f}); lower --batch-size")
@@ -91,10 +89,10 @@ def sample_text(model_src: str, out: Path, tokens: int, *, batch_size: int = 256
     if tokens < 1 or batch_size < 1 or seq_len < 1 or not temperature > 0:
         raise CBDError("--tokens, --batch-size and --seq-len must be positive and --temperature above 0")
     a = load_anchor(model_src)
-    check_batch_memory(a.config, batch_size, seq_len)
+    check_batch_memory(a.shape, batch_size, seq_len)
     tok = load_tokenizer(a.path)
     model = model_from_weights(a.config, a.weights)
-    start = start_token(tok._tokenizer if hasattr(tok, "_tokenizer") else tok)
+    start = start_token(tok)
     stop = set(getattr(tok, "all_special_ids", []) or []) | {start} | set(getattr(tok, "eos_token_ids", []) or [])
     run = {"model": str(model_src), "model_sha256": a.sha256, "temperature": temperature, "seed": seed,
            "batch_size": batch_size, "seq_len": seq_len, "start_token": start}
