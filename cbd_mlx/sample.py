@@ -60,7 +60,7 @@ def check_batch_memory(shape: Shape, batch_size: int, seq_len: int, limit: int =
     need = 4 * batch_size * (3 * shape.vocab + 2 * shape.layers * kv * seq_len)
     if need > limit:
         raise CBDError(f"--batch-size {batch_size} x --seq-len {seq_len} needs ~{need / 2**30:.0f} GiB for the "
-                       f"logits and KV cache (at most {limit / 2**30:.0f}); lower --batch-size")
+                       f"logits and KV cache (at most {limit / 2**30:.0f}); lower --batch-size or --seq-len")
 
 
 def start_token(tokenizer) -> int:
@@ -90,6 +90,9 @@ def sample_text(model_src: str, out: Path, tokens: int, *, batch_size: int = 256
         raise CBDError("--tokens, --batch-size and --seq-len must be positive and --temperature above 0")
     a = load_anchor(model_src)
     check_batch_memory(a.shape, batch_size, seq_len)
+    context = a.config.get("max_position_embeddings")
+    if context and seq_len >= context:
+        raise CBDError(f"--seq-len {seq_len} is beyond the model's context of {context} tokens; lower --seq-len")
     tok = load_tokenizer(a.path)
     model = model_from_weights(a.config, a.weights)
     start = start_token(tok)

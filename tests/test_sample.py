@@ -82,6 +82,8 @@ def test_an_interrupted_sample_resumes_to_the_same_text(tiny, tmp_path, monkeypa
     with pytest.raises(CBDError, match="lower --batch-size"):
         sample.sample_text(str(src), tmp_path / "huge", 10, **{**kw, "batch_size": 10 ** 9})
     assert not (tmp_path / "huge").exists()
+    with pytest.raises(CBDError, match="beyond the model's context of 512"):
+        sample.sample_text(str(src), tmp_path / "long", 10, **{**kw, "batch_size": 1, "seq_len": 512})
 
 
 def test_cli_samples_and_refuses_bad_input_in_one_line(tiny, tmp_path):
