@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .arch.anchor import build_model
-from .arch.shapes import config_for, format_size
+from .arch.shapes import config_for, context_length, format_size
 from .calibration import DEFAULT_CALIB, calibration_from
 from .data import iter_documents, open_cache, prepare, split_documents
 from .distill import distill
@@ -181,7 +181,7 @@ def bridge(source: str, student: str, out: Path, cfg, prompts: list[str], max_ne
     work = out.with_name(out.name + ".bridge")
     model, tok, src_path = load_source(source)
     src_cfg = read_json(src_path / "config.json", "source's config.json")
-    context = int(src_cfg.get("max_position_embeddings") or src_cfg.get("n_positions") or 2048)
+    context = context_length(src_cfg) or 2048
     stats = generate(model, tok, prompts, work / GEN_DIR, max_new_tokens, gen_batch, temperature, top_p,
                      cfg.seed, context, log)
     if not (work / "cache" / "meta.json").exists():

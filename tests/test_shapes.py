@@ -10,7 +10,7 @@ from conftest import TINY_CONFIGS
 
 from cbd_mlx.arch.anchor import param_template
 from cbd_mlx.arch.families import FAMILIES, family_of
-from cbd_mlx.arch.shapes import config_for, count_params, parse_size, shape_of, solve_shape
+from cbd_mlx.arch.shapes import config_for, context_length, count_params, parse_size, shape_of, solve_shape
 from cbd_mlx.chain import find_chain, list_chains, manifest_config
 from cbd_mlx.errors import CBDError
 
@@ -142,3 +142,9 @@ def test_every_init_shape_of_the_shipped_chains_is_exportable():
                 assert s.hidden % s.heads == 0 and s.hidden % 32 == 0 and s.ffn % 32 == 0, (c.name, n, s)
                 checked += 1
     assert checked >= 20
+
+
+def test_context_length_reads_every_familys_key():
+    assert context_length({"max_position_embeddings": 8192}) == 8192
+    assert context_length({"n_positions": 1024, "n_ctx": 1024}) == 1024  # gpt2
+    assert context_length({"hidden_size": 64}) is None

@@ -120,6 +120,14 @@ def shape_of(family: Family, config: dict) -> Shape:
     return shape
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")  # HF config keys of the context length
+
+
+def context_length(config: dict) -> int | None:
+    """The model's context in tokens from its config.json (any family's key), or None when it names none."""
+    return next((int(config[k]) for k in CONTEXT_KEYS if config.get(k)), None)
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
