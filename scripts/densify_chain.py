@@ -84,7 +84,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=262144)
     ap.add_argument("--lr", type=float, default=1e-4,
                     help="1e-4 by measurement: on a polished chain it beat 2.5e-4 side by side on a4 (4.54x -> 4.39x "
-                         "against 4.46x on the suite) and turned a1, a1b and a2's polish from a loss into a gain")
+                         "against 4.46x on the suite); a1, a1b, a2 and a3 gained at it in rounds 8-9, where 2.5e-4 had made a1, "
+                         "a1b and a2 worse in the rounds before (not side by side)")
     ap.add_argument("--ce-weight", type=float, default=0.5,
                     help="weight of the cross-entropy on the text beside the KL to the source (0: pure distillation)")
     ap.add_argument("--seed", type=int, default=0, help="another seed: a further polish round on other windows")
